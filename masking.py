@@ -1,0 +1,94 @@
+"""
+Which image patches survive: FLIP's random masking and GDM-FLIP's centred (Gaussian) masking.
+
+FLIP (arXiv 2212.00794) drops a random fraction `ratio` of the patches of every image during pre-training and
+encodes only the kept ones. GDM-FLIP (a.k.a. GLIP, arXiv 2403.15837) keeps the same number of patches but prefers
+those near the image centre, where photographers put the subject. The whole difference is one line in
+`keep_indices`: the random score of each patch gets the value of a 2-D Gaussian density at the patch centre added.
+
+    >>> keep = keep_indices(batch_size=2, grid_size=14, ratio=0.5, mode="gaussian", sigma=0.2)
+    >>> keep.shape        # 98 of the 196 patches of a 224 px / patch 16 image, per sample
+    torch.Size([2, 98])
+
+Run `python masking.py` to print keep-probability maps as text.
+"""
+
+import math
+
+import torch
+
+MODES = ("random", "gaussian")
+
+
+def num_kept(grid_size, ratio):
+    """K: how many of the G*G patches survive (at least one, so the image tower always sees something)."""
+    return max(1, int(grid_size * grid_size * (1 - ratio)))
+
+
+def gaussian_pdf(grid_size, sigma, device=None):
+    """(G*G,) density of N(0, sigma * I) at the patch centres, laid on linspace(-1, 1, G) in x and y, row-major.
+
+    NB: the paper calls this parameter sigma (0.1, 0.2, 0.8 in its figure; 0.2 by default) and the reference code uses it
+    as the covariance diagonal, i.e. as a *variance*, not a standard deviation. We do the same so that `--sigma 0.2`
+    means what the paper means: std = sqrt(0.2) ~ 0.45 in units of half the image width.
+    """
+    coords = torch.linspace(-1, 1, grid_size, device=device)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each; row index is y
+    sq_dist = (x * x + y * y).flatten()  # (G*G,)
+    # 2-D normal with covariance sigma*I: det = sigma^2, so the normaliser is 1 / (2 pi sigma)
+    return torch.exp(-sq_dist / (2 * sigma)) / (2 * math.pi * sigma)
+
+
+def check_args(grid_size, ratio, mode, sigma):
+    if mode not in MODES:
+        raise ValueError(f"unknown masking mode {mode!r}; expected one of {MODES}")
+    if not 0 <= ratio < 1:
+        raise ValueError(f"masking ratio must be in [0, 1), got {ratio}")
+    if not sigma > 0:
+        raise ValueError(f"sigma (the Gaussian's variance) must be > 0, got {sigma}")
+    if grid_size < 1:
+        raise ValueError(f"grid_size must be >= 1, got {grid_size}")
+
+
+def keep_indices(batch_size, grid_size, ratio, mode, sigma=0.2, device=None, generator=None):
+    """(B, K) LongTensor: the patches each sample keeps, numbered 0..G*G-1 row-major, sorted ascending.
+
+    Built on `device` with no host-device synchronisation, vectorised over the batch. The class token is not counted:
+    the model always keeps it. ratio 0 keeps every patch, in order.
+    """
+    check_args(grid_size, ratio, mode, sigma)
+    n, k = grid_size * grid_size, num_kept(grid_size, ratio)
+    scores = torch.rand(batch_size, n, device=device, generator=generator)  # (B, N) u ~ U(0, 1): FLIP
+    if mode == "gaussian":
+        scores = scores + gaussian_pdf(grid_size, sigma, device=scores.device)  # GDM-FLIP: + pdf(x, y)
+    keep = scores.topk(k, dim=1, sorted=False).indices  # (B, K) the K highest scores survive
+    # sorted order costs little and keeps the kept tokens in raster order (ratio 0 -> 0, 1, ..., N-1)
+    return keep.sort(dim=1).values
+
+
+def keep_probability(grid_size, ratio, mode, sigma=0.2):
+    """(G, G) probability that each patch is kept, for figures and tests.
+
+    Random masking keeps every patch with probability K/N. For Gaussian masking, patch i survives when
+    u_i + pdf_i beats the K-th largest score t. With N patches the threshold barely moves from sample to sample, so
+    P(keep_i) ~= P(u_i > t - pdf_i) = clip(1 - t + pdf_i, 0, 1), with t chosen so that the probabilities add up to K.
+    This large-N approximation agrees with a Monte Carlo estimate from keep_indices to about 0.01 at G = 14.
+    """
+    check_args(grid_size, ratio, mode, sigma)
+    n, k = grid_size * grid_size, num_kept(grid_size, ratio)
+    if mode == "random":
+        return torch.full((grid_size, grid_size), k / n, dtype=torch.float64)
+    pdf = gaussian_pdf(grid_size, sigma).double()
+    prob = lambda t: (1 - t + pdf).clamp(0, 1)  # noqa: E731
+    lo, hi = pdf.min().item(), 1 + pdf.max().item()  # sum(prob) is N at lo and 0 at hi, decreasing in t
+    for _ in range(100):  # bisection on the threshold
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if prob(mid).sum() > k else (lo, mid)
+    return prob((lo + hi) / 2).view(grid_size, grid_size)
+
+
+if __name__ == "__main__":
+    torch.set_printoptions(precision=2, linewidth=160)
+    for mode, sigma in [("random", 0.2), ("gaussian", 0.1), ("gaussian", 0.2), ("gaussian", 0.8)]:
+        print(f"keep probability, {mode}, ratio 0.5, sigma {sigma}, 14 x 14 patches:")
+        print(keep_probability(14, 0.5, mode, sigma))

@@ -1,0 +1,212 @@
+"""
+CLIP in plain PyTorch: a Vision Transformer that encodes only the patches it is told to keep, a causal text
+Transformer, and the symmetric contrastive (InfoNCE) loss.
+
+Shapes and parameter names follow OpenAI CLIP / OpenCLIP (`class_embedding`, `positional_embedding`, `ln_pre`, `ln_post`,
+`proj`, `token_embedding`, `ln_final`, `logit_scale`), so an OpenCLIP `ViT-B-16` state dict loads after a small renaming
+(`convert_openclip_state_dict`).
+
+    model = create_model("ViT-B-16")                          # 149.6M parameters, as OpenCLIP's
+    keep = masking.keep_indices(B, model.visual.grid_size, 0.5, "gaussian", device=images.device)
+    image_features = model.encode_image(images, keep)          # (B, 512), only 98 of 196 patches encoded
+    text_features = model.encode_text(tokens)                  # (B, 512)
+
+Run `python model.py` to print the presets and their parameter counts.
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512  # the shared image-text embedding
+    # image tower
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    # text tower
+    context_length: int = 77
+    vocab_size: int = 49408  # CLIP's BPE vocabulary; overridden for a tokenizer trained on the captions
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    mlp_ratio: float = 4.0
+    quick_gelu: bool = False  # OpenAI's original weights use x * sigmoid(1.702 x); OpenCLIP's ViT-B-16 uses nn.GELU
+
+
+# OpenCLIP's model configs for the ViT presets; `tiny` is ours, for tests and the CPU demo.
+PRESETS = {
+    "ViT-B-16": CLIPConfig(),
+    "ViT-S-16": CLIPConfig(embed_dim=384, vision_width=384, vision_heads=6, text_width=384, text_heads=6),
+    "ViT-Ti-16": CLIPConfig(embed_dim=256, vision_width=192, vision_heads=3, text_width=256, text_heads=4),
+    "tiny": CLIPConfig(embed_dim=128, image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
+                       context_length=32, vocab_size=1024, text_width=128, text_layers=4, text_heads=4),
+}
+
+
+def create_model(name, **overrides):
+    """A freshly initialised CLIP from a preset name; keyword arguments override config fields (e.g. vocab_size)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; presets are {', '.join(PRESETS)}")
+    return CLIP(replace(PRESETS[name], **overrides))
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj = nn.Linear(width, 3 * width)  # q, k, v stacked, as nn.MultiheadAttention's in_proj_weight
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        B, T, D = x.shape
+        q, k, v = self.in_proj(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # flash / memory-efficient kernels on GPU
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block (OpenCLIP's ResidualAttentionBlock)."""
+
+    def __init__(self, width, heads, mlp_ratio, quick_gelu):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()  # a Sequential with names, so keys read mlp.c_fc.weight as in OpenCLIP
+        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
+        self.mlp.add_module("gelu", QuickGELU() if quick_gelu else nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        width = cfg.vision_width
+        self.grid_size = cfg.image_size // cfg.patch_size
+        scale = width ** -0.5  # OpenCLIP's init for the embeddings and the projection
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(
+            Block(width, cfg.vision_heads, cfg.mlp_ratio, cfg.quick_gelu) for _ in range(cfg.vision_layers))
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+
+    def forward(self, images, keep=None):
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D): N = G*G patches, row-major
+        x = x + self.positional_embedding[1:]  # positions are added before dropping, so kept patches remember where
+        if keep is not None:  # FLIP / GDM-FLIP: encode only the kept patches, (B, N, D) -> (B, K, D)
+            x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = (self.class_embedding + self.positional_embedding[0]).expand(x.shape[0], 1, -1)  # always kept
+        x = self.ln_pre(torch.cat([cls, x], dim=1))  # (B, 1+K, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x[:, 0]) @ self.proj  # class token -> (B, embed_dim)
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
+        self.blocks = nn.ModuleList(
+            Block(cfg.text_width, cfg.text_heads, cfg.mlp_ratio, cfg.quick_gelu) for _ in range(cfg.text_layers))
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.proj = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))  # OpenCLIP's text_projection
+        nn.init.normal_(self.token_embedding.weight, std=0.02)  # CLIP's init
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.proj, std=cfg.text_width ** -0.5)
+
+    def forward(self, tokens):
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # (B, T, D)
+        for block in self.blocks:
+            x = block(x, causal=True)
+        x = self.ln_final(x)
+        # pool at the end-of-text token, which has the largest id in the vocabulary (CLIP's convention)
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ self.proj
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(cfg)
+        self.text = TextTransformer(cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature 0.07, as CLIP
+        for tower, width, layers in [(self.visual, cfg.vision_width, cfg.vision_layers),
+                                     (self.text, cfg.text_width, cfg.text_layers)]:
+            init_blocks(tower.blocks, width, layers)
+
+    def encode_image(self, images, keep=None):
+        """(B, 3, S, S) -> (B, embed_dim), projected, not normalised. keep: (B, K) patch indices, None for all."""
+        return self.visual(images, keep)
+
+    def encode_text(self, tokens):
+        """(B, T) token ids -> (B, embed_dim), projected, not normalised."""
+        return self.text(tokens)
+
+    def forward(self, images, tokens, keep=None):
+        image_features = F.normalize(self.encode_image(images, keep), dim=-1)
+        text_features = F.normalize(self.encode_text(tokens), dim=-1)
+        return image_features, text_features, self.logit_scale.exp()
+
+
+def init_blocks(blocks, width, layers):
+    """CLIP's text-tower init, used for both towers: residual projections shrink with depth (GPT-2 style)."""
+    attn_std, proj_std, fc_std = width ** -0.5, (width ** -0.5) * (2 * layers) ** -0.5, (2 * width) ** -0.5
+    for block in blocks:
+        for linear, std in [(block.attn.in_proj, attn_std), (block.attn.out_proj, proj_std),
+                            (block.mlp.c_fc, fc_std), (block.mlp.c_proj, proj_std)]:
+            nn.init.normal_(linear.weight, std=std)
+            nn.init.zeros_(linear.bias)
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """Symmetric InfoNCE over a batch of normalised features, (B, E) each; pair i is the positive of row/column i."""
+    logits = logit_scale * image_features @ text_features.T  # (B, B) image -> text; its transpose is text -> image
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def convert_openclip_state_dict(state_dict):
+    """An OpenCLIP (or OpenAI CLIP) ViT state dict -> this model's keys. Accepts DDP's `module.` prefix."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.endswith("attn_mask"):  # the causal mask is a buffer there; we use is_causal=True
+            continue
+        key = key.replace("transformer.resblocks.", "blocks.")
+        key = key.replace("attn.in_proj_weight", "attn.in_proj.weight").replace("attn.in_proj_bias", "attn.in_proj.bias")
+        if key == "text_projection":
+            key = "text.proj"
+        elif not key.startswith("visual.") and key != "logit_scale":
+            key = "text." + key  # OpenCLIP keeps the text tower's parameters at the top level
+        out[key] = value
+    return out
+
+
+if __name__ == "__main__":
+    for name in PRESETS:
+        model = create_model(name)
+        n_vis = sum(p.numel() for p in model.visual.parameters())
+        n_all = sum(p.numel() for p in model.parameters())
+        print(f"{name:10s} {n_all / 1e6:7.2f}M parameters ({n_vis / 1e6:.2f}M image tower), {model.config}")
