@@ -1,0 +1,224 @@
+"""
+Training-step throughput per masking ratio: how much faster does dropping patches make CLIP, next to the FLOP ideal?
+
+    python bench.py                                   # ViT-B-16, batch 256 on a GPU: bf16, TF32, fused AdamW
+    python bench.py --compile --check-sync            # compiled, and prove the step never syncs host and device
+    python bench.py --device cpu --compile            # the tiny preset, batch 64, fp32 on the CPU
+    python bench.py --ratios 0 0.5 --json bench.json  # also write the table as JSON
+
+A step is what train.py does for one batch, on synthetic tensors so that data loading is not measured:
+masking.keep_indices -> model(images, tokens, keep) -> clip_loss -> backward -> AdamW -> clamp of the logit scale.
+Ratio 0 is the unmasked baseline (keep=None, as `train.py --mask none`) and is always run first.
+
+FLOPs come from the shapes (model.flops_per_sample: 2 FLOPs per multiply-add, matmuls only, training = 3 x forward),
+so the FLOP-ideal speedup of a ratio is flops(all patches) / flops(K kept). It stays well below 1 / (1 - ratio)
+because the text tower is never masked: ViT-B-16 gets 1.76x / 2.78x / 4.28x at 50 / 75 / 90 %.
+MFU = achieved FLOP/s / the device's dense bf16 peak (model.peak_flops); it is not reported on the CPU.
+Peak memory is torch.cuda.max_memory_allocated per ratio on a GPU, and the process's peak RSS (which never goes down,
+so it is the largest ratio-0 figure) on the CPU. mask/step is keep_indices timed alone over the time of a whole step.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import masking
+import model as M
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # a wrong flag is one clear line, not a usage wall
+        sys.exit(f"{self.prog}: error: {message}")
+
+
+def parse_args(argv=None):
+    p = OneLineParser(prog="bench.py", description=__doc__.strip().split("\n")[0])
+    a = p.add_argument
+    a("--model", default=None, choices=list(M.PRESETS), help="model preset (default: ViT-B-16 on cuda, tiny on cpu)")
+    a("--batch-size", type=int, default=None, help="batch size (default: 256 on cuda; on cpu 64 for tiny, else 4)")
+    a("--ratios", type=float, nargs="+", default=[0, 0.5, 0.75, 0.9], help="masking ratios to time (0 is added)")
+    a("--mask", default="gaussian", choices=masking.MODES, help="random = FLIP, gaussian = GDM-FLIP (same cost)")
+    a("--sigma", type=float, default=0.2, help="Gaussian masking's sigma (a variance, as in the paper's code)")
+    a("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    a("--precision", default=None, choices=["bf16", "fp32"], help="bf16 autocast (cuda default) or fp32 (cpu default)")
+    a("--compile", action="store_true", help="torch.compile the model; each K is its own static-shape graph")
+    a("--steps", type=int, default=20, help="timed steps per ratio")
+    a("--warmup", type=int, default=3, help="untimed steps per ratio first (compilation, allocator, cuDNN autotune)")
+    a("--check-sync", action="store_true", help="run one step per ratio under torch.cuda.set_sync_debug_mode('error')")
+    a("--seed", type=int, default=0, help="seed for the weights, the synthetic batch and the masks")
+    a("--json", default=None, metavar="OUT", help="also write the settings and the table to this JSON file")
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but this torch sees no CUDA device")
+    on_gpu = args.device == "cuda"
+    args.model = args.model or ("ViT-B-16" if on_gpu else "tiny")
+    if args.batch_size is None:
+        args.batch_size = 256 if on_gpu else 64 if args.model == "tiny" else 4
+    args.precision = args.precision or ("bf16" if on_gpu else "fp32")
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        p.error("--batch-size and --steps must be >= 1 and --warmup >= 0")
+    try:
+        for r in args.ratios:
+            masking.check_args(2, r, args.mask, args.sigma)
+    except ValueError as e:
+        p.error(str(e))
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: no such directory")
+    args.ratios = sorted(set([0.0, *args.ratios]))  # ratio 0 is the baseline of every speedup
+    return args
+
+
+def synthetic_batch(cfg, batch_size, device, generator):
+    """Random images (B, 3, S, S) and token ids (B, T) whose end-of-text (the largest id) sits at varied positions."""
+    S, T, V = cfg.image_size, cfg.context_length, cfg.vocab_size
+    images = torch.randn(batch_size, 3, S, S, device=device, generator=generator)
+    tokens = torch.randint(1, V - 1, (batch_size, T), device=device, generator=generator)  # ordinary words
+    eot = torch.randint(1, T, (batch_size, 1), device=device, generator=generator)  # captions of 2..T tokens
+    position = torch.arange(T, device=device)
+    tokens = torch.where(position < eot, tokens, 0)  # zero padding after the caption, as CLIP's tokenizer
+    return images, tokens.scatter(1, eot, V - 1)
+
+
+def make_step(model, orig_model, optimizer, autocast):
+    """One training step as train.py takes it (no gradient accumulation, one rank); returns nothing, so no sync."""
+    def step(images, tokens, keep):
+        with autocast:
+            image_features, text_features, scale = model(images, tokens, keep)
+        loss = M.clip_loss(image_features.float(), text_features.float(), scale)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            orig_model.logit_scale.clamp_(0, math.log(100))  # temperature no lower than 0.01, as CLIP
+    return step
+
+
+def seconds_per_call(fn, n, device):
+    """Mean wall time of fn() over n calls. CUDA runs asynchronously, so wait for the GPU before reading the clock."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20  # since the reset at the start of this ratio
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; the process's peak RSS so far
+
+
+def step_is_sync_free(step, images, tokens, make_keep):
+    """One step (mask included) under which any host-device synchronisation raises: True if none happened."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(images, tokens, make_keep())
+        return True
+    except RuntimeError as e:
+        print(f"host-device sync inside the step: {str(e).splitlines()[0]}")
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def bench_ratio(ratio, step, cfg, args, device, generator):
+    """Time `args.steps` training steps at one masking ratio; returns that row of the table as a dict."""
+    grid, B = cfg.image_size // cfg.patch_size, args.batch_size
+    images, tokens = synthetic_batch(cfg, B, device, generator)
+
+    def make_keep():  # (B, K) kept patches, drawn afresh every step as in training; ratio 0 encodes all (keep=None)
+        return None if ratio == 0 else masking.keep_indices(B, grid, ratio, args.mask, args.sigma, device=device,
+                                                            generator=generator)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):  # with --compile the first call at a new K compiles a new graph
+        step(images, tokens, make_keep())
+    step_s = seconds_per_call(lambda: step(images, tokens, make_keep()), args.steps, device)  # mask included
+    mask_s = seconds_per_call(make_keep, args.steps, device) if ratio > 0 else None  # the mask alone
+    on_gpu_check = args.check_sync and device.type == "cuda"
+    sync_free = step_is_sync_free(step, images, tokens, make_keep) if on_gpu_check else None
+    kept = grid * grid if ratio == 0 else masking.num_kept(grid, ratio)
+    samples_per_s = B / step_s
+    tflops = 3 * M.flops_per_sample(cfg, kept) * samples_per_s / 1e12  # training = 3 x forward
+    peak = M.peak_flops(device)
+    return dict(ratio=ratio, kept=kept, samples_per_s=samples_per_s, step_ms=1e3 * step_s,
+                ideal_speedup=M.flops_per_sample(cfg) / M.flops_per_sample(cfg, kept), tflops=tflops,
+                mfu=None if peak is None else tflops * 1e12 / peak, peak_mem_mib=peak_memory_mib(device),
+                mask_fraction=None if mask_s is None else mask_s / step_s, sync_free=sync_free)
+
+
+def format_table(rows, memory_kind):
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"{'ratio':>5} {'kept':>5} {'samples/s':>10} {'speedup':>8} {'ideal':>7} {'TFLOP/s':>8} {'MFU':>6} "
+             f"{memory_kind:>12} {'mask/step':>9} {'sync-free':>9}"]
+    for r in rows:
+        sync = {None: "-", True: "yes", False: "NO"}[r["sync_free"]]
+        lines.append(f"{r['ratio']:5.2f} {r['kept']:5d} {r['samples_per_s']:10.1f} {r['speedup']:7.2f}x "
+                     f"{r['ideal_speedup']:6.2f}x {r['tflops']:8.3f} {fmt(r['mfu'], '.1%'):>6} "
+                     f"{r['peak_mem_mib']:12.0f} {fmt(r['mask_fraction'], '.2%'):>9} {sync:>9}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Run the benchmark for the given command line; print the table and return its rows (a list of dicts)."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on tensor cores
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    generator = torch.Generator(device).manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    orig_model = M.create_model(args.model).to(device).train()
+    cfg = orig_model.config
+    # train.py's AdamW settings; decaying every parameter here instead of matrices only costs the same time
+    optimizer = torch.optim.AdamW(orig_model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
+                                  fused=on_gpu)
+    model = orig_model
+    if args.compile:
+        # Each ratio keeps a different number K of patches: a new static-shape graph per K (dynamic=False, so dynamo
+        # does not switch to a slower symbolic-shape graph at the second K), plus the keep=None graph of ratio 0.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(args.ratios))
+        model = torch.compile(orig_model, dynamic=False)
+    step = make_step(model, orig_model, optimizer, autocast)
+
+    grid = cfg.image_size // cfg.patch_size
+    peak = M.peak_flops(device)
+    name = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{args.model}: {sum(p.numel() for p in orig_model.parameters()) / 1e6:.2f}M parameters, {grid}x{grid} "
+          f"patches; batch {args.batch_size}, {args.precision}, compile {args.compile}, {args.mask} masking")
+    print(f"device {name}, torch {torch.__version__}; peak for MFU: "
+          + ("none known (MFU not reported)" if peak is None else f"{peak / 1e12:.0f} TFLOP/s dense bf16"))
+    print(f"{args.warmup} warm-up + {args.steps} timed steps per ratio; forward GFLOPs per sample (x3 for a step):")
+    for ratio in args.ratios:
+        kept = grid * grid if ratio == 0 else masking.num_kept(grid, ratio)
+        print(f"  ratio {ratio:4.2f}: {kept:4d} patches kept, {M.flops_per_sample(cfg, kept) / 1e9:8.3f} GFLOPs "
+              f"(image tower + text tower, text unmasked)")
+    if args.check_sync and not on_gpu:
+        print("--check-sync: skipped on the CPU (there is no device to synchronise with)")
+
+    rows = [bench_ratio(ratio, step, cfg, args, device, generator) for ratio in args.ratios]
+    for row in rows:
+        row["speedup"] = row["samples_per_s"] / rows[0]["samples_per_s"]  # rows[0] is ratio 0
+    memory_kind = "peak MiB" if on_gpu else "peak RSS MiB"  # GPU: allocated tensors; CPU: the whole process
+    print(format_table(rows, memory_kind))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": vars(args), "device": name, "torch": torch.__version__, "memory": memory_kind,
+                       "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
