@@ -1,0 +1,143 @@
+"""The contract of visualize.py: the figure shows keep_indices' own keep rates; the curves read train.py's logs."""
+
+import json
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import masking
+import visualize
+
+SAMPLES = 1000  # masks per keep-rate map in these tests (the figure itself uses visualize.MC_SAMPLES)
+
+
+def tolerance(p, samples=SAMPLES):
+    """4 standard errors of a keep rate estimated from `samples` masks, plus the ~0.01 error that keep_probability's
+    large-N approximation has at G = 14 (masking.py's docstring)."""
+    return 4 * math.sqrt(p * (1 - p) / samples) + 0.01
+
+
+def check_image_file(path, magic):
+    data = path.read_bytes()
+    assert data.startswith(magic), data[:8]
+    return data
+
+
+def test_cli_writes_a_png_of_the_comparison_figure(tmp_path):
+    out = tmp_path / "fig.png"
+    visualize.main(["--out", str(out), "--samples", "200"])
+    check_image_file(out, b"\x89PNG\r\n\x1a\n")
+    img = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)
+    assert img.shape[0] > 300 and img.shape[1] > 600  # two rows of four panels
+    assert img.std() > 20 and len(np.unique(img.reshape(-1, 3), axis=0)) > 1000  # a photograph, not a blank page
+
+
+def test_cli_writes_a_pdf_when_the_name_says_so(tmp_path):
+    out = tmp_path / "sub" / "fig.pdf"  # missing folders are created
+    visualize.main(["--out", str(out), "--samples", "50", "--sigma", "0.2", "--grid", "7"])
+    assert len(check_image_file(out, b"%PDF-")) > 10_000
+
+
+@pytest.mark.parametrize("args", [["--ratio", "1.5"], ["--sigma", "0"], ["--grid", "0"], ["--image", "/no/such.jpg"],
+                                  ["--out", "fig.notaformat"]])
+def test_bad_arguments_exit_with_a_message(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        visualize.main(args + ["--samples", "10"])
+    assert str(e.value).startswith("visualize.py: error:")
+
+
+def test_heat_maps_agree_with_keep_probability():
+    sigmas = (0.1, 0.2, 0.8)
+    fig = visualize.sigma_comparison(ratio=0.5, sigmas=sigmas, grid=14, samples=SAMPLES)
+    heat_maps = [ax.images[0].get_array() for ax in fig.axes[4:8]]  # row-major axes: the bottom row
+    plt.close(fig)
+    for rates, (mode, sigma) in zip(heat_maps, [("random", 0.2)] + [("gaussian", s) for s in sigmas]):
+        expected = masking.keep_probability(14, 0.5, mode, sigma).numpy()
+        for i, j in [(6, 6), (6, 7), (7, 6), (7, 7), (0, 0), (0, 13), (13, 0), (13, 13)]:  # centre and corners
+            assert abs(rates[i, j] - expected[i, j]) < tolerance(expected[i, j]), (mode, sigma, i, j)
+    # the paper's point: the smaller sigma, the more the kept patches crowd the centre
+    centre_minus_corner = [m[6, 6] - m[0, 0] for m in heat_maps[1:]]
+    assert centre_minus_corner[0] > 0.5 and centre_minus_corner[2] < 0.3
+
+
+def test_keep_rate_map_counts_what_keep_indices_returns(monkeypatch):
+    # an estimate of keep_indices' behaviour, not a formula: a fake that always keeps the top half shows up as such
+    def top_half(batch_size, grid_size, ratio, mode, sigma=0.2, device=None, generator=None):
+        return torch.arange(grid_size * grid_size // 2).expand(batch_size, -1)
+    monkeypatch.setattr(masking, "keep_indices", top_half)
+    rates = visualize.keep_rate_map(6, 0.5, "gaussian", sigma=0.2, samples=10)
+    assert (rates[:3] == 1).all() and (rates[3:] == 0).all()
+
+
+def test_random_keep_rate_map_is_uniform_at_one_minus_ratio():
+    rates = visualize.keep_rate_map(14, 0.75, "random", sigma=0.2, samples=SAMPLES)
+    assert rates.shape == (14, 14)
+    assert rates.sum().item() == pytest.approx(masking.num_kept(14, 0.75))  # every mask keeps exactly K patches
+    assert (rates - 0.25).abs().max().item() < 4.5 * math.sqrt(0.25 * 0.75 / SAMPLES)  # all 196 cells, ~1% chance each
+
+
+def test_masked_patches_are_grey_and_kept_patches_untouched():
+    grid, patch = 4, 3
+    image = np.random.default_rng(0).random((grid * patch, grid * patch, 3)).astype(np.float32)
+    keep = torch.tensor([1, 6, 8])  # (row, col) (0, 1), (1, 2), (2, 0): not symmetric under a transpose
+    fig, ax = plt.subplots()
+    visualize.draw_masked_image(ax, image, keep, grid)
+    shown = ax.images[0].get_array()
+    plt.close(fig)
+    for p in range(grid * grid):
+        r, c = divmod(p, grid)
+        block = np.asarray(shown[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch])
+        want = image[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] if p in keep else visualize.MASKED_GREY
+        np.testing.assert_array_equal(block, np.broadcast_to(want, block.shape))
+
+
+def write_log(path, top1):
+    """A small metrics.jsonl in train.py's format: training windows and end-of-epoch evaluations, interleaved."""
+    path.parent.mkdir(parents=True)
+    lines = []
+    for epoch, acc in enumerate(top1, 1):
+        for step in (10 * epoch - 5, 10 * epoch):
+            lines.append({"step": step, "epoch": step / 10, "loss": 5.0 / step, "lr": 1e-3, "logit_scale": 14.3,
+                          "samples_per_s": 100.0, "mfu": None, "skipped": 0, "time": 6.0 * step})
+        lines.append({"step": 10 * epoch, "epoch": epoch, "zeroshot_top1": acc, "zeroshot_top5": 1.0,
+                      "zeroshot_masked_top1": acc / 2, "time": 60.0 * epoch})
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n\n")  # a trailing blank line is tolerated
+    return str(path)
+
+
+def test_curves_plot_loss_and_every_top1_for_each_run(tmp_path):
+    flip = write_log(tmp_path / "flip" / "metrics.jsonl", [0.2, 0.4])
+    gdm = write_log(tmp_path / "gdm-flip" / "metrics.jsonl", [0.3, 0.5])
+    out = tmp_path / "curves.png"
+    visualize.main(["curves", flip, gdm, "--out", str(out)])
+    check_image_file(out, b"\x89PNG\r\n\x1a\n")
+
+    fig = visualize.training_curves([flip, gdm])
+    (loss_step, loss_time), (top1_step, top1_time) = np.asarray(fig.axes).reshape(2, 2)
+    assert [line.get_label() for line in loss_step.lines] == ["flip", "gdm-flip"]
+    assert list(loss_step.lines[0].get_xdata()) == [5, 10, 15, 20]  # evaluation lines have no loss: skipped
+    assert list(loss_time.lines[0].get_xdata()) == [0.5, 1.0, 1.5, 2.0]  # wall time in minutes
+    labels = {line.get_label(): line for line in top1_step.lines}
+    assert set(labels) == {f"{run}: {key}" for run in ("flip", "gdm-flip")
+                           for key in ("zeroshot_top1", "zeroshot_masked_top1")}
+    assert list(labels["gdm-flip: zeroshot_top1"].get_ydata()) == [0.3, 0.5]
+    assert list(labels["flip: zeroshot_masked_top1"].get_xdata()) == [10, 20]
+    by_time = {line.get_label(): line for line in top1_time.lines}
+    assert list(by_time["flip: zeroshot_top1"].get_xdata()) == [1.0, 2.0]  # evaluation times, in minutes
+    assert list(by_time["flip: zeroshot_top1"].get_ydata()) == [0.2, 0.4]
+    plt.close(fig)
+
+
+def test_curves_report_unreadable_logs(tmp_path):
+    bad = tmp_path / "run" / "metrics.jsonl"
+    bad.parent.mkdir()
+    bad.write_text('{"step": 1, "loss": 2.0}\nnot json\n')
+    with pytest.raises(SystemExit, match="metrics.jsonl:2 is not JSON"):
+        visualize.main(["curves", str(bad), "--out", str(tmp_path / "c.png")])
+    with pytest.raises(SystemExit, match="cannot read"):
+        visualize.main(["curves", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "c.png")])

@@ -1,0 +1,197 @@
+"""
+Figures: the paper's sigma comparison (which patches GDM-FLIP keeps) and training curves from metrics.jsonl logs.
+
+    python visualize.py                                   # -> docs/sigma_comparison.png, the figure in the README
+    python visualize.py --out fig.pdf --sigma 0.1 0.2 0.8 --ratio 0.5 --image my_photo.jpg
+    python visualize.py curves logs/flip/metrics.jsonl logs/gdm-flip/metrics.jsonl --out curves.png
+
+The comparison figure has one column per masking: (a) FLIP's random masking, then GDM-FLIP's Gaussian masking for each
+sigma. Top row: one sample of masking.keep_indices drawn over a photograph, masked patches blanked grey. Bottom row: the
+keep probability of every patch, *estimated* by counting how often keep_indices keeps it over many samples, so the
+figure shows what the code does, not what a formula says it should do. PNG or PDF, from the --out file name.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib import cbook  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import masking  # noqa: E402
+
+PATCH_PX = 16  # pixels per patch, as in ViT-B/16: grid 14 -> a 224 px image
+MASKED_GREY = 0.5  # what a dropped patch looks like (RGB in [0, 1])
+MC_SAMPLES = 4000  # keep-rate estimate std <= sqrt(0.25 / 4000) ~ 0.008, well under one colour-bar step
+DEFAULT_IMAGE = "grace_hopper.jpg"  # a portrait that ships with matplotlib's sample data: nothing to download
+
+
+# ----------------------------------------------------------------------------- helpers shared by the figures
+
+
+def load_image(path, size):
+    """(size, size, 3) float array in [0, 1]: the photograph centre-cropped to a square, then resized."""
+    path = path or cbook.get_sample_data(DEFAULT_IMAGE, asfileobj=False)
+    try:
+        img = Image.open(path).convert("RGB")
+    except OSError as e:
+        sys.exit(f"visualize.py: error: cannot read image {path}: {e}")
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255
+
+
+def keep_rate_map(grid, ratio, mode, sigma, samples=MC_SAMPLES, seed=0):
+    """(G, G) fraction of `samples` draws of masking.keep_indices in which each patch was kept."""
+    g = torch.Generator().manual_seed(seed)
+    keep = masking.keep_indices(samples, grid, ratio, mode, sigma, generator=g)  # (samples, K)
+    counts = torch.bincount(keep.flatten(), minlength=grid * grid).double()  # (G*G,) times each patch was kept
+    return (counts / samples).view(grid, grid)
+
+
+def draw_masked_image(ax, image, keep, grid):
+    """Show `image` (S, S, 3) on `ax` with every patch not in `keep` (K,) painted grey."""
+    kept = torch.zeros(grid * grid, dtype=torch.bool)
+    kept[keep] = True
+    patch = image.shape[0] // grid
+    kept_px = np.kron(kept.view(grid, grid).numpy(), np.ones((patch, patch), dtype=bool))  # (S, S) patch -> pixels
+    ax.imshow(np.where(kept_px[..., None], image, MASKED_GREY))
+    ax.set_axis_off()
+
+
+def draw_heat_map(ax, rates):
+    """Show a (G, G) keep-rate map on `ax` on a fixed 0..1 scale, so the columns can be compared; returns the image."""
+    im = ax.imshow(rates.numpy(), cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return im
+
+
+# ----------------------------------------------------------------------------- the sigma comparison
+
+
+def sigma_comparison(image=None, ratio=0.5, sigmas=(0.1, 0.2, 0.8), grid=14, seed=0, samples=MC_SAMPLES):
+    """The comparison figure: columns random, gaussian(sigma) ...; rows one masked sample, estimated keep rates."""
+    photo = load_image(image, grid * PATCH_PX)
+    columns = [("random", 0.2, "(a) random masking (FLIP)")]  # sigma is unused by random masking
+    columns += [("gaussian", s, f"({chr(ord('b') + i)}) Gaussian, sigma = {s:g}\n"
+                                f"(a variance: std = {math.sqrt(s):.2f})") for i, s in enumerate(sigmas)]
+    fig, axes = plt.subplots(2, len(columns), figsize=(2.4 * len(columns) + 1, 5.6), squeeze=False,
+                             layout="constrained")  # constrained: the colour bar takes room from the last column only
+    g = torch.Generator().manual_seed(seed)
+    for col, (mode, sigma, title) in enumerate(columns):
+        keep = masking.keep_indices(1, grid, ratio, mode, sigma, generator=g)[0]  # (K,) one sample
+        draw_masked_image(axes[0, col], photo, keep, grid)
+        axes[0, col].set_title(title, fontsize=9)
+        im = draw_heat_map(axes[1, col], keep_rate_map(grid, ratio, mode, sigma, samples, seed))
+    axes[1, 0].set_ylabel(f"keep rate over {samples} masks", fontsize=9)
+    fig.colorbar(im, ax=axes[:, -1].tolist(), shrink=0.6, label="P(patch kept)")
+    fig.suptitle(f"{ratio:.0%} of {grid} x {grid} patches masked. The paper's sigma is the Gaussian's covariance "
+                 "diagonal,\ni.e. a variance, in units of half the image width (centres on linspace(-1, 1, G)), "
+                 "as in its code", fontsize=9)
+    return fig
+
+
+# ----------------------------------------------------------------------------- training curves
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl written by train.py: one JSON object per line (blank lines skipped)."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError as e:
+        sys.exit(f"visualize.py: error: cannot read {path}: {e.strerror}")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                sys.exit(f"visualize.py: error: {path}:{n} is not JSON: {e.msg}")
+    return records
+
+
+def series(records, x, y):
+    """(xs, ys) from the records that have both keys with a finite number (train and eval lines mix in one log)."""
+    ok = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731  (train.py may log "mfu": null)
+    pairs = [(r[x] / (60 if x == "time" else 1), r[y]) for r in records if ok(r.get(x)) and ok(r.get(y))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def training_curves(paths):
+    """Loss (top row) and every *top1* metric (bottom row) against step (left) and wall time (right); a colour a run."""
+    runs = [(os.path.basename(os.path.dirname(os.path.abspath(p))), read_metrics(p)) for p in paths]  # logs/<name>/...
+    # one line style per metric across all runs (a FLIP run logs zeroshot_masked_top1, an unmasked one does not)
+    keys = sorted({k for _, records in runs for r in records for k in r if "top1" in k},
+                  key=lambda k: (k != "zeroshot_top1", k))  # the headline metric first, drawn solid
+    styles = dict(zip(keys, ["-o", "--s", ":^", "-.v"] * len(keys)))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for i, (run, records) in enumerate(runs):
+        for col, x in enumerate(["step", "time"]):
+            axes[0, col].plot(*series(records, x, "loss"), color=f"C{i % 10}", label=run)
+            for key in keys:
+                xs, ys = series(records, x, key)
+                if xs:
+                    axes[1, col].plot(xs, ys, styles[key], color=f"C{i % 10}", markersize=3, label=f"{run}: {key}")
+    for col, xlabel in enumerate(["step", "wall time (min)"]):
+        axes[0, col].set(xlabel=xlabel, ylabel="contrastive loss")
+        axes[1, col].set(xlabel=xlabel, ylabel="zero-shot top-1")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv):
+    if argv and argv[0] == "curves":
+        p = argparse.ArgumentParser(prog="visualize.py curves", description="Training curves from metrics.jsonl logs.")
+        p.add_argument("logs", nargs="+", help="metrics.jsonl files from train.py; the legend is each parent folder")
+        p.add_argument("--out", default="curves.png", help="output file; .png, .pdf or .svg, from the name")
+        return p.parse_args(argv[1:])
+    p = argparse.ArgumentParser(description="The sigma comparison figure (or `visualize.py curves LOG ...`).")
+    p.add_argument("--out", default="docs/sigma_comparison.png", help="output file; .png, .pdf or .svg, from the name")
+    p.add_argument("--image", default=None, help=f"photograph to mask (default: matplotlib's sample {DEFAULT_IMAGE})")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of patches masked (paper's figure: 0.5)")
+    p.add_argument("--sigma", type=float, nargs="+", default=[0.1, 0.2, 0.8],
+                   help="the paper's sigma (a variance) of each Gaussian column")
+    p.add_argument("--grid", type=int, default=14, help="patches per side (14 = 224 px at patch 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks drawn and of the keep-rate estimate")
+    p.add_argument("--samples", type=int, default=MC_SAMPLES, help="masks drawn to estimate each keep-rate map")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        if hasattr(args, "logs"):
+            fig = training_curves(args.logs)
+        else:
+            if args.samples < 1:
+                raise ValueError(f"--samples must be >= 1, got {args.samples}")
+            fig = sigma_comparison(args.image, args.ratio, args.sigma, args.grid, args.seed, args.samples)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        fig.savefig(args.out, dpi=100, bbox_inches="tight")  # format from the file name
+        plt.close(fig)
+    except ValueError as e:  # bad --ratio / --sigma / --grid (from masking.py) or an unknown --out format
+        sys.exit(f"visualize.py: error: {e}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
