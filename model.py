@@ -41,7 +41,8 @@ class CLIPConfig:
     quick_gelu: bool = False  # OpenAI's original weights use x * sigmoid(1.702 x); OpenCLIP's ViT-B-16 uses nn.GELU
 
 
-# OpenCLIP's model configs for the ViT presets; `tiny` is ours, for tests and the CPU demo.
+# ViT-B-16 and ViT-S-16 are OpenCLIP's model configs; ViT-Ti-16 (DeiT-Ti's image tower) and `tiny` (tests, CPU demo)
+# are ours. OpenAI's original weights need quick_gelu=True.
 PRESETS = {
     "ViT-B-16": CLIPConfig(),
     "ViT-S-16": CLIPConfig(embed_dim=384, vision_width=384, vision_heads=6, text_width=384, text_heads=6),
@@ -228,6 +229,8 @@ def convert_openclip_state_dict(state_dict):
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
         if key.endswith("attn_mask"):  # the causal mask is a buffer there; we use is_causal=True
+            continue
+        if key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's archives carry these: config
             continue
         key = key.replace("transformer.resblocks.", "blocks.")
         key = key.replace("attn.in_proj_weight", "attn.in_proj.weight").replace("attn.in_proj_bias", "attn.in_proj.bias")

@@ -140,6 +140,7 @@ def openclip_vit_b16_state_dict(prefix=""):
 def test_openclip_state_dict_maps_every_key(prefix):
     openclip = openclip_vit_b16_state_dict(prefix)
     openclip[prefix + "attn_mask"] = torch.empty(77, 77)  # a buffer some exports carry; we use is_causal instead
+    openclip[prefix + "context_length"] = torch.tensor(77)  # OpenAI archives carry config entries too
     converted = M.convert_openclip_state_dict(openclip)
     model = M.create_model("ViT-B-16")
     model.load_state_dict(converted, strict=True)  # every key present, none left over, shapes equal

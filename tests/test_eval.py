@@ -1,0 +1,311 @@
+"""The contract of eval.py: CLIP_benchmark's metrics on cases worked out by hand, the prompt-ensemble classifier, masked
+inference, loading this project's and OpenCLIP's checkpoints, and the command line."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+import data
+import eval as zeroshot  # `eval` would shadow the builtin
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
+
+
+# ----------------------------------------------------------------------------- stand-ins with known features
+
+
+class LookupTokenizer:
+    """Each distinct string gets an id, in order of first appearance: (B,) texts -> (B, 1) ids."""
+
+    def __init__(self):
+        self.ids = {}
+
+    def __call__(self, texts):
+        return torch.tensor([[self.ids.setdefault(t, len(self.ids))] for t in texts])
+
+
+class FeatureModel(nn.Module):
+    """encode_image returns the "image" itself (a (B, E) feature vector); encode_text looks up a fixed table."""
+
+    def __init__(self, text_table, grid_size=4):
+        super().__init__()
+        self.text_table = text_table  # (V, E), un-normalised on purpose
+        self.visual = nn.Module()
+        self.visual.grid_size = grid_size
+
+    def encode_image(self, images, keep=None):
+        return images
+
+    def encode_text(self, tokens):
+        return self.text_table[tokens[:, 0]]
+
+
+def classify(features, labels, classifier):
+    loader = DataLoader(TensorDataset(features, labels), batch_size=4)
+    return zeroshot.zero_shot_classification(FeatureModel(None), classifier, loader, "cpu", quiet=True)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_data_files_hold_the_1000_imagenet_names_and_80_openai_templates():
+    names, templates = zeroshot.read_lines(zeroshot.IMAGENET_CLASSNAMES), zeroshot.read_lines(zeroshot.OPENAI_TEMPLATES)
+    assert len(names) == 1000 and len(templates) == len(set(templates)) == 80
+    assert (names[0], names[1], names[281], names[409], names[999]) == (
+        "tench", "goldfish", "tabby cat", "analog clock", "toilet paper")  # WordNet-id order: n01440764 is first
+    assert all(t.count("{}") == 1 for t in templates) and "a photo of a {}." in templates
+
+
+def test_features_equal_to_their_class_embedding_score_100_percent():
+    classifier = F.normalize(torch.randn(16, 10), dim=0)  # (E, C)
+    labels = torch.arange(10).repeat(2)
+    features = 3.0 * classifier.T[labels]  # (20, E), exactly on the class direction (any length)
+    assert classify(features, labels, classifier) == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
+
+
+def test_a_permuted_classifier_is_right_only_on_its_fixed_points():
+    classifier = torch.eye(10)  # (E=10, C=10): one axis per class
+    labels = torch.arange(10)
+    perm = torch.tensor([1, 2, 3, 0, 4, 5, 6, 7, 8, 9])  # a 4-cycle; 6 classes stay in place
+    result = classify(classifier.T[labels], labels, classifier[:, perm])
+    assert result["acc1"] == pytest.approx(0.6) and result["mean_per_class_recall"] == pytest.approx(0.6)
+
+
+def test_top_k_accuracy_by_hand_and_top5_at_least_top1():
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0],   # label 0: rank 1
+                           [5.0, 4, 3, 2, 1, 0],   # label 4: rank 5
+                           [5.0, 4, 3, 2, 1, 0]])  # label 5: rank 6
+    labels = torch.tensor([0, 4, 5])
+    assert zeroshot.accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+    assert zeroshot.accuracy(logits, labels, 5) == pytest.approx(2 / 3)
+    assert zeroshot.accuracy(logits[:, :3], torch.tensor([0, 1, 2]), 5) == 1.0  # k is capped at the 3 classes
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(200, 20, generator=g), torch.randint(20, (200,), generator=g)
+    assert zeroshot.accuracy(logits, labels, 5) >= zeroshot.accuracy(logits, labels, 1)
+
+
+def test_mean_per_class_recall_on_an_imbalanced_case():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    predictions = torch.tensor([0, 0, 0, 3, 1, 0, 2])  # recalls 3/4, 1/2, 1/1; class 3 has no samples: not counted
+    assert zeroshot.mean_per_class_recall(predictions, labels, 4) == pytest.approx((0.75 + 0.5 + 1) / 3)
+    assert zeroshot.accuracy(F.one_hot(predictions, 4).float(), labels, 1) == pytest.approx(5 / 7)  # top-1 differs
+
+
+def test_retrieval_recall_on_a_constructed_case():
+    scores = torch.tensor([[0.9, 0.1, 0.0],    # text 0 -> image 0: rank 1
+                           [0.2, 0.5, 0.65],   # text 1 -> image 0: rank 3
+                           [0.1, 0.8, 0.0],    # text 2 -> image 1: rank 1
+                           [0.7, 0.0, 0.6]])   # text 3 -> image 2: rank 2
+    positives = torch.zeros(4, 3, dtype=torch.bool)
+    positives[[0, 1, 2, 3], [0, 0, 1, 2]] = True
+    assert [zeroshot.retrieval_recall(scores, positives, k) for k in (1, 2, 3)] == [0.5, 0.75, 1.0]
+    # image -> texts: image 0 finds text 0, image 1 finds text 2, image 2 first finds text 1 (not its own), then text 3
+    assert zeroshot.retrieval_recall(scores.T, positives.T, 1) == pytest.approx(2 / 3)
+    assert zeroshot.retrieval_recall(scores.T, positives.T, 2) == 1.0
+
+
+def test_zero_shot_retrieval_builds_scores_and_positives_as_clip_benchmark():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 8, generator=g)  # (I, E)
+    captions = ["0", "1\n1b", "2", "3", "4", "5"]  # image 1 has two captions, one per line
+    tok = LookupTokenizer()
+    tok([c for cap in captions for c in cap.splitlines()])  # ids 0..6 in caption order
+    text_image = torch.tensor([0, 1, 1, 2, 3, 4, 5])
+    loader = DataLoader(list(zip(images, captions)), batch_size=4)
+
+    exact = zeroshot.zero_shot_retrieval(FeatureModel(2.0 * images[text_image]), tok, loader, "cpu", quiet=True)
+    assert set(exact) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert all(v == 1.0 for v in exact.values())  # every caption is its image's nearest neighbour and vice versa
+
+    table = torch.randn(7, 8, generator=g)
+    result = zeroshot.zero_shot_retrieval(FeatureModel(table), tok, loader, "cpu", quiet=True)
+    scores = F.normalize(table, dim=-1) @ F.normalize(images, dim=-1).T  # (T, I)
+    positives = F.one_hot(text_image, 6).bool()
+    for k in (1, 5, 10):
+        assert result[f"image_retrieval_recall@{k}"] == zeroshot.retrieval_recall(scores, positives, k)
+        assert result[f"text_retrieval_recall@{k}"] == zeroshot.retrieval_recall(scores.T, positives.T, k)
+
+
+def test_classifier_is_the_normalised_mean_of_normalised_prompt_embeddings():
+    g = torch.Generator().manual_seed(0)
+    classnames, templates = ["cat", "dog", "car"], ["a photo of a {}.", "a {} in a video game.", "art of the {}."]
+    table = torch.randn(9, 8, generator=g) * torch.logspace(-2, 2, 9)[:, None]  # lengths over 4 orders of magnitude
+    tok = LookupTokenizer()
+    classifier = zeroshot.build_classifier(FeatureModel(table), tok, classnames, templates, "cpu", batch_size=4)
+    assert classifier.shape == (8, 3)
+    for c, name in enumerate(classnames):
+        ids = [tok.ids[t.replace("{}", name)] for t in templates]
+        expected = F.normalize(F.normalize(table[ids], dim=-1).mean(dim=0), dim=0)
+        assert torch.allclose(classifier[:, c], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="no '{}'"):
+        zeroshot.build_classifier(FeatureModel(table), tok, classnames, ["a photo"], "cpu")
+
+
+# ----------------------------------------------------------------------------- a tiny real model, folder and shard
+
+
+def colour_image(name, size=(64, 64), offset=0):
+    img = Image.new("RGB", size, (128, 128, 128))
+    img.paste(COLOURS[name], (8 + offset, 8, 48 + offset, 48))
+    return img
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """An ImageFolder: three colour classes, two images each."""
+    root = tmp_path_factory.mktemp("folder")
+    for name in COLOURS:
+        os.makedirs(root / f"{name}_square")
+        for i in range(2):
+            colour_image(name, offset=4 * i).save(root / f"{name}_square" / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model, tokenizer, path of a checkpoint in train.py's format)."""
+    tok = data.train_tokenizer([f"a photo of a {c} square" for c in COLOURS] * 4, vocab_size=600, context_length=32)
+    torch.manual_seed(0)
+    model = M.create_model("tiny", vocab_size=tok.vocab_size).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "epoch_1.pt"
+    torch.save({"state_dict": model.state_dict(), "config": asdict(model.config), "model": "tiny",
+                "tokenizer": tok.to_json(), "epoch": 1, "step": 10, "args": {"lr": 5e-4, "crop_scale": (0.9, 1.0)},
+                "rng_state": torch.get_rng_state()}, path)
+    return model, tok, path
+
+
+def test_our_checkpoint_loads_with_its_config_and_tokenizer(tiny):
+    model, tok, path = tiny
+    loaded, loaded_tok = zeroshot.load_checkpoint(str(path))  # no model name or tokenizer needed
+    assert not loaded.training and loaded.config == model.config
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert torch.equal(loaded_tok(["a photo of a red square"]), tok(["a photo of a red square"]))
+
+
+def to_openclip(state_dict, prefix="module."):
+    """The inverse of model.convert_openclip_state_dict: our keys -> OpenCLIP's, as a DDP-wrapped model saves them."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.replace("blocks.", "transformer.resblocks.")
+        key = key.replace("attn.in_proj.weight", "attn.in_proj_weight")
+        key = key.replace("attn.in_proj.bias", "attn.in_proj_bias")
+        key = "text_projection" if key == "text.proj" else key.removeprefix("text.")
+        out[prefix + key] = value
+    return out
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_openclip_checkpoints_load(tiny, tmp_path, wrapped):
+    _, tok, _ = tiny
+    torch.manual_seed(1)
+    model = M.create_model("tiny")  # the preset's own vocabulary size, as an OpenCLIP checkpoint would have
+    prefix = "module." if wrapped else ""
+    state = to_openclip(model.state_dict(), prefix)
+    assert {prefix + "transformer.resblocks.0.attn.in_proj_weight", prefix + "text_projection"} <= set(state)
+    torch.save({"epoch": 32, "state_dict": state} if wrapped else state, tmp_path / "openclip.pt")
+    loaded, _ = zeroshot.load_checkpoint(str(tmp_path / "openclip.pt"), "tiny", tokenizer=tok.to_json())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match="tokenizer"):
+        zeroshot.load_checkpoint(str(tmp_path / "openclip.pt"), "tiny")
+    with pytest.raises(ValueError, match="does not fit"):
+        zeroshot.load_checkpoint(str(tmp_path / "openclip.pt"), "ViT-Ti-16", tokenizer=tok.to_json())
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        zeroshot.load_checkpoint(str(tmp_path / "missing.pt"))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        zeroshot.load_checkpoint(str(tmp_path / "other.pt"))
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        zeroshot.load_checkpoint(str(tmp_path / "text.pt"))
+
+
+def test_masked_inference_changes_features_reproducibly_and_leaves_the_global_rng_alone(tiny, folder):
+    model, tok, _ = tiny
+    images = torch.stack([data.eval_transform(64)(colour_image(c)) for c in COLOURS])  # (3, 3, 64, 64)
+    with torch.no_grad():
+        unmasked = zeroshot.encode_images(model, images)
+        assert torch.allclose(unmasked, F.normalize(model.encode_image(images), dim=-1))
+        masked = zeroshot.encode_images(model, images, "gaussian", 0.5, 0.2, zeroshot.seeded_generator("cpu"))
+    assert masked.shape == unmasked.shape and not torch.allclose(masked, unmasked, atol=1e-3)
+    rng = torch.get_rng_state()
+    runs = [zeroshot.evaluate_folder(model, tok, str(folder), batch_size=4, workers=0, mask="gaussian", ratio=0.75,
+                                     quiet=True) for _ in range(2)]
+    assert runs[0] == runs[1] and torch.equal(torch.get_rng_state(), rng)
+    assert set(runs[0]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert 0 <= runs[0]["acc1"] <= runs[0]["acc5"] == 1.0  # 3 classes: top-5 covers them all
+
+
+def test_evaluate_folder_checks_class_names(tiny, folder):
+    model, tok, _ = tiny
+    with pytest.raises(ValueError, match="1000"):
+        zeroshot.evaluate_folder(model, tok, str(folder), workers=0, imagenet=True, quiet=True)
+    with pytest.raises(ValueError, match="2 class names for 3 class folders"):
+        zeroshot.evaluate_folder(model, tok, str(folder), ["red", "green"], workers=0, quiet=True)
+
+
+def run_eval(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--workers", "0", "--device", "cpu", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def test_cli_classification_writes_clip_benchmark_json(tiny, folder, tmp_path):
+    _, _, path = tiny
+    (tmp_path / "names.txt").write_text("blue square\ngreen square\nred square\n")  # the folders' sorted order
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
+    proc = run_eval("--checkpoint", path, "--dataset", folder, "--classnames", tmp_path / "names.txt",
+                    "--templates", tmp_path / "templates.txt", "--mask", "random", "--ratio", "0.5",
+                    "--output", tmp_path / "result.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["task"] == "zeroshot_classification" and result["mask"] == "random" and result["ratio"] == 0.5
+    assert set(result["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert all(0 <= v <= 1 for v in result["metrics"].values())
+
+
+def write_shard(path, n):
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            name = list(COLOURS)[i % len(COLOURS)]
+            buf = io.BytesIO()
+            colour_image(name, (80, 72), offset=i % 5).save(buf, format="JPEG")
+            for ext, payload in [("jpg", buf.getvalue()), ("txt", f"a photo of a {name} square".encode())]:
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def test_cli_retrieval_writes_clip_benchmark_json(tiny, tmp_path):
+    _, _, path = tiny
+    write_shard(tmp_path / "test-0.tar", 6)
+    proc = run_eval("--checkpoint", path, "--retrieval", tmp_path / "test-0.tar", "--batch-size", "4",
+                    "--output", tmp_path / "result.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "result.json").read_text())["metrics"]
+    assert set(metrics) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert metrics["image_retrieval_recall@10"] == metrics["text_retrieval_recall@10"] == 1.0  # 6 candidates < 10
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="eval.py: error: no checkpoint at"):
+        zeroshot.main(["--checkpoint", str(tmp_path / "missing.pt"), "--dataset", str(tmp_path)])
+    with pytest.raises(SystemExit, match="masking ratio"):
+        zeroshot.main(["--checkpoint", "x.pt", "--dataset", str(tmp_path), "--mask", "gaussian", "--ratio", "1.5"])
+    with pytest.raises(SystemExit, match="one of the arguments"):
+        zeroshot.main(["--checkpoint", "x.pt"])
