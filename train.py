@@ -44,15 +44,15 @@ def parse_args(argv=None):
     a("--train-num-samples", type=int, default=None, help="samples per epoch (shards are resampled, as OpenCLIP)")
     a("--builtin-layout", default="centered", choices=["centered", "uniform"],
       help="built-in dataset: subject near the centre, or anywhere (the control)")
-    a("--builtin-samples", type=int, default=30_000, help="built-in dataset: number of training images generated")
+    a("--builtin-samples", type=int, default=20_000, help="built-in dataset: number of training images generated")
     a("--tokenizer", default=None, help="CLIP BPE vocab (bpe_simple_vocab_16e6.txt.gz), tokenizer.json, or a captions "
       "file/folder; default: train a BPE tokenizer on the training captions")
     a("--vocab-size", type=int, default=None, help="vocabulary of a tokenizer trained here (default: the preset's)")
     a("--crop-scale", type=float, nargs=2, default=(0.9, 1.0), help="random resized crop scale (FLIP used 0.5 1.0)")
     a("--batch-size", type=int, default=None, help="per-GPU batch size (default: 256, or 128 on the built-in dataset)")
     a("--accum-freq", type=int, default=1, help="micro-batches per optimizer step; the loss stays the full-batch loss")
-    a("--epochs", type=int, default=None, help="epochs (default: 30 as the paper, or 10 on the built-in dataset)")
-    a("--lr", type=float, default=5e-4, help="peak learning rate")
+    a("--epochs", type=int, default=None, help="epochs (default: 30 as the paper, or 4 on the built-in dataset)")
+    a("--lr", type=float, default=None, help="peak learning rate (default: 5e-4 as OpenCLIP, or 1e-3 on built-in data)")
     a("--wd", type=float, default=0.2, help="AdamW weight decay (not on biases, norms, logit scale, embeddings)")
     a("--beta1", type=float, default=0.9, help="AdamW beta1")
     a("--beta2", type=float, default=0.98, help="AdamW beta2")
@@ -84,7 +84,8 @@ def parse_args(argv=None):
         p.error("use --pretrained (weights only, fresh optimizer) or --resume (the whole state), not both")
     builtin = args.train_data is None
     defaults = dict(model="tiny" if builtin else "ViT-B-16", batch_size=128 if builtin else 256,
-                    epochs=10 if builtin else 30, log_every=10 if builtin else 50)
+                    epochs=4 if builtin else 30, lr=1e-3 if builtin else 5e-4,
+                    log_every=10 if builtin else 50)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -124,8 +124,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 
 
 def test_resume_follows_the_uninterrupted_run(shards, tmp_path):
-    common = ["--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "64", "--epochs", "2",
-              "--mask", "gaussian", "--ratio", "0.5", "--log-dir", tmp_path, "--warmup", "2"]
+    data_args = ["--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "64", "--log-dir", tmp_path]
+    common = data_args + ["--epochs", "2", "--mask", "gaussian", "--ratio", "0.5", "--warmup", "2"]
     run_train(*common, "--name", "full")
     full = [r for r in read_metrics(tmp_path / "full") if "loss" in r]
     # an interrupted run leaves epoch_1.pt as its latest checkpoint: continue from exactly that
@@ -148,8 +148,8 @@ def test_resume_follows_the_uninterrupted_run(shards, tmp_path):
 
     # unmasked tuning takes the weights only: with lr 0 they stay as loaded, and the optimizer starts afresh
     pretrained = tmp_path / "full" / "checkpoints" / "epoch_2.pt"
-    run_train(*common[:-4], "--log-dir", tmp_path, "--name", "tuned", "--pretrained", pretrained, "--mask", "none",
-              "--epochs", "1", "--lr", "0", "--warmup", "1")
+    run_train(*data_args, "--name", "tuned", "--pretrained", pretrained, "--mask", "none", "--epochs", "1",
+              "--lr", "0", "--warmup", "1")
     tuned = torch.load(tmp_path / "tuned" / "checkpoints" / "epoch_1.pt", weights_only=False)
     source = torch.load(pretrained, weights_only=False)
     assert tuned["epoch"] == 1 and tuned["step"] == 4
