@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
@@ -50,17 +50,21 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image statist
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of torchvision's RandomResizedCrop, which OpenCLIP uses
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
-MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3); larger is a bad sample
+FOLDER_IMAGE_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")  # also read from image folders
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (1024 ** 3 // 4 // 3); larger is a bad sample
 SHUFFLE_BUFFER = 2_000  # raw samples per worker (OpenCLIP: 5000); holds encoded bytes, ~100 MB for CC12M-sized JPEGs
 PREFETCH_BATCHES = 2  # per worker
 WARN_FIRST, WARN_EVERY_S = 5, 60  # bad-sample warnings: the first few, then at most one a minute per process
 
 
 # ------------------------------------------------------------------------------------------------------ transforms
+MEAN_CHW, STD_CHW = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
+
+
 def to_normalized_tensor(img):
     """RGB PIL image -> (3, H, W) float32, exactly as torchvision's ToTensor then Normalize(OPENAI_MEAN, OPENAI_STD)."""
     x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
-    return x.sub_(torch.tensor(OPENAI_MEAN).view(3, 1, 1)).div_(torch.tensor(OPENAI_STD).view(3, 1, 1))
+    return x.sub_(MEAN_CHW).div_(STD_CHW)
 
 
 def random_resized_crop_box(width, height, scale, rng, ratio=CROP_RATIO):
@@ -83,8 +87,8 @@ def random_resized_crop_box(width, height, scale, rng, ratio=CROP_RATIO):
 
 
 def train_transform(image_size, scale=(0.9, 1.0), generator=None):
-    """PIL image -> (3, S, S): random resized crop (OpenCLIP's default scale (0.9, 1); FLIP used (0.5, 1)), bicubic, RGB,
-    normalised. `generator` is a `random.Random` (the global one if None): the loader seeds it per worker and epoch.
+    """PIL image -> (3, S, S): random resized crop (OpenCLIP's default scale (0.9, 1); FLIP used (0.5, 1)), bicubic,
+    RGB, normalised. `generator`: a `random.Random` (default: the global one); the loader seeds one per worker, epoch.
 
     Fast path: a big JPEG is decoded at 1/2, 1/4 or 1/8 size by libjpeg (`draft`) when the crop still has >= S pixels
     per side, and `resize(box=...)` resamples straight from the crop region without copying it out first."""
@@ -106,7 +110,7 @@ def train_transform(image_size, scale=(0.9, 1.0), generator=None):
 
 
 def shortest_side_size(width, height, size):
-    """(w, h) after resizing the shortest side to `size`: torchvision Resize(int)'s rule, long = int(size * long / short)."""
+    """(w, h) with the shortest side resized to `size`, by torchvision Resize(int)'s rule: int(size * long / short)."""
     if width <= height:
         return size, int(size * height / width)
     return int(size * width / height), size
@@ -166,7 +170,8 @@ class Tokenizer:
     def __call__(self, texts):
         texts = [texts] if isinstance(texts, str) else texts
         texts = [html.unescape(html.unescape(t)) for t in texts]  # as CLIP's basic_clean; `tokenizers` can't do this
-        return torch.tensor([e.ids for e in self.hf.encode_batch(texts)], dtype=torch.long)
+        ids = [e.ids for e in self.hf.encode_batch(texts)]
+        return torch.tensor(ids, dtype=torch.long).view(len(texts), self.context_length)
 
     def decode(self, ids):
         """Token ids -> the cleaned text, read between sot and the first eot (CLIP's decode)."""
@@ -198,16 +203,20 @@ def bpe_tokenizer(merges, pad=False):
     return hf
 
 
+def read_text(path):
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
 def clip_bpe_merges(path):
     """The merges of a CLIP BPE vocabulary file (`bpe_simple_vocab_16e6.txt.gz`: a header line, then "a b" per line)."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = read_text(path).split("\n")
     return [tuple(line.split()) for line in lines[1:CLIP_NUM_MERGES + 1] if line.strip()]
 
 
 def train_tokenizer(captions, vocab_size=1024, context_length=77):
     """A BPE tokenizer learnt from captions (lower-cased, CLIP's pre-split, bytes, `</w>`), laid out like CLIP's:
-    pad = 0, then the 512 byte characters, then up to vocab_size - 515 merges, sot = vocab_size - 2, eot = vocab_size - 1.
+    pad = 0, the 512 byte characters, up to vocab_size - 515 merges, then sot = vocab_size - 2, eot = vocab_size - 1.
     A small corpus may run out of merges first: the vocabulary is then smaller, and eot is still the largest id."""
     num_merges = vocab_size - 1 - 512 - 2
     if num_merges < 0:
@@ -234,12 +243,12 @@ def load_tokenizer(spec, context_length=None):
         raise FileNotFoundError(f"tokenizer {spec}: no such file or directory")
     if os.path.isfile(spec) and spec.endswith(".json"):
         return Tokenizer(HFTokenizer.from_file(spec), context_length)
-    if os.path.isfile(spec) and (spec.endswith(".gz") or open(spec, encoding="utf-8", errors="replace").readline()
-                                 .startswith("#version")):
-        return Tokenizer(bpe_tokenizer(clip_bpe_merges(spec)), context_length or 77)
     files = [spec] if os.path.isfile(spec) else sorted(
         os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs if f.endswith(".txt"))
-    captions = [line for path in files for line in open(path, encoding="utf-8", errors="replace") if line.strip()]
+    texts = [read_text(path) for path in files]
+    if os.path.isfile(spec) and (spec.endswith(".gz") or texts[0].startswith("#version")):
+        return Tokenizer(bpe_tokenizer(clip_bpe_merges(spec)), context_length or 77)
+    captions = [line for text in texts for line in text.splitlines() if line.strip()]
     if not captions:
         raise ValueError(f"tokenizer {spec}: no captions to train a tokenizer on")
     return train_tokenizer(captions, TRAINED_VOCAB_SIZE, context_length or 77)
@@ -262,7 +271,7 @@ def expand_urls(pattern):
             why = "no such directory" if folder and not os.path.isdir(folder) else "no matching file"
             raise FileNotFoundError(f"training data {part}: {why} ({folder or '.'})")
         if len(found) < len(candidates):
-            missing = next(u for u in candidates if u not in set(found))
+            missing = next(u for u in candidates if not os.path.isfile(u))
             print(f"data.py: warning: {len(candidates) - len(found)} of {len(candidates)} shards of {part} are missing "
                   f"(e.g. {missing}); using the other {len(found)}", file=sys.stderr)
         urls += found
@@ -384,9 +393,10 @@ def shuffled(samples, buffer_size, rng):
 
 
 class TrainStream(IterableDataset):
-    """Yields this rank's batches of one epoch: (images (B, 3, S, S), tokens (B, T), skipped ()), where skipped counts the
-    bad samples this worker passed over since its previous batch. The stream (shard draws, shuffle, crops) is a function
-    of (seed, epoch, rank, worker) only, so a run resumed at an epoch boundary sees what an uninterrupted one saw."""
+    """Yields this rank's batches of one epoch: (images (B, 3, S, S), tokens (B, T), skipped), where skipped (a 0-d long
+    tensor) counts the bad samples this worker passed over since its previous batch. The stream (shard draws, shuffle,
+    crops) is a function of (seed, epoch, rank, worker) only, so a run resumed at an epoch boundary sees what an
+    uninterrupted one saw; each worker makes whole batches, so batches differ with the number of workers."""
 
     def __init__(self, urls, batch_size, num_batches, image_size, tokenizer, scale, seed, rank):
         self.urls, self.batch_size, self.num_batches = urls, batch_size, num_batches
@@ -405,12 +415,13 @@ class TrainStream(IterableDataset):
     def next_batch(self, samples, transform):
         images, captions, skipped = [], [], 0
         while len(images) < self.batch_size:
-            decoded = decode_sample(sample, transform) if (sample := next(samples)) is not None else None
+            sample = next(samples)
+            decoded = None if sample is None else decode_sample(sample, transform)
             if decoded is None:
                 skipped += 1
                 if skipped > 100 * self.batch_size + 1000:  # everything is bad: fail instead of spinning forever
-                    raise RuntimeError(f"data.py: {skipped} bad samples in a row from {self.urls[0]} ...: is the "
-                                       "training data readable?")
+                    raise RuntimeError(f"data.py: {skipped} bad samples while making one batch from {self.urls[0]} "
+                                       "...: is the training data readable?")
                 continue
             images.append(decoded[0])
             captions.append(decoded[1])
@@ -461,7 +472,7 @@ class ImageFolder(Dataset):
             raise ValueError(f"image folder {root} has no class folders (expected {root}/<class>/<image>)")
         self.samples = [(os.path.join(d, f), label) for label, c in enumerate(self.classes)
                         for d, _, files in sorted(os.walk(os.path.join(root, c))) for f in sorted(files)
-                        if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")]
+                        if f.rsplit(".", 1)[-1].lower() in FOLDER_IMAGE_EXTS]
         if not self.samples:
             raise ValueError(f"image folder {root} has class folders but no images")
 
@@ -481,7 +492,8 @@ class ImageFolder(Dataset):
 
 class ImageTextDataset(IterableDataset):
     """(image tensor, caption) from shards, one ordered pass, no resampling (for retrieval). Split without duplicates
-    across ranks and dataloader workers: by shard when there are enough shards, else by sample."""
+    across ranks and dataloader workers: by shard when there are enough shards, else by sample (each part then reads
+    every shard but decodes only its own samples). `skipped` counts bad samples (workers=0; workers print theirs)."""
 
     def __init__(self, urls, transform, rank=0, world_size=1):
         self.urls, self.transform, self.rank, self.world_size = urls, transform, rank, world_size
@@ -499,7 +511,7 @@ class ImageTextDataset(IterableDataset):
                 index += 1
                 if not by_shard and index % parts != part:
                     continue
-                decoded = decode_sample(sample, self.transform) if sample is not None else None
+                decoded = None if sample is None else decode_sample(sample, self.transform)
                 if decoded is None:
                     self.skipped += 1
                 else:
@@ -516,16 +528,17 @@ def image_text_dataset(pattern, transform, rank=0, world_size=1):
 SHAPES = ("circle", "cross", "heart", "square", "star", "triangle")
 COLOURS = {"blue": (40, 90, 230), "green": (30, 170, 60), "orange": (250, 140, 20), "purple": (150, 60, 200),
            "red": (220, 30, 40), "yellow": (245, 215, 30)}  # saturated hues over a desaturated background
+CLASSES = [(colour, shape) for colour in COLOURS for shape in SHAPES]  # 36, sorted: both lists are alphabetical
 SUBJECT_SIZE = (0.35, 0.55)  # subject diameter / image side: big enough for a 64 px, patch-8 ViT to learn in minutes
 DISTRACTOR_SIZE = (0.10, 0.18)
 CENTRED_JITTER = 0.08  # std of the subject centre around the image centre, in image sides ("as a photographer would")
-CAPTIONS = ("a photo of {a} {}", "a picture of {a} {}", "{a} {}", "{}", "an image showing {a} {}", "a close-up of {a} {}",
-            "{a} {} on a textured background", "there is {a} {} in this picture", "{a} {} among small shapes",
-            "a photograph of {a} {}")
+CAPTIONS = ("a photo of {a} {}", "a picture of the {}", "{a} {}", "{}", "an image showing {a} {}",
+            "a close-up of the {}", "{a} {} on a textured background", "there is {a} {} in this picture",
+            "the {} among small shapes", "a photograph of the {}")
 CAPTIONS_CENTRED = ("{a} {} in the middle of the frame", "{a} {} in the centre of the photo")
 CAPTIONS_UNIFORM = ("{a} {} somewhere in the frame",)
-TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "a {}.", "an image showing a {}.")  # eval prompts
-GENERATOR_VERSION = 1  # bump when the images change, so old caches are not reused
+TEMPLATES = ("a photo of the {}.", "a picture of the {}.", "the {}.", "a close-up of the {}.")  # zero-shot prompts
+GENERATOR_VERSION = 2  # bump when the images or captions change, so old caches are not reused
 SHARD_SIZE = 1000
 
 
@@ -540,7 +553,8 @@ def shape_points(shape, cx, cy, r, angle):
                for k, a in enumerate(-math.pi / 2 + math.pi / 5 * np.arange(10))]
     elif shape == "cross":
         t = 0.33  # half-width of an arm
-        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
+        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t),
+               (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
     elif shape == "heart":  # the classic parametric heart, scaled into the unit disc
         t = np.linspace(0, 2 * math.pi, 40, endpoint=False)
         pts = list(zip(np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)) / 16))
@@ -560,8 +574,7 @@ def textured_background(size, rng):
 
 
 def render(rng, label, size, layout):
-    """One image (PIL, size x size) of class `label`: the subject (centred or uniform) and 2-4 small edge distractors."""
-    classes = [(c, s) for c in COLOURS for s in SHAPES]
+    """One size x size PIL image of class `label`: the subject (centred or uniform) and 2-4 small edge distractors."""
     ss = 2 * size  # draw at twice the size, then average 2x2 blocks: smooth edges
     img = Image.fromarray(textured_background(size, rng)).resize((ss, ss), Image.NEAREST)
     draw = ImageDraw.Draw(img)
@@ -574,13 +587,13 @@ def render(rng, label, size, layout):
             draw.polygon(shape_points(shape, cx, cy, r, rng.uniform(-0.25, 0.25)), fill=fill)
 
     for _ in range(rng.integers(2, 5)):  # distractors: other classes, small, in a band along a random edge
-        colour, shape = classes[(label + rng.integers(1, len(classes))) % len(classes)]
+        colour, shape = CLASSES[(label + rng.integers(1, len(CLASSES))) % len(CLASSES)]
         r = rng.uniform(*DISTRACTOR_SIZE) * ss / 2
         along, inward = rng.uniform(r, ss - r), r + rng.uniform(0, 0.06 * ss)
         edge = rng.integers(4)
         cx, cy = [(along, inward), (along, ss - inward), (inward, along), (ss - inward, along)][edge]
         put(colour, shape, cx, cy, r)
-    colour, shape = classes[label]
+    colour, shape = CLASSES[label]
     r = rng.uniform(*SUBJECT_SIZE) * ss / 2
     if layout == "centered":
         cx, cy = np.clip(ss / 2 + rng.normal(0, CENTRED_JITTER * ss, 2), r, ss - r)
@@ -591,8 +604,7 @@ def render(rng, label, size, layout):
 
 
 def caption(rng, label, layout):
-    colour, shape = [(c, s) for c in COLOURS for s in SHAPES][label]
-    name = f"{colour} {shape}"
+    name = " ".join(CLASSES[label])
     options = CAPTIONS + (CAPTIONS_CENTRED if layout == "centered" else CAPTIONS_UNIFORM)
     return options[rng.integers(len(options))].format(name, a="an" if name[0] in "aeiou" else "a")
 
@@ -608,24 +620,18 @@ def generate_part(job):
     do not depend on how the jobs are spread over processes."""
     out, split, index, start, count, size, layout, seed = job
     rng = np.random.default_rng([seed, split == "test", index])
-    num_classes = len(COLOURS) * len(SHAPES)
     if split == "train":
         with wds.TarWriter(os.path.join(out, "train", f"shard-{index:04d}.tar"), encoder=False, mtime=0) as tar:
             for i in range(start, start + count):
-                label = int(rng.integers(num_classes))
+                label = int(rng.integers(len(CLASSES)))
                 img = render(rng, label, size, layout)
                 tar.write({"__key__": f"{i:08d}", "jpg": jpeg_bytes(img), "txt": caption(rng, label, layout).encode(),
                            "cls": str(label).encode()})
     else:
-        names = class_folders()
         for i in range(start, start + count):
-            label = i % num_classes  # balanced
-            with open(os.path.join(out, "test", names[label], f"{i:06d}.jpg"), "wb") as f:
+            label = i % len(CLASSES)  # balanced
+            with open(os.path.join(out, "test", "_".join(CLASSES[label]), f"{i:06d}.jpg"), "wb") as f:
                 f.write(jpeg_bytes(render(rng, label, size, layout)))
-
-
-def class_folders():
-    return [f"{c}_{s}" for c in COLOURS for s in SHAPES]  # already sorted: COLOURS and SHAPES are alphabetical
 
 
 def builtin_dataset(layout="centered", root=None, num_train=50_000, num_test=2_000, image_size=64, seed=0):
@@ -637,19 +643,21 @@ def builtin_dataset(layout="centered", root=None, num_train=50_000, num_test=2_0
     if num_train < 1 or num_test < 1:
         raise ValueError("num_train and num_test must be positive")
     root = root or os.environ.get("GDMFLIP_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "gdm-flip")
-    out = os.path.join(root, f"photographer-{layout}-{num_train}-{num_test}-{image_size}px-seed{seed}-v{GENERATOR_VERSION}")
+    name = f"photographer-{layout}-{num_train}-{num_test}-{image_size}px-seed{seed}-v{GENERATOR_VERSION}"
+    out = os.path.join(root, name)
     num_shards = math.ceil(num_train / SHARD_SIZE)
     result = {"train": os.path.join(out, "train", "shard-{0000..%04d}.tar" % (num_shards - 1)),
-              "test": os.path.join(out, "test"), "classnames": [n.replace("_", " ") for n in class_folders()],
+              "test": os.path.join(out, "test"), "classnames": [" ".join(c) for c in CLASSES],
               "templates": list(TEMPLATES)}
     if os.path.isdir(out):
         return result
     # build in a temporary folder and rename it when complete: an interrupted run leaves no half dataset behind
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp", dir=root)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
     os.makedirs(os.path.join(tmp, "train"))
-    for name in class_folders():
-        os.makedirs(os.path.join(tmp, "test", name))
+    for c in CLASSES:
+        os.makedirs(os.path.join(tmp, "test", "_".join(c)))  # "blue_circle": sorted like CLASSES
     with open(os.path.join(tmp, "test", "classnames.txt"), "w") as f:
         f.write("\n".join(result["classnames"]) + "\n")
     with open(os.path.join(tmp, "test", "templates.txt"), "w") as f:
@@ -662,7 +670,7 @@ def builtin_dataset(layout="centered", root=None, num_train=50_000, num_test=2_0
     t0 = time.time()
     try:
         if processes > 1:
-            with multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(processes) as pool:
+            with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(processes) as pool:
                 pool.map(generate_part, jobs, chunksize=1)
         else:
             list(map(generate_part, jobs))
@@ -681,43 +689,45 @@ def builtin_dataset(layout="centered", root=None, num_train=50_000, num_test=2_0
 def convert(src, out, template="a photo of a {}.", shard_size=1000, seed=0):
     """A folder of KEY.jpg + KEY.txt (captioned), or of class folders (caption = template with the class name), ->
     shuffled webdataset shards out/shard-NNNNN.tar (+ classnames.txt for class folders). Returns the shard pattern."""
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src}: no such directory")
     images = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs
-                    if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS + ("bmp", "gif", "tif", "tiff"))
-    if not images:
-        raise FileNotFoundError(f"{src}: no images found")
+                    if f.rsplit(".", 1)[-1].lower() in FOLDER_IMAGE_EXTS)
     captioned = any(os.path.isfile(os.path.splitext(p)[0] + ".txt") for p in images)
-    classes = sorted({os.path.relpath(p, src).split(os.sep)[0] for p in images if os.sep in os.path.relpath(p, src)})
-    if not captioned and not classes:
-        raise ValueError(f"{src}: no KEY.txt captions next to the images and no class folders")
+    if not captioned:  # class folders: src/<class>/.../<image>
+        images = [p for p in images if os.sep in os.path.relpath(p, src)]
+    if not images:
+        raise FileNotFoundError(f"{src}: no images with KEY.txt captions and no class folders of images")
+    classes = sorted({os.path.relpath(p, src).split(os.sep)[0] for p in images})
     random.Random(seed).shuffle(images)  # class folders would otherwise give one-class shards (and batches)
     os.makedirs(out, exist_ok=True)
     written, skipped, tar = 0, 0, None
     for path in images:
         if captioned:
             txt = os.path.splitext(path)[0] + ".txt"
-            text = open(txt, encoding="utf-8", errors="replace").read().strip() if os.path.isfile(txt) else ""
+            text = read_text(txt).strip() if os.path.isfile(txt) else ""
         else:
             text = template.format(os.path.relpath(path, src).split(os.sep)[0].replace("_", " "))
         ext = path.rsplit(".", 1)[-1].lower()
         try:
             with open(path, "rb") as f:
-                data = f.read()
-            open_image(data).load()  # check it decodes; keep the original bytes
-            if ext not in IMAGE_EXTS:
+                blob = f.read()
+            open_image(blob).load()  # check that it decodes; the shard keeps the original bytes
+            if ext not in IMAGE_EXTS:  # bmp, gif, tiff: re-encode losslessly
                 buf = io.BytesIO()
-                open_image(data).convert("RGB").save(buf, "PNG")
-                data, ext = buf.getvalue(), "png"
+                open_image(blob).convert("RGB").save(buf, "PNG")
+                blob, ext = buf.getvalue(), "png"
+            if not text:
+                raise BadSample("no caption")
         except Exception as e:
             warn_bad(path, e)
             skipped += 1
             continue
-        if not text:
-            skipped += 1
-            continue
         if written % shard_size == 0:
-            tar = tar and tar.close()
+            if tar:
+                tar.close()
             tar = wds.TarWriter(os.path.join(out, f"shard-{written // shard_size:05d}.tar"), encoder=False)
-        tar.write({"__key__": f"{written:09d}", ext: data, "txt": text.encode()})
+        tar.write({"__key__": f"{written:09d}", ext: blob, "txt": text.encode()})
         written += 1
     if tar:
         tar.close()
@@ -730,7 +740,7 @@ def convert(src, out, template="a photo of a {}.", shard_size=1000, seed=0):
 
 
 def fake_photo(rng, short_side):
-    """A CC12M-like JPEG for benchmarks: smooth colours and some shapes, shortest side `short_side`, aspect 3:4 to 16:9."""
+    """A CC12M-like JPEG for benchmarks: smooth colours, shapes, grain; shortest side `short_side`, aspect to 16:9."""
     aspect = rng.uniform(1, 16 / 9)
     size = (round(short_side * aspect), short_side) if rng.random() < 0.7 else (short_side, round(short_side * aspect))
     img = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
@@ -738,7 +748,8 @@ def fake_photo(rng, short_side):
     for _ in range(8):
         x, y, r = rng.uniform(0, size[0]), rng.uniform(0, size[1]), rng.uniform(10, short_side / 4)
         draw.polygon(shape_points(SHAPES[rng.integers(6)], x, y, r, 0), fill=tuple(rng.integers(0, 256, 3).tolist()))
-    return jpeg_bytes(img, quality=92)
+    grain = rng.normal(0, 4, (size[1], size[0], 1))  # texture, so the JPEG is photo-sized (~60-70 kB), not flat
+    return jpeg_bytes(Image.fromarray(np.clip(np.asarray(img) + grain, 0, 255).astype(np.uint8)), quality=90)
 
 
 def bench(workers, num_images=256, image_size=224, batch_size=32):
@@ -771,7 +782,8 @@ def bench(workers, num_images=256, image_size=224, batch_size=32):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("builtin", help="generate (once, cached) the built-in photographer dataset")
     p.add_argument("--layout", default="centered", choices=["centered", "uniform"], help="where the subject goes")
@@ -792,7 +804,8 @@ def main(argv=None):
     try:
         if args.command == "builtin":
             d = builtin_dataset(args.layout, args.root, args.num_train, args.num_test, args.image_size, args.seed)
-            print(f"train: {d['train']}\ntest:  {d['test']}\n{len(d['classnames'])} classes: {', '.join(d['classnames'])}")
+            print(f"train: {d['train']}\ntest:  {d['test']}")
+            print(f"{len(d['classnames'])} classes: {', '.join(d['classnames'])}")
         elif args.command == "convert":
             convert(args.src, args.out, args.template, args.shard_size)
         else:

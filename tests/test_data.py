@@ -1,0 +1,509 @@
+"""The contract of data.py: shards in, (images, tokens) out, never stopped by a bad sample; CLIP's tokenizer and
+preprocessing; the built-in dataset."""
+
+import gzip
+import io
+import math
+import os
+import random
+import re
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+import data
+
+MEAN, STD = torch.tensor(data.OPENAI_MEAN), torch.tensor(data.OPENAI_STD)
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def jpeg(size=(24, 20), seed=0):
+    """A JPEG with some structure (a gradient plus noise), so crops and resizes are visible."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    x = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3)) * [1, 0.5, 0.2]
+    pixels = np.clip(x + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_header(width, height):
+    """A PNG that claims width x height pixels but holds (almost) no data: a decompression bomb's header."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+
+
+def write_shard(path, samples):
+    """samples: list of dicts {"__key__": ..., ext: bytes}."""
+    with wds.TarWriter(str(path), encoder=False) as tar:
+        for s in samples:
+            tar.write(s)
+    return str(path)
+
+
+def good(i, size=(24, 20)):
+    return {"__key__": f"{i:06d}", "jpg": jpeg(size, seed=i), "txt": f"sample {i}".encode()}
+
+
+@pytest.fixture(autouse=True)
+def fresh_warning_limit(monkeypatch):
+    """Each test starts with the bad-sample warnings' rate limit unspent."""
+    monkeypatch.setattr(data, "_bad", {"count": 0, "last_warning": -math.inf})
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.train_tokenizer([f"sample {i}" for i in range(200)] + ["a photo of a red star"], 600, 16)
+
+
+def sample_ids(tok, tokens):
+    """The i of each "sample i" caption in a (B, T) token batch (CLIP's pre-split makes each digit a word)."""
+    return [int("".join(tok.decode(row).split()[1:])) for row in tokens]
+
+
+# ------------------------------------------------------------------------------------------------------ shards
+def test_shard_round_trip(tmp_path):
+    samples = [good(i) for i in range(5)]
+    samples[3] = {"__key__": "000003", "png": samples[3]["jpg"], "txt": b"  sample 3\n"}  # png ext, caption stripped
+    path = write_shard(tmp_path / "s-0.tar", samples)
+    assert [s["__key__"] for s in data.read_shard(path)] == [f"{i:06d}" for i in range(5)]
+    t = data.eval_transform(16)
+    out = list(data.image_text_dataset(path, t))
+    assert [c for _, c in out] == [f"sample {i}" for i in range(5)]
+    for i, (x, _) in enumerate(out):
+        assert torch.equal(x, t(Image.open(io.BytesIO(jpeg(seed=i)))))
+
+
+def test_expand_urls_braces_double_colon_and_folders(tmp_path, capsys):
+    for name in ["a-000.tar", "a-001.tar", "a-002.tar", "b-7.tar"]:
+        write_shard(tmp_path / name, [good(0)])
+    d = str(tmp_path)
+    assert data.expand_urls(f"{d}/a-{{000..002}}.tar::{d}/b-{{7,8}}.tar") == [
+        f"{d}/a-000.tar", f"{d}/a-001.tar", f"{d}/a-002.tar", f"{d}/b-7.tar"]
+    assert "1 of 2 shards" in capsys.readouterr().err  # b-8 is missing: a warning, the others are used
+    assert data.expand_urls(d) == sorted(f"{d}/{n}" for n in ["a-000.tar", "a-001.tar", "a-002.tar", "b-7.tar"])
+
+
+def test_missing_data_is_a_clear_error_before_training(tmp_path, tok):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        data.make_train_loader(f"{tmp_path}/nope/x-{{0..3}}.tar", 4, 16, 16, tok)
+    with pytest.raises(FileNotFoundError, match="no matching file"):
+        data.expand_urls(f"{tmp_path}/x-{{0..3}}.tar")
+    write_shard(tmp_path / "ok.tar", [good(0)])
+    with pytest.raises(FileNotFoundError, match="no matching file"):  # the second of two patterns
+        data.expand_urls(f"{tmp_path}/ok.tar::{tmp_path}/y.tar")
+
+
+@pytest.mark.parametrize("num_shards", [4, 1])  # split by shard, and by sample when there are too few shards
+def test_image_text_dataset_split_across_ranks_and_workers_without_duplicates(tmp_path, num_shards):
+    n = 12
+    for k in range(num_shards):
+        write_shard(tmp_path / f"s-{k}.tar", [good(i, (8, 8)) for i in range(k, n, num_shards)])
+    pattern = f"{tmp_path}/s-{{0..{num_shards - 1}}}.tar"
+    seen = []
+    for rank in range(2):
+        ds = data.image_text_dataset(pattern, data.eval_transform(8), rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        part = [c for _, c in loader]
+        assert 0 < len(part) < n
+        seen += part
+    assert sorted(seen) == sorted(f"sample {i}" for i in range(n))  # every sample exactly once
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def bad_samples():
+    truncated = jpeg((64, 64))
+    return {
+        "corrupt image": {"jpg": b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(200), "txt": b"bad"},
+        "truncated image": {"jpg": truncated[: len(truncated) // 2], "txt": b"bad"},
+        "non-image file": {"jpg": b"<html>404 not found</html>", "txt": b"bad"},
+        "missing caption": {"jpg": jpeg()},
+        "empty caption": {"jpg": jpeg(), "txt": b"  \n"},
+        "non-UTF-8 caption": {"jpg": jpeg(), "txt": b"caf\xe9 \xff\xfe"},
+        "no image": {"txt": b"bad", "json": b"{}"},
+        "decompression bomb": {"png": png_header(12_000, 12_000), "txt": b"bad"},
+        "huge bomb": {"png": png_header(30_000, 30_000), "txt": b"bad"},  # Pillow itself refuses this one
+    }
+
+
+def shard_with_bad_samples(tmp_path):
+    """s-0.tar: a good sample before each kind of bad one; s-1.tar: 10 good samples, cut inside the 7th image."""
+    samples = []
+    for i, (what, s) in enumerate(bad_samples().items()):
+        samples += [good(2 * i), {"__key__": f"bad{i:03d}", **s}]
+    write_shard(tmp_path / "s-0.tar", samples)
+    whole = write_shard(tmp_path / "whole.tar", [good(i) for i in range(100, 110)])
+    cut = next(m.offset_data for m in tarfile.open(whole).getmembers() if m.name == "000106.jpg") + 100
+    with open(tmp_path / "s-1.tar", "wb") as f:
+        f.write(open(whole, "rb").read()[:cut])
+    good_captions = [f"sample {2 * i}" for i in range(len(bad_samples()))] + [f"sample {i}" for i in range(100, 106)]
+    return f"{tmp_path}/s-{{0..1}}.tar", good_captions
+
+
+def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, capsys):
+    pattern, good_captions = shard_with_bad_samples(tmp_path)
+    ds = data.image_text_dataset(pattern, data.eval_transform(16))
+    assert [c for _, c in ds] == good_captions  # in order, and the truncated tar up to its last whole sample
+    assert ds.skipped == len(bad_samples()) + 1  # + the rest of the truncated tar
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: skipped" in line]
+    assert len(warnings) == data.WARN_FIRST  # rate-limited: not one per bad sample
+    assert "once a minute" in warnings[-1]
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    with pytest.raises(data.BadSample, match="pixel limit"):
+        data.open_image(png_header(12_000, 12_000))  # over our limit; Pillow would only warn
+    assert data.open_image(png_header(1000, 1000)).size == (1000, 1000)
+
+
+def test_train_loader_keeps_going_over_bad_samples(tmp_path, tok):
+    pattern, good_captions = shard_with_bad_samples(tmp_path)
+    loader = data.make_train_loader(pattern, 4, 40, 16, tok, workers=0)
+    batches = list(loader)
+    assert len(batches) == loader.num_batches == 10
+    seen = {f"sample {i}" for _, tokens, _ in batches for i in sample_ids(tok, tokens)}
+    assert seen <= set(good_captions)
+    assert sum(int(skipped) for _, _, skipped in batches) > 0
+
+
+# ------------------------------------------------------------------------------------------------------ train loader
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    for k in range(4):
+        write_shard(d / f"s-{k}.tar", [good(i, (12, 10)) for i in range(25 * k, 25 * k + 25)])
+    return f"{d}/s-{{0..3}}.tar"
+
+
+def stream(shards, tok, epoch=0, seed=0, rank=0, workers=0, num_samples=48):
+    loader = data.make_train_loader(shards, 8, num_samples, 8, tok, workers=workers, seed=seed, rank=rank,
+                                    scale=(0.5, 1.0))
+    loader.set_epoch(epoch)
+    return [(images, sample_ids(tok, tokens)) for images, tokens, _ in loader]
+
+
+def test_train_batches_shapes_and_epoch_length(shards, tok):
+    loader = data.make_train_loader(shards, 8, 100, 8, tok, workers=0, world_size=2)
+    assert loader.num_batches == len(loader) == 100 // (8 * 2)
+    batches = list(loader)
+    assert len(batches) == 6
+    images, tokens, skipped = batches[0]
+    assert images.shape == (8, 3, 8, 8) and images.dtype == torch.float32
+    assert tokens.shape == (8, 16) and tokens.dtype == torch.long and skipped.dtype == torch.long
+    assert int(skipped) == 0
+
+
+def test_train_stream_is_a_function_of_seed_epoch_rank(shards, tok):
+    a = stream(shards, tok, epoch=1)
+    b = stream(shards, tok, epoch=1)  # e.g. a run resumed at the start of epoch 1
+    assert all(torch.equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))  # same samples, same crops
+    for other in (stream(shards, tok, epoch=2), stream(shards, tok, seed=1, epoch=1), stream(shards, tok, rank=1,
+                                                                                              epoch=1)):
+        assert [ids for _, ids in other] != [ids for _, ids in a]
+
+
+def test_worker_processes_draw_distinct_streams_and_resume_matches(shards, tok):
+    a = stream(shards, tok, epoch=3, workers=2, num_samples=64)
+    assert len(a) == 8
+    worker0, worker1 = [ids for _, ids in a[0::2]], [ids for _, ids in a[1::2]]  # the loader alternates workers
+    assert worker0 != worker1
+    # persistent workers picking up set_epoch == fresh workers started at that epoch (a resumed run)
+    loader = data.make_train_loader(shards, 8, 64, 8, tok, workers=2, scale=(0.5, 1.0))
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        got = [(images, sample_ids(tok, tokens)) for images, tokens, _ in loader]
+    assert all(torch.equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, got))
+
+
+def test_worker_split_sums_to_the_epoch_and_streams_differ(shards, tok, monkeypatch):
+    s = data.TrainStream(data.expand_urls(shards), 4, 7, 8, tok, (0.9, 1.0), seed=0, rank=0)
+    per_worker = []
+    for w in range(3):
+        monkeypatch.setattr(data, "worker_split", lambda w=w: (w, 3))
+        per_worker.append([sample_ids(tok, tokens) for _, tokens, _ in s])
+    assert [len(b) for b in per_worker] == [3, 2, 2]
+    assert len({str(b[0]) for b in per_worker}) == 3
+
+
+# ------------------------------------------------------------------------------------------------------ transforms
+def test_eval_transform_hand_computed_crop_and_normalisation():
+    # 4 x 2, left half red, right half blue: no resize (short side is already 2), centre crop = columns 1 and 2
+    img = Image.new("RGB", (4, 2), (255, 0, 0))
+    img.paste((0, 0, 255), (2, 0, 4, 2))
+    x = data.eval_transform(2)(img)
+    red, blue = torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0])
+    assert torch.allclose(x[:, 0, 0], (red - MEAN) / STD) and torch.allclose(x[:, 1, 1], (blue - MEAN) / STD)
+    # 2 x 7 with a different grey per row: crop top = round((7 - 2) / 2) = round(2.5) = 2 (Python rounds half to even)
+    rows = Image.fromarray(np.repeat(np.arange(0, 70, 10, dtype=np.uint8)[:, None], 2, axis=1), "L")
+    x = data.eval_transform(2)(rows)
+    assert torch.allclose(x[:, :, 0], (torch.tensor([20.0, 30.0]) / 255 - MEAN[:, None]) / STD[:, None])  # (3, rows)
+
+
+def test_eval_transform_resizes_the_shortest_side_then_crops_the_middle():
+    # 4 x 40: green, a grey middle band (rows 12-27), green. Resized to 2 x 20, the centre crop keeps rows 9-10 whose
+    # bicubic footprint (rows 15-24 of the original) is all grey; a squash or a corner crop would show green
+    pixels = np.zeros((40, 4, 3), np.uint8)
+    pixels[:, :, 1] = 200
+    pixels[12:28] = 128
+    for img in (Image.fromarray(pixels), Image.fromarray(pixels[..., 0].copy(), "L")):
+        x = data.eval_transform(2)(img)
+        assert x.shape == (3, 2, 2)  # grey 128 in every channel, normalised
+        assert torch.allclose(x, ((128 / 255 - MEAN) / STD).view(3, 1, 1).expand(3, 2, 2), atol=1e-6)
+
+
+def torchvision_resize_size(w, h, size):
+    """torchvision Resize(int) on (h, w): short side -> size, long side -> int(size * long / short)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def test_eval_transform_matches_a_reference_pipeline_on_odd_sizes():
+    rng = random.Random(0)
+    for _ in range(20):
+        w, h, s = rng.randint(5, 300), rng.randint(5, 300), rng.choice([7, 16, 224])
+        assert data.shortest_side_size(w, h, s) == torchvision_resize_size(w, h, s)
+    img = Image.open(io.BytesIO(jpeg((301, 203))))  # resize, then CenterCrop's rounding, then RGB, ToTensor, Normalize
+    nw, nh = torchvision_resize_size(301, 203, 64)
+    ref = img.resize((nw, nh), Image.BICUBIC)
+    top, left = int(round((nh - 64) / 2.0)), int(round((nw - 64) / 2.0))
+    ref = torch.from_numpy(np.array(ref.crop((left, top, left + 64, top + 64)).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(data.eval_transform(64)(img), (ref.float() / 255 - MEAN.view(3, 1, 1)) / STD.view(3, 1, 1))
+
+
+def test_random_resized_crop_box_follows_torchvision_rule():
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, w, h = data.random_resized_crop_box(400, 300, (0.5, 1.0), rng)
+        assert 0 <= left <= 400 - w and 0 <= top <= 300 - h
+        assert 0.5 * 120_000 * 0.9 <= w * h <= 120_000 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+    assert data.random_resized_crop_box(1000, 10, (0.9, 1.0), rng) == (493, 0, 13, 10)  # fallback: centred, ratio 4:3
+
+
+def test_train_transform_draft_decodes_the_same_crop():
+    img_bytes = jpeg((800, 600))  # big JPEG: libjpeg decodes at 1/4 size for a 64 px output
+    t = data.train_transform(64, scale=(0.3, 0.5), generator=random.Random(0))
+    fast = t(Image.open(io.BytesIO(img_bytes)))
+    box = data.random_resized_crop_box(800, 600, (0.3, 0.5), random.Random(0))  # the crop t drew
+    assert box[2] < 600 and box[0] > 0
+    full = Image.open(io.BytesIO(img_bytes)).convert("RGB")
+    slow = data.to_normalized_tensor(full.resize((64, 64), Image.BICUBIC, box=(box[0], box[1], box[0] + box[2],
+                                                                              box[1] + box[3])))
+    assert fast.shape == (3, 64, 64)
+    assert (fast - slow).abs().mean() < 0.05  # draft decoding differs a little, a misplaced crop a lot
+    again = data.train_transform(64, (0.3, 0.5), generator=random.Random(0))(Image.open(io.BytesIO(img_bytes)))
+    assert torch.equal(fast, again)
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizer
+def test_trained_tokenizer_layout_padding_truncation_and_round_trip(tok, tmp_path):
+    assert tok.context_length == 16 and tok.eot == tok.vocab_size - 1 and tok.sot == tok.vocab_size - 2
+    assert max(tok.hf.get_vocab().values()) == tok.eot  # eot is the largest id: the text tower pools at argmax
+    short, long = tok(["A photo of   a RED star", " ".join(["star"] * 40)])
+    n = int((short != 0).sum())
+    assert short[0] == tok.sot and short[n - 1] == tok.eot and (short[n:] == 0).all() and (short[1:n - 1] != 0).all()
+    assert long[0] == tok.sot and long[-1] == tok.eot and (long != 0).all()  # cut to 16, still ends with eot
+    assert tok.decode(short) == "a photo of a red star"  # lower-cased, whitespace cleaned
+    wide = data.load_tokenizer(tok.to_json(), context_length=64)
+    text = "naïve café 日本 &amp; 42!"
+    assert tok.decode(wide([text])[0]) == "naïve café 日本 & 4 2 !"  # unseen characters go as bytes: none lost
+    again = data.load_tokenizer(tok.to_json())
+    (tmp_path / "tokenizer.json").write_text(tok.to_json())
+    from_file = data.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    texts = ["sample 3", "a photo of a red star", "something else entirely"]
+    assert again.context_length == from_file.context_length == 16
+    assert torch.equal(again(texts), tok(texts)) and torch.equal(from_file(texts), tok(texts))
+
+
+def test_tokenizer_from_a_captions_file(tmp_path):
+    (tmp_path / "captions.txt").write_text("a red star\na blue circle\n" * 20)
+    t = data.load_tokenizer(str(tmp_path / "captions.txt"), context_length=8)
+    assert t.decode(t(["a red circle"])[0]) == "a red circle" and t.eot == t.vocab_size - 1
+    assert t(["a red star"]).shape == (1, 8) and int((t(["a red star"]) != 0).sum()) == 5  # sot a red star eot
+
+
+def reference_byte_map():
+    """GPT-2 / CLIP: printable Latin-1 bytes stand for themselves, the other 68 bytes for chr(256), chr(257), ..."""
+    keep = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    rest = [b for b in range(256) if b not in keep]
+    return dict(zip(keep + rest, [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]))
+
+
+class ReferenceCLIPBPE:
+    """CLIP's tokenizer written from its description: clean (html unescape, whitespace, lower case), pre-split into
+    contractions / letter runs / single digits / other runs, bytes -> characters, then merge the best-ranked adjacent
+    pair until none is left, with `</w>` marking the end of each word."""
+
+    def __init__(self, merges):
+        chars = list(reference_byte_map().values())
+        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>",
+                                                                                       "<|endoftext|>"]
+        self.ids, self.ranks = {t: i for i, t in enumerate(vocab)}, {m: i for i, m in enumerate(merges)}
+
+    def bpe(self, word):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            rank, pair = min((self.ranks.get(pair, math.inf), pair) for pair in zip(parts, parts[1:]))
+            if rank == math.inf:
+                break
+            parts = apply_merge(parts, pair)
+        return parts
+
+    def encode(self, text, context_length=77):
+        import html
+        text = re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip().lower()
+        words = re.findall(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", text)
+        byte_map = reference_byte_map()
+        ids = [self.ids[t] for w in words for t in self.bpe("".join(byte_map[b] for b in w.encode()))]
+        ids = ([self.ids["<|startoftext|>"]] + ids)[: context_length - 1] + [self.ids["<|endoftext|>"]]
+        return ids + [0] * (context_length - len(ids))
+
+
+def apply_merge(parts, pair):
+    """Merge every occurrence of `pair` in `parts`, left to right."""
+    out, i = [], 0
+    while i < len(parts):
+        if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
+            out.append(parts[i] + parts[i + 1])
+            i += 2
+        else:
+            out.append(parts[i])
+            i += 1
+    return out
+
+
+def learn_merges(corpus, n):
+    """A tiny BPE learner (most frequent adjacent pair first) to make a vocabulary file in CLIP's format."""
+    byte_map = reference_byte_map()
+    words = [list("".join(byte_map[b] for b in w.encode())) for w in re.findall(r"[^\W\d_]+", corpus.lower())]
+    words = [w[:-1] + [w[-1] + "</w>"] for w in words]
+    merges = []
+    for _ in range(n):
+        counts = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = max(counts, key=lambda p: (counts[p], p))
+        merges.append(best)
+        words = [apply_merge(w, best) for w in words]
+    return merges
+
+
+def test_clip_bpe_file_gives_the_ids_of_clips_tokenizer(tmp_path):
+    corpus = ("a photo of the cat sitting on a mat there is a dog and another dog in the photograph "
+              "the weather is rather hot at the theatre these photos of cats and dogs were taken at night") * 3
+    merges = learn_merges(corpus, 60)
+    path = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok, ref = data.load_tokenizer(str(path)), ReferenceCLIPBPE(merges)
+    assert tok.vocab_size == 512 + len(merges) + 2 and tok.eot == tok.vocab_size - 1 and tok.context_length == 77
+    texts = ["A photo of the cat.", "  there's   a DOG's photograph, at night!!",
+             "the theatre's 2024 photos: cats & dogs",
+             "Rather hot weather &amp; 3 mats", "unseen wordsxyz don't panic", "a photo of the cat " * 20]
+    assert tok(texts).tolist() == [ref.encode(t) for t in texts]
+
+
+def test_clip_bpe_file_is_cut_at_clips_48894_merges(tmp_path):
+    chars = list(reference_byte_map().values())[:94]  # printable ASCII
+    pairs = [(a, b) for a in chars for b in chars]
+    merges = pairs + [(a, b + "</w>") for a, b in pairs] + [(a + b, c) for a, b in pairs for c in chars]
+    path = tmp_path / "big_vocab.txt"
+    path.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges[:49_000]))
+    tok = data.load_tokenizer(str(path), context_length=8)
+    assert tok.vocab_size == 49408 and (tok.sot, tok.eot) == (49406, 49407)  # 256 + 256 + 48894 + 2
+    hi = 512 + len(pairs) + pairs.index(("h", "i"))  # "hi" is one word: the merge (h, i</w>)
+    assert tok(["hi"])[0].tolist() == [49406, hi, 49407] + [0] * 5
+
+
+def test_tokenizer_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        data.load_tokenizer(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="at least 515"):
+        data.train_tokenizer(["a b"], vocab_size=100)
+
+
+# ------------------------------------------------------------------------------------------------------ eval data
+def test_image_folder(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError):
+        data.ImageFolder(str(tmp_path / "nope"), data.eval_transform(8))
+    with pytest.raises(ValueError, match="no class folders"):
+        data.ImageFolder(str(tmp_path), data.eval_transform(8))
+    for cls in ["n02", "n01"]:
+        os.makedirs(tmp_path / cls)
+        (tmp_path / cls / "a.JPEG").write_bytes(jpeg())
+    (tmp_path / "n02" / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "classnames.txt").write_text("x\ny\n")  # files beside the class folders are ignored
+    ds = data.ImageFolder(str(tmp_path), data.eval_transform(8))
+    assert ds.classes == ["n01", "n02"] and [label for _, label in ds.samples] == [0, 1, 1]
+    x, label = ds[2]  # broken.jpg: a blank mean-colour image, with its label, and a warning
+    assert label == 1 and x.shape == (3, 8, 8) and x.abs().max() < 0.01
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------ built-in data
+def files_of(root):
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(root) for f in fs}
+
+
+def interrupted(job):
+    raise RuntimeError("interrupted")
+
+
+def test_builtin_dataset_is_deterministic_cached_and_well_formed(tmp_path, monkeypatch):
+    kw = dict(num_train=200, num_test=72, image_size=32)
+    with monkeypatch.context() as m:  # an interrupted generation leaves nothing that looks finished
+        m.setattr(data, "generate_part", interrupted)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            data.builtin_dataset(root=str(tmp_path / "a"), **kw)
+        assert os.listdir(tmp_path / "a") == []
+    a = data.builtin_dataset(root=str(tmp_path / "a"), **kw)
+    b = data.builtin_dataset(root=str(tmp_path / "b"), **kw)
+    fa, fb = files_of(os.path.dirname(a["test"])), files_of(os.path.dirname(b["test"]))
+    assert fa == fb and len(fa) == 1 + 72 + 2  # one shard, 72 test images, classnames.txt, templates.txt
+    c = data.builtin_dataset(root=str(tmp_path / "c"), seed=1, **kw)
+    u = data.builtin_dataset(root=str(tmp_path / "u"), layout="uniform", **kw)
+    for other in (c, u):
+        assert files_of(os.path.dirname(other["test"])) != fa
+    # cached: a second call generates nothing; no temporary folder is left behind
+    monkeypatch.setattr(data, "generate_part", lambda job: pytest.fail("regenerated"))
+    assert data.builtin_dataset(root=str(tmp_path / "a"), **kw) == a and len(os.listdir(tmp_path / "a")) == 1
+    # the pieces eval.py and train.py read
+    folder = data.ImageFolder(a["test"], data.eval_transform(32))
+    assert [n.replace("_", " ") for n in folder.classes] == a["classnames"] and len(a["classnames"]) == 36
+    assert open(os.path.join(a["test"], "classnames.txt")).read().split("\n")[:-1] == a["classnames"]
+    assert all("{}" in t for t in a["templates"])
+    samples = [s for url in data.expand_urls(a["train"]) for s in data.read_shard(url)]
+    assert len(samples) == 200
+    for s in samples:  # every caption names its class
+        assert a["classnames"][int(s["cls"])] in s["txt"].decode()
+    assert Image.open(io.BytesIO(samples[0]["jpg"])).size == (32, 32)
+
+
+def test_convert_class_folders_and_captioned_folders(tmp_path):
+    for cls in ["tabby_cat", "dog"]:
+        os.makedirs(tmp_path / "classes" / cls)
+        for i in range(3):
+            (tmp_path / "classes" / cls / f"{i}.jpg").write_bytes(jpeg(seed=i))
+    pattern = data.convert(str(tmp_path / "classes"), str(tmp_path / "out1"), "a photo of a {}.", shard_size=4)
+    assert len(data.expand_urls(pattern)) == 2
+    assert sorted(data.read_captions(pattern)) == ["a photo of a dog."] * 3 + ["a photo of a tabby cat."] * 3
+    assert (tmp_path / "out1" / "classnames.txt").read_text() == "dog\ntabby cat\n"
+    os.makedirs(tmp_path / "captioned")
+    for i in range(3):
+        (tmp_path / "captioned" / f"k{i}.jpg").write_bytes(jpeg(seed=i))
+        (tmp_path / "captioned" / f"k{i}.txt").write_text(f"caption {i}")
+    pattern = data.convert(str(tmp_path / "captioned"), str(tmp_path / "out2"))
+    assert sorted(data.read_captions(pattern)) == ["caption 0", "caption 1", "caption 2"]
