@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
@@ -106,6 +106,16 @@ def setup_distributed():
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, local_rank, world, device
+
+
+@contextmanager
+def rank_zero_first(master, world_size):
+    """Rank 0 runs the body first (e.g. writes a file); the other ranks run it once rank 0 is done."""
+    if world_size > 1 and not master:
+        dist.barrier()
+    yield
+    if world_size > 1 and master:
+        dist.barrier()
 
 
 def gather_features(features):
@@ -244,14 +254,11 @@ def main(argv=None):
     test_dir = None
     try:
         if args.train_data is None:
-            if master:
-                say("no --train-data: training on the built-in 'photographer' dataset (python data.py builtin --help);")
-                say("  for real data pass e.g. --train-data '/data/cc12m/cc12m-train-{0000..2175}.tar' "
-                    "--train-num-samples 10968539 --imagenet-val /data/imagenet/val --model ViT-B-16")
+            say("no --train-data: training on the built-in 'photographer' dataset (python data.py builtin --help);")
+            say("  for real data pass e.g. --train-data '/data/cc12m/cc12m-train-{0000..2175}.tar' "
+                "--train-num-samples 10968539 --imagenet-val /data/imagenet/val --model ViT-B-16")
+            with rank_zero_first(master, world_size):  # rank 0 generates it (once, cached), the others then read it
                 builtin = data.builtin_dataset(layout=args.builtin_layout, num_train=args.builtin_samples, seed=0)
-            if world_size > 1:
-                dist.barrier()
-            builtin = data.builtin_dataset(layout=args.builtin_layout, num_train=args.builtin_samples, seed=0)
             args.train_data, test_dir = builtin["train"], builtin["test"]
             args.train_num_samples = args.train_num_samples or args.builtin_samples
         data.expand_urls(args.train_data)  # fails here, before any training, if a pattern matches nothing
@@ -269,16 +276,14 @@ def main(argv=None):
     else:
         cfg = M.CLIPConfig(**checkpoint["config"]) if checkpoint else M.PRESETS[args.model]
         tok_spec = checkpoint["tokenizer"] if checkpoint else args.tokenizer
-        tok_path = os.path.join(run_dir, "tokenizer.json")
         if tok_spec is None:  # train one on the captions (rank 0), save it with the run, the others load it
-            if master:
-                captions = data.read_captions(args.train_data)
-                tok = data.train_tokenizer(captions, args.vocab_size or cfg.vocab_size, cfg.context_length)
-                with open(tok_path, "w") as f:
-                    f.write(tok.to_json())
-            if world_size > 1:
-                dist.barrier()
-            tok_spec = tok_path
+            tok_spec = os.path.join(run_dir, "tokenizer.json")
+            with rank_zero_first(master, world_size):
+                if master:
+                    tok = data.train_tokenizer(data.read_captions(args.train_data), args.vocab_size or cfg.vocab_size,
+                                               cfg.context_length)
+                    with open(tok_spec, "w") as f:
+                        f.write(tok.to_json())
         tokenizer = data.load_tokenizer(tok_spec, cfg.context_length)
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         orig_model = M.CLIP(cfg) if checkpoint else M.create_model(args.model, vocab_size=tokenizer.vocab_size)
