@@ -236,7 +236,7 @@ def main(argv=None):
     args.workers = args.workers if args.workers is not None else (6 if on_gpu else 1)
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    autocast = zeroshot.autocast(device, args.precision)  # bf16 autocast, or a no-op for fp32
 
     # --- run folder
     args.name = args.name or run_name(args)

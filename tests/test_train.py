@@ -113,7 +113,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     out = tmp_path / "ddp.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port=29517",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(ROOT, "tests", "ddp_check.py"), str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env=os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
