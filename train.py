@@ -314,14 +314,15 @@ def main(argv=None):
 
     grid = cfg.image_size // cfg.patch_size
     kept = grid * grid if args.mask == "none" else masking.num_kept(grid, args.ratio)
-    flops_per_step = 3 * M.flops_per_sample(cfg, kept) * args.batch_size * args.accum_freq  # per rank
+    train_flops = 3 * M.flops_per_sample(cfg, kept)  # per image-text pair: forward + backward (2x forward)
+    flops_per_step = train_flops * args.batch_size * args.accum_freq  # per rank
     peak = M.peak_flops(device)
     say(f"run {run_dir}: {args.model} ({sum(p.numel() for p in orig_model.parameters()) / 1e6:.2f}M parameters), "
         f"mask {args.mask}, ratio {args.ratio:g}, sigma {args.sigma:g}: {kept} of {grid * grid} patches encoded")
     say(f"global batch {args.batch_size} x {args.accum_freq} accum x {world_size} ranks = "
         f"{args.batch_size * args.accum_freq * world_size}; {steps_per_epoch} steps/epoch x {args.epochs} epochs = "
-        f"{total_steps} steps, warmup {warmup}; {flops_per_step / args.batch_size / args.accum_freq / 1e9:.2f} "
-        f"GFLOPs per sample per step; {device}, {args.precision}, compile {args.compile}, {args.workers} workers")
+        f"{total_steps} steps, warmup {warmup}; {train_flops / 1e9:.2f} GFLOPs per sample per step; "
+        f"{device}, {args.precision}, compile {args.compile}, {args.workers} workers")
     if master:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args) | {"config": asdict(cfg)}, f, indent=1)
@@ -365,8 +366,8 @@ def main(argv=None):
                 samples_per_s = len(window) * args.batch_size * args.accum_freq * world_size / dt
                 mfu = flops_per_step * len(window) / dt / peak if peak else None
                 eta = (total_steps - step) * dt / len(window)
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": sum(losses) / len(losses), "lr": lr,
-                          "logit_scale": orig_model.logit_scale.exp().item(), "samples_per_s": samples_per_s,
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": sum(losses) / len(losses),
+                          "lr": lr, "logit_scale": orig_model.logit_scale.exp().item(), "samples_per_s": samples_per_s,
                           "mfu": mfu, "skipped": int(skipped), "time": time.time() - t0}
                 say(f"step {step}/{total_steps} epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                     f"scale {record['logit_scale']:.1f} | {samples_per_s:.0f} samples/s"
