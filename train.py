@@ -60,6 +60,8 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=None, help="linear warmup steps (default: 10000, or 5%% of steps on built-in data)")
     a("--workers", type=int, default=None, help="dataloader workers per GPU (default: 6 on GPU, 1 on CPU)")
     a("--imagenet-val", default=None, help="ImageNet validation folder (one folder per WordNet id) for zero-shot")
+    a("--zeroshot-data", default=None, help="any other class-folder test split for zero-shot (class names from its "
+      "classnames.txt or the folder names, templates from its templates.txt or OpenAI's 80)")
     a("--zeroshot-frequency", type=int, default=1, help="evaluate zero-shot every N epochs (and always at the end)")
     a("--pretrained", default=None, help="checkpoint to start from, weights only (unmasked tuning)")
     a("--resume", default=None, help="checkpoint path, or 'latest' for this run's epoch_latest.pt")
@@ -80,6 +82,8 @@ def parse_args(argv=None):
         p.error("--train-num-samples is required with --train-data (shards are resampled)")
     if args.resume == "latest" and not args.name:
         p.error("--resume latest needs the --name of the run to continue")
+    if args.imagenet_val and args.zeroshot_data:
+        p.error("pass --imagenet-val or --zeroshot-data, not both")
     if args.pretrained and args.resume:
         p.error("use --pretrained (weights only, fresh optimizer) or --resume (the whole state), not both")
     builtin = args.train_data is None
@@ -253,6 +257,9 @@ def main(argv=None):
     # --- data: the built-in dataset is generated once by rank 0, the others wait and then read the same files
     test_dir = None
     try:
+        for flag, folder in [("--imagenet-val", args.imagenet_val), ("--zeroshot-data", args.zeroshot_data)]:
+            if folder and not os.path.isdir(folder):
+                raise FileNotFoundError(f"{flag} {folder} is not a directory")
         if args.train_data is None:
             say("no --train-data: training on the built-in 'photographer' dataset (python data.py builtin --help);")
             say("  for real data pass e.g. --train-data '/data/cc12m/cc12m-train-{0000..2175}.tar' "
@@ -262,8 +269,6 @@ def main(argv=None):
             args.train_data, test_dir = builtin["train"], builtin["test"]
             args.train_num_samples = args.train_num_samples or args.builtin_samples
         data.expand_urls(args.train_data)  # fails here, before any training, if a pattern matches nothing
-        if args.imagenet_val and not os.path.isdir(args.imagenet_val):
-            raise FileNotFoundError(f"--imagenet-val {args.imagenet_val} is not a directory")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"train.py: error: {e}")
 
@@ -378,7 +383,7 @@ def main(argv=None):
 
         # --- end of epoch: evaluate, then save (rank 0); the others wait so no rank runs ahead
         done = epoch + 1
-        eval_root = args.imagenet_val or test_dir  # own shards without --imagenet-val: nothing to evaluate on
+        eval_root = args.imagenet_val or args.zeroshot_data or test_dir  # own shards and no eval folder: none
         if master and eval_root and (done % args.zeroshot_frequency == 0 or done == args.epochs):
             record = evaluate(orig_model, tokenizer, args, eval_root, device, step, done, t0)
             say("zero-shot " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if "top" in k))

@@ -1,5 +1,13 @@
 """repro.py's table: the paper's three columns, mean +- std over seeds, '-' where a column does not apply."""
 
+import gzip
+import json
+import tarfile
+
+import numpy as np
+
+import data
+import eval as zeroshot
 import repro
 
 
@@ -14,3 +22,41 @@ def test_table_has_the_papers_columns_and_seed_statistics():
 
 def test_a_single_seed_has_no_spread():
     assert repro.mean_std([0.123]) == "12.3"
+
+
+def write_idx(path, array):
+    """MNIST's IDX format, gzipped: zero, zero, dtype 0x08 (uint8), ndim, the big-endian sizes, the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_becomes_captioned_shards_and_a_test_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in [("train", 30), ("t10k", 20)]:
+        images, labels = rng.integers(0, 256, (n, 28, 28)), np.arange(n) % 10
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        assert np.array_equal(repro.read_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz"), images)
+    out = repro.prepare_fashion_mnist(str(tmp_path), str(tmp_path / "cache"))
+    captions = {}
+    for shard in data.expand_urls(out["train"]):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".txt"):
+                    captions[member.name] = tar.extractfile(member).read().decode()
+    assert len(captions) == 30 and set(captions.values()) == {f"a photo of a {c}." for c in repro.FASHION_CLASSES}
+    test = data.ImageFolder(out["test"], data.eval_transform(64))
+    assert len(test) == 20 and len(test.classes) == 10
+    assert zeroshot.folder_classnames(out["test"], test.classes) == sorted(repro.FASHION_CLASSES)
+    assert repro.prepare_fashion_mnist(str(tmp_path), str(tmp_path / "cache")) == out  # cached
+
+
+def test_a_run_is_finished_only_after_its_last_epoch_is_evaluated(tmp_path):
+    (tmp_path / "args.json").write_text(json.dumps({"epochs": 2}))
+    records = [{"step": 10, "loss": 1.0}, {"epoch": 1, "zeroshot_top1": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert not repro.finished(tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "zeroshot_top1": 0.4}) + "\n")
+    assert repro.finished(tmp_path) and repro.evals(tmp_path)[-1]["zeroshot_top1"] == 0.4

@@ -166,11 +166,27 @@ def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
     assert os.path.exists(tmp_path / "corrupt" / "checkpoints" / "epoch_1.pt")
 
 
+def test_zeroshot_on_a_class_folder_of_ones_own(shards, tmp_path):
+    for name, colour in COLOURS.items():
+        os.makedirs(tmp_path / "test" / name)
+        for i in range(3):
+            img = Image.new("RGB", (80, 72), (128, 128, 128))
+            img.paste(colour, (20 + i, 16, 60 + i, 56))
+            img.save(tmp_path / "test" / name / f"{i}.png")
+    (tmp_path / "test" / "templates.txt").write_text("a photo of a {} square\n")
+    run_train("--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "32", "--epochs", "1",
+              "--mask", "gaussian", "--zeroshot-data", tmp_path / "test", "--log-dir", tmp_path, "--name", "own")
+    record = [r for r in read_metrics(tmp_path / "own") if "zeroshot_top1" in r][-1]
+    assert record["epoch"] == 1 and 0 <= record["zeroshot_masked_top1"] <= record["zeroshot_top5"] == 1.0  # 4 classes
+
+
 @pytest.mark.parametrize("args,words", [
     (["--mask", "gaussian", "--ratio", "1.5"], "ratio"),
     (["--mask", "centre"], "--mask"),
     (["--train-data", "/nonexistent/shard-{0..3}.tar", "--train-num-samples", "10"], "/nonexistent"),
     (["--train-data", "x.tar"], "--train-num-samples"),
+    (["--zeroshot-data", "/nonexistent/val"], "/nonexistent/val"),
+    (["--imagenet-val", "a", "--zeroshot-data", "b"], "not both"),
 ])
 def test_bad_flags_exit_at_once_with_one_line(args, words, tmp_path):
     proc = run_train(*args, "--log-dir", tmp_path, check=False)
