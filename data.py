@@ -11,7 +11,7 @@ Shards are img2dataset / webdataset tars: `KEY.jpg|jpeg|png|webp` next to `KEY.t
 image, non-image, missing / empty / non-UTF-8 caption, truncated tar, decompression-bomb-sized image) is skipped,
 counted and reported in a rate-limited warning: it never stops a run.
 
-    python data.py builtin [--layout uniform]          # generate (once, cached) the built-in dataset, print its paths
+    python data.py builtin [--layout uniform|edge]     # generate (once, cached) the built-in dataset, print its paths
     python data.py convert SRC OUT [--template ...]    # a folder of KEY.jpg + KEY.txt, or class folders, -> shards
     python data.py bench [--workers 2]                 # images/s of the training pipeline vs a plain PIL decode
 
@@ -535,8 +535,10 @@ CENTRED_JITTER = 0.08  # std of the subject centre around the image centre, in i
 CAPTIONS = ("a photo of {a} {}", "a picture of the {}", "{a} {}", "{}", "an image showing {a} {}",
             "a close-up of the {}", "{a} {} on a textured background", "there is {a} {} in this picture",
             "the {} among small shapes", "a photograph of the {}")
-CAPTIONS_CENTRED = ("{a} {} in the middle of the frame", "{a} {} in the centre of the photo")
-CAPTIONS_UNIFORM = ("{a} {} somewhere in the frame",)
+LAYOUT_CAPTIONS = {"centered": ("{a} {} in the middle of the frame", "{a} {} in the centre of the photo"),
+                   "uniform": ("{a} {} somewhere in the frame",),
+                   "edge": ("{a} {} at the edge of the frame", "{a} {} off to one side")}
+LAYOUTS = tuple(LAYOUT_CAPTIONS)  # where the subject goes: near the centre, anywhere, against one edge
 TEMPLATES = ("a photo of the {}.", "a picture of the {}.", "the {}.", "a close-up of the {}.")  # zero-shot prompts
 GENERATOR_VERSION = 2  # bump when the images or captions change, so old caches are not reused
 SHARD_SIZE = 1000
@@ -574,7 +576,8 @@ def textured_background(size, rng):
 
 
 def render(rng, label, size, layout):
-    """One size x size PIL image of class `label`: the subject (centred or uniform) and 2-4 small edge distractors."""
+    """One size x size PIL image of class `label`: the subject (placed as `layout` says) and 2-4 small distractors along
+    the edges."""
     ss = 2 * size  # draw at twice the size, then average 2x2 blocks: smooth edges
     img = Image.fromarray(textured_background(size, rng)).resize((ss, ss), Image.NEAREST)
     draw = ImageDraw.Draw(img)
@@ -594,18 +597,26 @@ def render(rng, label, size, layout):
         cx, cy = [(along, inward), (along, ss - inward), (inward, along), (ss - inward, along)][edge]
         put(colour, shape, cx, cy, r)
     colour, shape = CLASSES[label]
+    put(colour, shape, *subject_disc(rng, ss, layout))
+    return img.reduce(2)
+
+
+def subject_disc(rng, ss, layout):
+    """(cx, cy, r) of the subject in an ss x ss image, as `layout` places it; the disc always fits in the frame."""
     r = rng.uniform(*SUBJECT_SIZE) * ss / 2
     if layout == "centered":
         cx, cy = np.clip(ss / 2 + rng.normal(0, CENTRED_JITTER * ss, 2), r, ss - r)
-    else:
+    elif layout == "uniform":
         cx, cy = rng.uniform(r, ss - r, 2)
-    put(colour, shape, cx, cy, r)
-    return img.reduce(2)
+    else:  # edge: touching, or nearly, one of the four sides
+        along, inward = rng.uniform(r, ss - r), r + rng.uniform(0, 0.04 * ss)
+        cx, cy = [(along, inward), (along, ss - inward), (inward, along), (ss - inward, along)][rng.integers(4)]
+    return cx, cy, r
 
 
 def caption(rng, label, layout):
     name = " ".join(CLASSES[label])
-    options = CAPTIONS + (CAPTIONS_CENTRED if layout == "centered" else CAPTIONS_UNIFORM)
+    options = CAPTIONS + LAYOUT_CAPTIONS[layout]
     return options[rng.integers(len(options))].format(name, a="an" if name[0] in "aeiou" else "a")
 
 
@@ -637,9 +648,10 @@ def generate_part(job):
 def builtin_dataset(layout="centered", root=None, num_train=50_000, num_test=2_000, image_size=64, seed=0):
     """Generate (once; cached under root, default $GDMFLIP_DATA or ~/.cache/gdm-flip) the built-in dataset and return
     {"train": shard pattern, "test": ImageFolder dir, "classnames": [...], "templates": [...]}. "centered" puts the
-    subject near the centre as a photographer would; "uniform" anywhere (the control where centring does not hold)."""
-    if layout not in ("centered", "uniform"):
-        raise ValueError(f"unknown layout {layout!r}; expected 'centered' or 'uniform'")
+    subject near the centre as a photographer would; "uniform" anywhere its whole disc fits (which still covers the
+    centre most often); "edge" against one side (the control where centring should hurt)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if num_train < 1 or num_test < 1:
         raise ValueError("num_train and num_test must be positive")
     root = root or os.environ.get("GDMFLIP_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "gdm-flip")
@@ -786,7 +798,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("builtin", help="generate (once, cached) the built-in photographer dataset")
-    p.add_argument("--layout", default="centered", choices=["centered", "uniform"], help="where the subject goes")
+    p.add_argument("--layout", default="centered", choices=LAYOUTS, help="where the subject goes")
     p.add_argument("--root", default=None, help="cache folder (default: $GDMFLIP_DATA or ~/.cache/gdm-flip)")
     p.add_argument("--num-train", type=int, default=50_000, help="training images")
     p.add_argument("--num-test", type=int, default=2_000, help="test images (balanced over the 36 classes)")

@@ -42,8 +42,8 @@ def parse_args(argv=None):
     a("--sigma", type=float, default=0.2, help="Gaussian masking's sigma, used as a variance as in the paper's code")
     a("--train-data", default=None, help="webdataset shards, brace patterns joined with '::' (default: built-in dataset)")
     a("--train-num-samples", type=int, default=None, help="samples per epoch (shards are resampled, as OpenCLIP)")
-    a("--builtin-layout", default="centered", choices=["centered", "uniform"],
-      help="built-in dataset: subject near the centre, or anywhere (the control)")
+    a("--builtin-layout", default="centered", choices=data.LAYOUTS,
+      help="built-in dataset: subject near the centre, anywhere, or against an edge (the controls)")
     a("--builtin-samples", type=int, default=20_000, help="built-in dataset: number of training images generated")
     a("--tokenizer", default=None, help="CLIP BPE vocab (bpe_simple_vocab_16e6.txt.gz), tokenizer.json, or a captions "
       "file/folder; default: train a BPE tokenizer on the training captions")

@@ -475,7 +475,8 @@ def test_builtin_dataset_is_deterministic_cached_and_well_formed(tmp_path, monke
     assert fa == fb and len(fa) == 1 + 72 + 2  # one shard, 72 test images, classnames.txt, templates.txt
     c = data.builtin_dataset(root=str(tmp_path / "c"), seed=1, **kw)
     u = data.builtin_dataset(root=str(tmp_path / "u"), layout="uniform", **kw)
-    for other in (c, u):
+    e = data.builtin_dataset(root=str(tmp_path / "e"), layout="edge", **kw)
+    for other in (c, u, e):
         assert files_of(os.path.dirname(other["test"])) != fa
     # cached: a second call generates nothing; no temporary folder is left behind
     monkeypatch.setattr(data, "generate_part", lambda job: pytest.fail("regenerated"))
@@ -507,3 +508,14 @@ def test_convert_class_folders_and_captioned_folders(tmp_path):
         (tmp_path / "captioned" / f"k{i}.txt").write_text(f"caption {i}")
     pattern = data.convert(str(tmp_path / "captioned"), str(tmp_path / "out2"))
     assert sorted(data.read_captions(pattern)) == ["caption 0", "caption 1", "caption 2"]
+
+
+def test_subject_placement_follows_the_layout():
+    rng, ss = np.random.default_rng(0), 128
+    discs = {layout: np.array([data.subject_disc(rng, ss, layout) for _ in range(500)]) for layout in data.LAYOUTS}
+    for cx, cy, r in np.concatenate(list(discs.values())):
+        assert r <= min(cx, cy, ss - cx, ss - cy) + 1e-9  # the whole subject is in the frame
+    off_centre = {k: np.hypot(d[:, 0] - ss / 2, d[:, 1] - ss / 2).mean() for k, d in discs.items()}
+    assert off_centre["centered"] < off_centre["uniform"] < off_centre["edge"]
+    cx, cy, r = discs["edge"].T
+    assert (np.minimum.reduce([cx, cy, ss - cx, ss - cy]) - r <= 0.04 * ss + 1e-9).all()  # against a side

@@ -60,3 +60,9 @@ def test_a_run_is_finished_only_after_its_last_epoch_is_evaluated(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"epoch": 2, "zeroshot_top1": 0.4}) + "\n")
     assert repro.finished(tmp_path) and repro.evals(tmp_path)[-1]["zeroshot_top1"] == 0.4
+
+
+def test_centring_keeps_more_of_the_subject_the_more_central_the_layout():
+    kept = {layout: repro.subject_kept(layout, 0.5, n=300) for layout in data.LAYOUTS}
+    assert kept["centered"] > kept["uniform"] > kept["edge"] > 0.5  # random masking keeps 0.5 of anything
+    assert repro.subject_kept("centered", 0.9, n=300) < kept["centered"]
