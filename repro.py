@@ -167,7 +167,8 @@ def table(rows):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="centered", choices=[*data.LAYOUTS, "fashion-mnist"],
-                   help="built-in dataset with centred subjects, its uniform or edge layout (controls), or Fashion-MNIST")
+                   help="built-in dataset with centred subjects, its uniform or edge layout (controls), or "
+                   "Fashion-MNIST")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9], help="masking ratios")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (initialisation, data order, masks)")
     p.add_argument("--epochs", type=int, default=2, help=f"pre-training epochs of {SAMPLES} samples")
@@ -201,8 +202,8 @@ def main(argv=None):
     result = (f"zero-shot top-1 (%) on the {args.dataset} test split, seeds {args.seeds}, {args.epochs} epochs of "
               f"{SAMPLES} samples, {(time.time() - t0) / 60:.0f} min:\n\n{table(rows)}\n")
     if args.dataset in data.LAYOUTS:
-        result += ("\nshare of the subject's area kept, GDM-FLIP against FLIP: " +
-                   ", ".join(f"{r:.0%} masking {subject_kept(args.dataset, r):.2f} vs {1 - r:.2f}" for r in args.ratios))
+        kept = [f"{r:.0%} masking {subject_kept(args.dataset, r):.2f} vs {1 - r:.2f}" for r in args.ratios]
+        result += "\nshare of the subject's area kept, GDM-FLIP against FLIP: " + ", ".join(kept) + "\n"
     print("\n" + result)
     with open(os.path.join(args.log_dir, f"{args.dataset}-table.md"), "w") as f:
         f.write(result)
