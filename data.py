@@ -645,6 +645,11 @@ def generate_part(job):
                 f.write(jpeg_bytes(render(rng, label, size, layout)))
 
 
+def cache_root():
+    """Where generated and converted datasets are kept: $GDMFLIP_DATA, or ~/.cache/gdm-flip."""
+    return os.environ.get("GDMFLIP_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "gdm-flip")
+
+
 def builtin_dataset(layout="centered", root=None, num_train=50_000, num_test=2_000, image_size=64, seed=0):
     """Generate (once; cached under root, default $GDMFLIP_DATA or ~/.cache/gdm-flip) the built-in dataset and return
     {"train": shard pattern, "test": ImageFolder dir, "classnames": [...], "templates": [...]}. "centered" puts the
@@ -654,7 +659,7 @@ def builtin_dataset(layout="centered", root=None, num_train=50_000, num_test=2_0
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if num_train < 1 or num_test < 1:
         raise ValueError("num_train and num_test must be positive")
-    root = root or os.environ.get("GDMFLIP_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "gdm-flip")
+    root = root or cache_root()
     name = f"photographer-{layout}-{num_train}-{num_test}-{image_size}px-seed{seed}-v{GENERATOR_VERSION}"
     out = os.path.join(root, name)
     num_shards = math.ceil(num_train / SHARD_SIZE)

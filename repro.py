@@ -52,8 +52,7 @@ def read_idx(path):
 def prepare_fashion_mnist(src=FASHION_MNIST, root=None):
     """Fashion-MNIST -> class folders of PNGs -> data.convert's shards (captions from the class names), plus the test
     split as a class folder for zero-shot. Done once, cached beside the built-in dataset. Returns {train, test}."""
-    root = root or os.environ.get("GDMFLIP_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "gdm-flip")
-    out = os.path.join(root, "fashion-mnist-v1")
+    out = os.path.join(root or data.cache_root(), "fashion-mnist-v1")
     if os.path.isdir(out):
         shards = len([f for f in os.listdir(os.path.join(out, "train")) if f.endswith(".tar")])
         return {"train": os.path.join(out, "train", f"shard-{{00000..{shards - 1:05d}}}.tar"),
