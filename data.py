@@ -592,10 +592,7 @@ def render(rng, label, size, layout):
     for _ in range(rng.integers(2, 5)):  # distractors: other classes, small, in a band along a random edge
         colour, shape = CLASSES[(label + rng.integers(1, len(CLASSES))) % len(CLASSES)]
         r = rng.uniform(*DISTRACTOR_SIZE) * ss / 2
-        along, inward = rng.uniform(r, ss - r), r + rng.uniform(0, 0.06 * ss)
-        edge = rng.integers(4)
-        cx, cy = [(along, inward), (along, ss - inward), (inward, along), (ss - inward, along)][edge]
-        put(colour, shape, cx, cy, r)
+        put(colour, shape, *near_a_side(rng, ss, r, 0.06), r)
     colour, shape = CLASSES[label]
     put(colour, shape, *subject_disc(rng, ss, layout))
     return img.reduce(2)
@@ -609,9 +606,15 @@ def subject_disc(rng, ss, layout):
     elif layout == "uniform":
         cx, cy = rng.uniform(r, ss - r, 2)
     else:  # edge: touching, or nearly, one of the four sides
-        along, inward = rng.uniform(r, ss - r), r + rng.uniform(0, 0.04 * ss)
-        cx, cy = [(along, inward), (along, ss - inward), (inward, along), (ss - inward, along)][rng.integers(4)]
+        cx, cy = near_a_side(rng, ss, r, 0.04)
     return cx, cy, r
+
+
+def near_a_side(rng, ss, r, band):
+    """Centre (cx, cy) of a disc of radius r at a random place along a random side of an ss x ss image, at most
+    band * ss away from touching it."""
+    along, inward = rng.uniform(r, ss - r), r + rng.uniform(0, band * ss)
+    return [(along, inward), (along, ss - inward), (inward, along), (ss - inward, along)][rng.integers(4)]
 
 
 def caption(rng, label, layout):

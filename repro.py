@@ -119,11 +119,12 @@ def train(run_dir, flags, env):
     if not finished(run_dir):
         interrupted = os.path.exists(os.path.join(run_dir, "checkpoints", "epoch_latest.pt"))
         resume = ["--resume", "latest"] if interrupted else []
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), "--log-dir", log_dir, "--name", name, *flags, *resume]
+        cmd = [str(c) for c in [sys.executable, os.path.join(HERE, "train.py"), "--log-dir", log_dir, "--name", name,
+                                *flags, *resume]]
         os.makedirs(run_dir, exist_ok=True)
-        print(" ".join(map(str, cmd)), flush=True)
+        print(" ".join(cmd), flush=True)
         with open(os.path.join(run_dir, "train.log"), "a") as log:
-            if subprocess.run(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
                 raise RuntimeError(f"{name} failed: see {run_dir}/train.log")
     return evals(run_dir)[-1]
 

@@ -1,4 +1,5 @@
-"""repro.py's table: the paper's three columns, mean +- std over seeds, '-' where a column does not apply."""
+"""repro.py: the paper-format table, Fashion-MNIST preparation, finished-run detection, and the share of the subject
+that centred masking keeps per layout."""
 
 import gzip
 import json
