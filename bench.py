@@ -5,6 +5,7 @@ Training-step throughput per masking ratio: how much faster does dropping patche
     python bench.py --compile --check-sync            # compiled, and prove the step never syncs host and device
     python bench.py --device cpu --compile            # the tiny preset, batch 64, fp32 on the CPU
     python bench.py --ratios 0 0.5 --json bench.json  # also write the table as JSON
+    python bench.py --compile --openclip              # and OpenCLIP's model of the same name, side by side
 
 A step is what train.py does for one batch, on synthetic tensors so that data loading is not measured:
 masking.keep_indices -> model(images, tokens, keep) -> clip_loss -> backward -> AdamW -> clamp of the logit scale.
@@ -16,6 +17,11 @@ because the text tower is never masked: ViT-B-16 gets 1.76x / 2.78x / 4.28x at 5
 MFU = achieved FLOP/s / the device's dense bf16 peak (model.peak_flops); it is not reported on the CPU.
 Peak memory is torch.cuda.max_memory_allocated per ratio on a GPU, and the process's peak RSS (which never goes down,
 so it is the largest ratio-0 figure) on the CPU. mask/step is keep_indices timed alone over the time of a whole step.
+
+--openclip times open_clip_torch's model of the same name (ViT-B-16, ViT-S-16) after ours, through the same step,
+optimizer, precision, compilation and synthetic batch, with OpenCLIP's own patch dropout (FLIP's random masking, at
+the same place and keeping the same number of patches) doing the masking. open_clip_torch is not a dependency of this
+project; install it beside it to compare.
 """
 
 import argparse
@@ -54,6 +60,8 @@ def parse_args(argv=None):
     a("--check-sync", action="store_true", help="run one step per ratio under torch.cuda.set_sync_debug_mode('error')")
     a("--seed", type=int, default=0, help="seed for the weights, the synthetic batch and the masks")
     a("--json", default=None, metavar="OUT", help="also write the settings and the table to this JSON file")
+    a("--openclip", action="store_true", help="also time open_clip_torch's model of the same name (installed "
+      "separately) with its patch dropout, side by side")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -72,6 +80,13 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: no such directory")
+    if args.openclip:
+        try:
+            import open_clip
+        except ImportError as e:
+            p.error(f"--openclip needs open_clip_torch, which is not installed ({e})")
+        if args.model not in open_clip.list_models():
+            p.error(f"--openclip: OpenCLIP has no model named {args.model!r}")
     args.ratios = sorted(set([0.0, *args.ratios]))  # ratio 0 is the baseline of every speedup
     return args
 
@@ -88,7 +103,10 @@ def synthetic_batch(cfg, batch_size, device, generator):
 
 
 def make_step(model, orig_model, optimizer, autocast):
-    """One training step as train.py takes it (no gradient accumulation, one rank); returns nothing, so no sync."""
+    """One training step as train.py takes it (no gradient accumulation, one rank); returns nothing, so no sync.
+
+    model(images, tokens, keep) -> normalised image and text features and the logit scale; orig_model is the
+    uncompiled module, whose logit scale is clamped after the step."""
     def step(images, tokens, keep):
         with autocast:
             image_features, text_features, scale = model(images, tokens, keep)
@@ -131,21 +149,24 @@ def step_is_sync_free(step, images, tokens, make_keep):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def bench_ratio(ratio, step, cfg, args, device, generator):
-    """Time `args.steps` training steps at one masking ratio; returns that row of the table as a dict."""
+def bench_ratio(ratio, step, cfg, args, device, generator, own_mask=True):
+    """Time `args.steps` training steps at one masking ratio; returns that row of the table as a dict.
+
+    own_mask: the step takes keep_indices (our model); False for a model that drops patches inside (OpenCLIP's)."""
     grid, B = cfg.image_size // cfg.patch_size, args.batch_size
     images, tokens = synthetic_batch(cfg, B, device, generator)
 
     def make_keep():  # (B, K) kept patches, drawn afresh every step as in training; ratio 0 encodes all (keep=None)
-        return None if ratio == 0 else masking.keep_indices(B, grid, ratio, args.mask, args.sigma, device=device,
-                                                            generator=generator)
+        if ratio == 0 or not own_mask:
+            return None
+        return masking.keep_indices(B, grid, ratio, args.mask, args.sigma, device=device, generator=generator)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):  # with --compile the first call at a new K compiles a new graph
         step(images, tokens, make_keep())
     step_s = seconds_per_call(lambda: step(images, tokens, make_keep()), args.steps, device)  # mask included
-    mask_s = seconds_per_call(make_keep, args.steps, device) if ratio > 0 else None  # the mask alone
+    mask_s = seconds_per_call(make_keep, args.steps, device) if ratio > 0 and own_mask else None  # mask alone
     on_gpu_check = args.check_sync and device.type == "cuda"
     sync_free = step_is_sync_free(step, images, tokens, make_keep) if on_gpu_check else None
     kept = grid * grid if ratio == 0 else masking.num_kept(grid, ratio)
@@ -170,18 +191,21 @@ def format_table(rows, memory_kind):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    """Run the benchmark for the given command line; print the table and return its rows (a list of dicts)."""
-    args = parse_args(argv)
-    device = torch.device(args.device)
+def openclip_model(name):
+    """open_clip_torch's model of the same name, with a PatchDropout module whose prob bench_model sets per ratio."""
+    import open_clip  # parse_args checked that it is there and has the model
+
+    # force_patch_dropout puts OpenCLIP's FLIP masking where ours is: after the positional embedding, before ln_pre
+    oc = open_clip.create_model(name, force_patch_dropout=0.5)
+    return oc, f"OpenCLIP {name} (open_clip_torch {open_clip.__version__})"
+
+
+def bench_model(orig_model, cfg, args, device, openclip=False):
+    """The table's rows for one model: AdamW as train.py's, torch.compile if asked, every ratio in turn.
+
+    cfg: our preset's config, for the shapes and FLOPs (an OpenCLIP model of the same name has the same shapes)."""
     on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on tensor cores
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    generator = torch.Generator(device).manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    orig_model = M.create_model(args.model).to(device).train()
-    cfg = orig_model.config
     # train.py's AdamW settings; decaying every parameter here instead of matrices only costs the same time
     optimizer = torch.optim.AdamW(orig_model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
                                   fused=on_gpu)
@@ -191,7 +215,29 @@ def main(argv=None):
         # does not switch to a slower symbolic-shape graph at the second K), plus the keep=None graph of ratio 0.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(args.ratios))
         model = torch.compile(orig_model, dynamic=False)
-    step = make_step(model, orig_model, optimizer, autocast)
+    forward = (lambda images, tokens, keep: model(images, tokens)) if openclip else model  # OpenCLIP masks inside
+    step = make_step(forward, orig_model, optimizer, autocast)
+    generator = torch.Generator(device).manual_seed(args.seed)  # the same batches and masks for every model
+    rows = []
+    for ratio in args.ratios:
+        if openclip:
+            orig_model.visual.patch_dropout.prob = ratio  # prob 0 returns the tokens untouched: unmasked
+        rows.append(bench_ratio(ratio, step, cfg, args, device, generator, own_mask=not openclip))
+    for row in rows:
+        row["speedup"] = row["samples_per_s"] / rows[0]["samples_per_s"]  # rows[0] is ratio 0
+    return rows
+
+
+def main(argv=None):
+    """Run the benchmark for the given command line; print the table and return its rows (a list of dicts)."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on tensor cores
+    torch.manual_seed(args.seed)
+    orig_model = M.create_model(args.model).to(device).train()
+    cfg = orig_model.config
 
     grid = cfg.image_size // cfg.patch_size
     peak = M.peak_flops(device)
@@ -208,15 +254,26 @@ def main(argv=None):
     if args.check_sync and not on_gpu:
         print("--check-sync: skipped on the CPU (there is no device to synchronise with)")
 
-    rows = [bench_ratio(ratio, step, cfg, args, device, generator) for ratio in args.ratios]
-    for row in rows:
-        row["speedup"] = row["samples_per_s"] / rows[0]["samples_per_s"]  # rows[0] is ratio 0
     memory_kind = "peak MiB" if on_gpu else "peak RSS MiB"  # GPU: allocated tensors; CPU: the whole process
+    rows = bench_model(orig_model, cfg, args, device)
     print(format_table(rows, memory_kind))
+    result = {"settings": vars(args), "device": name, "torch": torch.__version__, "memory": memory_kind, "rows": rows}
+    if args.openclip:
+        del orig_model  # free its weights and optimizer state before the second model
+        torch._dynamo.reset()  # and the compiled graphs, which hold on to them
+        if on_gpu:
+            torch.cuda.empty_cache()
+        torch.manual_seed(args.seed)
+        oc, label = openclip_model(args.model)
+        oc_rows = bench_model(oc.to(device).train(), cfg, args, device, openclip=True)
+        print(f"{label}, the same steps with its patch dropout:")
+        print(format_table(oc_rows, memory_kind))
+        print("ours / OpenCLIP samples/s: " + ", ".join(
+            f"{r['ratio']:.2f}: {r['samples_per_s'] / o['samples_per_s']:.2f}x" for r, o in zip(rows, oc_rows)))
+        result |= {"openclip": label, "openclip_rows": oc_rows}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "device": name, "torch": torch.__version__, "memory": memory_kind,
-                       "rows": rows}, f, indent=1)
+            json.dump(result, f, indent=1)
     return rows
 
 

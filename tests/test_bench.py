@@ -1,10 +1,13 @@
-"""bench.py: the table has a row per ratio, the FLOP-ideal speedup is the model's FLOP ratio, bad flags are one line.
+"""bench.py: the table has a row per ratio, the FLOP-ideal speedup is the model's FLOP ratio, the OpenCLIP side-by-side
+runs the same steps at the same ratios, bad flags are one line.
 
 Smoke tests on the CPU with the tiny preset and one or two steps; no timing is asserted (speed is measured by running
 bench.py, not by tests).
 """
 
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -58,6 +61,58 @@ def test_synthetic_tokens_end_with_the_largest_id_at_varied_positions():
     assert len(positions.unique()) > 5
     after = torch.arange(cfg.context_length) > positions[:, None]
     assert (tokens[after] == 0).all()  # padding after the caption
+
+
+class PatchDroppingCLIP(M.CLIP):
+    """Stands in for an OpenCLIP model in these tests: forward(images, tokens) drops patches itself, at the rate held in
+    visual.patch_dropout.prob (as OpenCLIP's PatchDropout module does), and records the rates it ran at."""
+
+    def forward(self, images, tokens):
+        prob = self.visual.patch_dropout.prob
+        self.rates_seen.append(prob)
+        keep = None if prob == 0 else masking.keep_indices(len(images), self.visual.grid_size, prob, "random")
+        return super().forward(images, tokens, keep)
+
+
+def fake_open_clip():
+    """A module with the two functions of open_clip that bench.py calls (open_clip_torch is not a dependency)."""
+    def create_model(name, force_patch_dropout):
+        model = PatchDroppingCLIP(M.PRESETS[name])
+        model.visual.patch_dropout = types.SimpleNamespace(prob=force_patch_dropout)
+        model.rates_seen = []
+        created.append(model)
+        return model
+    created = []
+    return types.SimpleNamespace(__version__="fake", list_models=lambda: ["tiny"], create_model=create_model,
+                                 created=created)
+
+
+def test_openclip_runs_side_by_side_at_the_same_ratios(monkeypatch, capsys, tmp_path):
+    fake = fake_open_clip()
+    monkeypatch.setitem(sys.modules, "open_clip", fake)
+    out = tmp_path / "bench.json"
+    rows = bench.main(TINY + ["--ratios", "0.5", "--openclip", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["rows"] == rows and result["openclip"] == "OpenCLIP tiny (open_clip_torch fake)"
+    oc_rows = result["openclip_rows"]
+    assert [r["ratio"] for r in oc_rows] == [0.0, 0.5] and [r["kept"] for r in oc_rows] == [r["kept"] for r in rows]
+    assert all(r["mask_fraction"] is None for r in oc_rows)  # its mask is built inside its forward: not timed apart
+    # the model's own dropout rate was set before each ratio: warm-up + timed steps at 0, then at 0.5
+    (model,) = fake.created
+    assert model.rates_seen == [0.0] * 2 + [0.5] * 2
+    printed = capsys.readouterr().out
+    assert "OpenCLIP tiny (open_clip_torch fake), the same steps" in printed and "ours / OpenCLIP samples/s" in printed
+
+
+def test_openclip_missing_or_without_the_model_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # what `import open_clip` meets when it is not installed
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--device", "cpu", "--openclip"])
+    assert "--openclip needs open_clip_torch" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setitem(sys.modules, "open_clip", fake_open_clip())
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--device", "cpu", "--model", "ViT-Ti-16", "--openclip"])
+    assert "OpenCLIP has no model named 'ViT-Ti-16'" in str(e.value)
 
 
 @pytest.mark.parametrize("flags, message", [
