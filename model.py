@@ -211,16 +211,22 @@ def flops_per_sample(cfg, kept_patches=None):
     return patch_embed + image + text + projections
 
 
-# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets; used for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
+# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets; used for MFU. The first key found in the
+# device name wins, so the PCIe and NVL cards (lower clocks and power) come before the SXM "H100" they also match.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
+
+
+def peak_flops_by_name(name):
+    """The dense bf16 peak of a GPU from its name (torch.cuda.get_device_name), or None when it is not in the table."""
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
 def peak_flops(device):
-    """The bf16 peak of a CUDA device by name, or None when unknown (MFU is then not reported)."""
+    """The bf16 peak of a CUDA device, or None for the CPU or an unknown GPU (MFU is then not reported)."""
     if torch.device(device).type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+    return peak_flops_by_name(torch.cuda.get_device_name(device))
 
 
 def convert_openclip_state_dict(state_dict):

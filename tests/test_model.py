@@ -157,3 +157,19 @@ def test_flops_count_masked_tokens():
     full, half = M.flops_per_sample(cfg), M.flops_per_sample(cfg, masking.num_kept(14, 0.5))
     assert 40e9 < full < 42e9  # ~41 GFLOPs per image-text pair, forward
     assert 1.7 < full / half < 1.8  # the text tower is not masked, so less than 2x
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA GeForce RTX 3060", None),  # unknown: MFU is not reported rather than made up
+])
+def test_peak_flops_by_device_name(name, peak):
+    assert M.peak_flops_by_name(name) == peak
+
+
+def test_no_peak_on_the_cpu():
+    assert M.peak_flops("cpu") is None
