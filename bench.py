@@ -22,7 +22,8 @@ so it is the largest ratio-0 figure) on the CPU. mask/step is keep_indices timed
 optimizer, precision, compilation and synthetic batch, with OpenCLIP's own patch dropout (FLIP's random masking, at
 the same place and keeping the same number of patches) doing the masking. open_clip_torch is not a dependency of this
 project; install it beside it to compare. The models run one after the other: on a shared CPU that order alone moves
-the comparison by a few percent (README), so run it both ways there; on a GPU step times repeat closely.
+the comparison by a few percent (README), so there repeat it and read smaller differences as noise; on a GPU step
+times repeat closely.
 """
 
 import argparse
