@@ -260,6 +260,7 @@ def main(argv=None):
     rows = bench_model(orig_model, cfg, args, device)
     print(format_table(rows, memory_kind))
     result = {"settings": vars(args), "device": name, "torch": torch.__version__, "memory": memory_kind, "rows": rows}
+    write_json(args.json, result)  # now, so that our table survives if OpenCLIP's run fails
     if args.openclip:
         del orig_model  # free its weights and optimizer state before the second model
         torch._dynamo.reset()  # and the compiled graphs, which hold on to them
@@ -272,11 +273,14 @@ def main(argv=None):
         print(format_table(oc_rows, memory_kind))
         print("ours / OpenCLIP samples/s: " + ", ".join(
             f"{r['ratio']:.2f}: {r['samples_per_s'] / o['samples_per_s']:.2f}x" for r, o in zip(rows, oc_rows)))
-        result |= {"openclip": label, "openclip_rows": oc_rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result | {"openclip": label, "openclip_rows": oc_rows})
     return rows
+
+
+def write_json(path, result):
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
