@@ -5,7 +5,8 @@ transforms, CLIP's tokenizer, ImageFolder, and the built-in "photographer" datas
     tok = load_tokenizer("bpe_simple_vocab_16e6.txt.gz")          # ids equal to OpenCLIP's on English text
     loader = make_train_loader("/data/cc12m/cc12m-train-{0000..2175}.tar", batch_size=256,
                                num_samples=10_968_539, image_size=224, tokenizer=tok, workers=6)
-    for images, tokens, skipped in loader: ...                     # (B, 3, 224, 224), (B, 77), bad samples skipped
+    for images, tokens, skipped in loader:                         # (B, 3, 224, 224) uint8, (B, 77), bad ones skipped
+        images = normalize(images.to("cuda"))                       # float, normalised on the GPU
 
 Shards are img2dataset / webdataset tars: `KEY.jpg|jpeg|png|webp` next to `KEY.txt`. A bad sample (corrupt or truncated
 image, non-image, missing / empty / non-UTF-8 caption, truncated tar, decompression-bomb-sized image) is skipped,
@@ -61,10 +62,21 @@ WARN_FIRST, WARN_EVERY_S = 5, 60  # bad-sample warnings: the first few, then at 
 MEAN_CHW, STD_CHW = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
 
 
+def to_uint8_tensor(img):
+    """RGB PIL image -> (3, H, W) uint8."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize(images):
+    """uint8 (..., 3, H, W) -> float32 on the same device, exactly as torchvision's ToTensor then
+    Normalize(OPENAI_MEAN, OPENAI_STD)."""
+    x = images.float().div_(255)
+    return x.sub_(MEAN_CHW.to(x.device)).div_(STD_CHW.to(x.device))
+
+
 def to_normalized_tensor(img):
-    """RGB PIL image -> (3, H, W) float32, exactly as torchvision's ToTensor then Normalize(OPENAI_MEAN, OPENAI_STD)."""
-    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
-    return x.sub_(MEAN_CHW).div_(STD_CHW)
+    """RGB PIL image -> (3, H, W) float32, normalised (the eval transform's last step)."""
+    return normalize(to_uint8_tensor(img))
 
 
 def random_resized_crop_box(width, height, scale, rng, ratio=CROP_RATIO):
@@ -87,8 +99,11 @@ def random_resized_crop_box(width, height, scale, rng, ratio=CROP_RATIO):
 
 
 def train_transform(image_size, scale=(0.9, 1.0), generator=None):
-    """PIL image -> (3, S, S): random resized crop (OpenCLIP's default scale (0.9, 1); FLIP used (0.5, 1)), bicubic,
-    RGB, normalised. `generator`: a `random.Random` (default: the global one); the loader seeds one per worker, epoch.
+    """PIL image -> (3, S, S) uint8: random resized crop (OpenCLIP's default scale (0.9, 1); FLIP used (0.5, 1)),
+    bicubic, RGB. `generator`: a `random.Random` (default: the global one); the loader seeds one per worker, epoch.
+
+    Not normalised here: train.py normalises whole batches on the GPU (`normalize`), so that the dataloader workers
+    convert, stack, share and pin a quarter of the bytes (uint8, not float32): 20-26% more images/s with workers (README).
 
     Fast path: a big JPEG is decoded at 1/2, 1/4 or 1/8 size by libjpeg (`draft`) when the crop still has >= S pixels
     per side, and `resize(box=...)` resamples straight from the crop region without copying it out first."""
@@ -104,7 +119,7 @@ def train_transform(image_size, scale=(0.9, 1.0), generator=None):
         if img.mode != "RGB":
             img = img.convert("RGB")
         box = (left * f, top * f, min((left + w) * f, img.width), min((top + h) * f, img.height))
-        return to_normalized_tensor(img.resize((image_size, image_size), Image.BICUBIC, box=box))
+        return to_uint8_tensor(img.resize((image_size, image_size), Image.BICUBIC, box=box))
 
     return transform
 
@@ -393,7 +408,7 @@ def shuffled(samples, buffer_size, rng):
 
 
 class TrainStream(IterableDataset):
-    """Yields this rank's batches of one epoch: (images (B, 3, S, S), tokens (B, T), skipped), where skipped (a 0-d long
+    """Yields this rank's batches of one epoch: (images (B, 3, S, S) uint8, tokens (B, T), skipped), skipped (a 0-d long
     tensor) counts the bad samples this worker passed over since its previous batch. The stream (shard draws, shuffle,
     crops) is a function of (seed, epoch, rank, worker) only, so a run resumed at an epoch boundary sees what an
     uninterrupted one saw; each worker makes whole batches, so batches differ with the number of workers."""

@@ -346,7 +346,8 @@ def main(argv=None):
             for _ in range(args.accum_freq):
                 images, tokens, n_bad = next(batches)
                 skipped += n_bad
-                micro.append((images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))
+                images = data.normalize(images.to(device, non_blocking=True))  # uint8 -> float on the device
+                micro.append((images, tokens.to(device, non_blocking=True)))
                 keeps.append(None if args.mask == "none" else masking.keep_indices(
                     images.shape[0], grid, args.ratio, args.mask, args.sigma, device=device, generator=mask_gen))
             lr = lr_at(step, args.lr, warmup, total_steps)

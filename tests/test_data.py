@@ -197,7 +197,9 @@ def test_train_batches_shapes_and_epoch_length(shards, tok):
     batches = list(loader)
     assert len(batches) == 6
     images, tokens, skipped = batches[0]
-    assert images.shape == (8, 3, 8, 8) and images.dtype == torch.float32
+    assert images.shape == (8, 3, 8, 8) and images.dtype == torch.uint8  # normalised later, on the device
+    assert images.float().std() > 0  # real pixels, not a blank
+    assert data.normalize(images).dtype == torch.float32
     assert tokens.shape == (8, 16) and tokens.dtype == torch.long and skipped.dtype == torch.long
     assert int(skipped) == 0
 
@@ -248,6 +250,17 @@ def test_eval_transform_hand_computed_crop_and_normalisation():
     assert torch.allclose(x[:, :, 0], (torch.tensor([20.0, 30.0]) / 255 - MEAN[:, None]) / STD[:, None])  # (3, rows)
 
 
+def test_batch_normalisation_on_the_device_equals_the_per_image_one():
+    # training normalises uint8 batches after the copy to the GPU; it must give the numbers of ToTensor + Normalize
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)) for _ in range(3)]
+    batch = torch.stack([data.to_uint8_tensor(p) for p in pictures])  # (3, 3, 5, 6) uint8, as the loader yields
+    assert batch.dtype == torch.uint8 and torch.equal(batch[1, :, 2, 4], torch.tensor(np.array(pictures[1])[2, 4]))
+    expected = torch.stack([data.to_normalized_tensor(p) for p in pictures])
+    assert torch.equal(data.normalize(batch), expected)
+    assert torch.allclose(expected[0, :, 0, 0], (torch.tensor(np.array(pictures[0])[0, 0]) / 255 - MEAN) / STD)
+
+
 def test_eval_transform_resizes_the_shortest_side_then_crops_the_middle():
     # 4 x 40: green, a grey middle band (rows 12-27), green. Resized to 2 x 20, the centre crop keeps rows 9-10 whose
     # bicubic footprint (rows 15-24 of the original) is all grey; a squash or a corner crop would show green
@@ -296,10 +309,10 @@ def test_train_transform_draft_decodes_the_same_crop():
     box = data.random_resized_crop_box(800, 600, (0.3, 0.5), random.Random(0))  # the crop t drew
     assert box[2] < 600 and box[0] > 0
     full = Image.open(io.BytesIO(img_bytes)).convert("RGB")
-    slow = data.to_normalized_tensor(full.resize((64, 64), Image.BICUBIC, box=(box[0], box[1], box[0] + box[2],
-                                                                              box[1] + box[3])))
-    assert fast.shape == (3, 64, 64)
-    assert (fast - slow).abs().mean() < 0.05  # draft decoding differs a little, a misplaced crop a lot
+    slow = data.to_uint8_tensor(full.resize((64, 64), Image.BICUBIC, box=(box[0], box[1], box[0] + box[2],
+                                                                         box[1] + box[3])))
+    assert fast.shape == (3, 64, 64) and fast.dtype == torch.uint8
+    assert (fast.float() - slow.float()).abs().mean() < 3  # draft decoding differs a little, a misplaced crop a lot
     again = data.train_transform(64, (0.3, 0.5), generator=random.Random(0))(Image.open(io.BytesIO(img_bytes)))
     assert torch.equal(fast, again)
 
