@@ -21,6 +21,7 @@ to regenerate it.
 """
 
 import argparse
+import functools
 import gzip
 import html
 import io
@@ -67,11 +68,18 @@ def to_uint8_tensor(img):
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
+@functools.cache
+def mean_std_on(device):
+    """OPENAI_MEAN and OPENAI_STD as (3, 1, 1) tensors on `device`, copied there once: a blocking copy per batch
+    would make the host wait for the GPU at every step."""
+    return MEAN_CHW.to(device), STD_CHW.to(device)
+
+
 def normalize(images):
     """uint8 (..., 3, H, W) -> float32 on the same device, exactly as torchvision's ToTensor then
     Normalize(OPENAI_MEAN, OPENAI_STD)."""
-    x = images.float().div_(255)
-    return x.sub_(MEAN_CHW.to(x.device)).div_(STD_CHW.to(x.device))
+    mean, std = mean_std_on(images.device)
+    return images.float().div_(255).sub_(mean).div_(std)
 
 
 def to_normalized_tensor(img):
@@ -103,7 +111,7 @@ def train_transform(image_size, scale=(0.9, 1.0), generator=None):
     bicubic, RGB. `generator`: a `random.Random` (default: the global one); the loader seeds one per worker, epoch.
 
     Not normalised here: train.py normalises whole batches on the GPU (`normalize`), so that the dataloader workers
-    convert, stack, share and pin a quarter of the bytes (uint8, not float32): 20-26% more images/s with workers (README).
+    convert, stack, share and pin a quarter of the bytes (uint8, not float32): 20-26% more images/s (README).
 
     Fast path: a big JPEG is decoded at 1/2, 1/4 or 1/8 size by libjpeg (`draft`) when the crop still has >= S pixels
     per side, and `resize(box=...)` resamples straight from the crop region without copying it out first."""
