@@ -470,6 +470,16 @@ class TrainLoader:
         return self.num_batches
 
 
+def default_workers(on_gpu):
+    """Dataloader workers per rank (training) or process (evaluation). On GPUs, every core but one per rank: at FLIP's
+    step rates, and in an ImageNet pass, JPEG decoding is the bottleneck (a worker makes ~400 images/s; a masked
+    ViT-B/16 step consumes thousands). On the CPU, one: the model needs the cores itself."""
+    if not on_gpu:
+        return 1
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun: GPUs used on this machine
+    return max(1, len(os.sched_getaffinity(0)) // ranks_here - 1)
+
+
 def make_train_loader(pattern, batch_size, num_samples, image_size, tokenizer, workers=4, seed=0, rank=0,
                       world_size=1, scale=(0.9, 1.0)):
     """The training batches of one rank: num_samples // (batch_size * world_size) per epoch, shards resampled with

@@ -309,7 +309,7 @@ def parse_args(argv=None):
     a("--ratio", type=float, default=0.5, help="fraction of patches dropped with --mask random or gaussian")
     a("--sigma", type=float, default=0.2, help="Gaussian masking's sigma (a variance, as in training)")
     a("--batch-size", type=int, default=256, help="images (and prompts) per batch")
-    a("--workers", type=int, default=4, help="dataloader workers")
+    a("--workers", type=int, default=None, help="dataloader workers (default: the cores less one on GPU, 1 on CPU)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     a("--precision", choices=["bf16", "fp32"], help="bf16 autocast (GPU default) or fp32 (CPU default)")
     a("--output", help="write the result as JSON to this file too")
@@ -320,6 +320,8 @@ def parse_args(argv=None):
         check_mask(args.mask, args.ratio, args.sigma)
     except ValueError as e:
         p.error(str(e))
+    if args.workers is None:  # JPEG decoding bounds an ImageNet pass on a GPU: use the cores
+        args.workers = data.default_workers(on_gpu=torch.device(args.device).type == "cuda")
     return args
 
 

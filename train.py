@@ -113,16 +113,6 @@ def setup_distributed():
     return rank, local_rank, world, device
 
 
-def default_workers(on_gpu):
-    """Dataloader workers per rank. On GPUs, every core but one per rank: at FLIP's step rates JPEG decoding is the
-    bottleneck (a worker makes ~400 images/s, a masked ViT-B/16 step consumes thousands). On the CPU, one: training
-    needs the cores itself."""
-    if not on_gpu:
-        return 1
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun: GPUs used on this machine
-    return max(1, len(os.sched_getaffinity(0)) // ranks_here - 1)
-
-
 @contextmanager
 def rank_zero_first(master, world_size):
     """Rank 0 runs the body first (e.g. writes a file); the other ranks run it once rank 0 is done."""
@@ -248,7 +238,7 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     args.precision = args.precision or ("bf16" if on_gpu else "fp32")
     args.compile = on_gpu if args.compile is None else args.compile
-    args.workers = args.workers if args.workers is not None else default_workers(on_gpu)
+    args.workers = args.workers if args.workers is not None else data.default_workers(on_gpu)
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = zeroshot.autocast(device, args.precision)  # bf16 autocast, or a no-op for fp32

@@ -532,3 +532,15 @@ def test_subject_placement_follows_the_layout():
     assert off_centre["centered"] < off_centre["uniform"] < off_centre["edge"]
     cx, cy, r = discs["edge"].T
     assert (np.minimum.reduce([cx, cy, ss - cx, ss - cy]) - r <= 0.04 * ss + 1e-9).all()  # against a side
+
+
+def test_default_workers_share_the_cores_between_the_gpus_of_a_machine(monkeypatch):
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert data.default_workers(on_gpu=True) == 15  # one GPU, 16 cores: all but the training process's own
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(96)))
+    assert data.default_workers(on_gpu=True) == 11  # 96 cores over 8 ranks
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(4)))
+    assert data.default_workers(on_gpu=True) == 1  # never none
+    assert data.default_workers(on_gpu=False) == 1

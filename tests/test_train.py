@@ -194,14 +194,3 @@ def test_bad_flags_exit_at_once_with_one_line(args, words, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], proc.stderr
 
-
-def test_default_workers_share_the_cores_between_the_gpus_of_a_machine(monkeypatch):
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert train.default_workers(on_gpu=True) == 15  # one GPU, 16 cores: all but the training process's own
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(96)))
-    assert train.default_workers(on_gpu=True) == 11  # 96 cores over 8 ranks
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(4)))
-    assert train.default_workers(on_gpu=True) == 1  # never none
-    assert train.default_workers(on_gpu=False) == 1
