@@ -193,4 +193,3 @@ def test_bad_flags_exit_at_once_with_one_line(args, words, tmp_path):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], proc.stderr
-
