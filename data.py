@@ -82,11 +82,6 @@ def normalize(images):
     return images.float().div_(255).sub_(mean).div_(std)
 
 
-def to_normalized_tensor(img):
-    """RGB PIL image -> (3, H, W) float32, normalised (the eval transform's last step)."""
-    return normalize(to_uint8_tensor(img))
-
-
 def random_resized_crop_box(width, height, scale, rng, ratio=CROP_RATIO):
     """(left, top, w, h) of a crop covering `scale` of the area with an aspect ratio in `ratio`: torchvision's
     RandomResizedCrop rule (10 tries, then the largest centred crop within `ratio`)."""
@@ -139,19 +134,27 @@ def shortest_side_size(width, height, size):
     return int(size * width / height), size
 
 
-def eval_transform(image_size):
-    """PIL image (any mode) -> (3, S, S), numerically equal to OpenCLIP's validation preprocessing: Resize(S, bicubic),
-    CenterCrop(S), convert("RGB"), ToTensor, Normalize, in that order (torchvision hands PIL images to PIL's resize)."""
+def eval_crop(image_size):
+    """PIL image (any mode) -> (3, S, S) uint8: OpenCLIP's validation preprocessing up to the normalisation, Resize(S,
+    bicubic), CenterCrop(S), convert("RGB"), in that order (torchvision hands PIL images to PIL's resize). eval.py's
+    loaders use it and normalise whole batches on the device, as training does: a quarter of the bytes to convert,
+    share and pin (README: Data)."""
 
     def transform(img):
         w, h = shortest_side_size(*img.size, image_size)
         if (w, h) != img.size:
             img = img.resize((w, h), Image.BICUBIC)
         top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))  # CenterCrop's rounding
-        img = img.crop((left, top, left + image_size, top + image_size))
-        return to_normalized_tensor(img.convert("RGB"))
+        return to_uint8_tensor(img.crop((left, top, left + image_size, top + image_size)).convert("RGB"))
 
     return transform
+
+
+def eval_transform(image_size):
+    """PIL image (any mode) -> (3, S, S) float32, numerically equal to OpenCLIP's validation preprocessing:
+    `eval_crop`, then ToTensor and Normalize."""
+    crop = eval_crop(image_size)
+    return lambda img: normalize(crop(img))
 
 
 # ------------------------------------------------------------------------------------------------------- tokenizer
@@ -805,33 +808,51 @@ def fake_photo(rng, short_side):
     return jpeg_bytes(Image.fromarray(np.clip(np.asarray(img) + grain, 0, 255).astype(np.uint8)), quality=90)
 
 
+def images_per_s(loader):
+    """Images/s of one pass over `loader`, the first batch (worker start-up, shuffle buffer) not counted."""
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    n = sum(batch[0].shape[0] for batch in it)
+    return n / (time.perf_counter() - t0)
+
+
 def bench(workers, num_images=256, image_size=224, batch_size=32):
-    """Training-pipeline images/s vs a plain PIL decode + resize of the same JPEGs (shortest side 400-500 px)."""
+    """Images/s of the training pipeline (CC12M-like JPEGs, shortest side 400-500 px, from a shard) and of the
+    evaluation pipeline (ImageNet-like, shortest side 333-375 px, from class folders), against a plain PIL
+    decode + resize of the same JPEGs in one process."""
     rng = np.random.default_rng(0)
-    photos = [fake_photo(rng, int(rng.integers(400, 501))) for _ in range(num_images)]
     captions = [f"a photo of a {c} {s}" for c in COLOURS for s in SHAPES]
     with tempfile.TemporaryDirectory() as tmp:
-        shard = os.path.join(tmp, "bench-0000.tar")
-        with wds.TarWriter(shard, encoder=False) as tar:
-            for i, photo in enumerate(photos):
-                tar.write({"__key__": f"{i:06d}", "jpg": photo, "txt": captions[i % len(captions)].encode()})
-        print(f"{num_images} JPEGs, mean {sum(map(len, photos)) / len(photos) / 1e3:.0f} kB, {image_size} px output")
-        t0 = time.perf_counter()
-        for photo in photos:
-            Image.open(io.BytesIO(photo)).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-        plain = num_images / (time.perf_counter() - t0)
-        print(f"plain PIL decode + resize (1 process):        {plain:7.1f} images/s")
-        tokenizer = train_tokenizer(captions, 1024, 77)
-        for w in sorted({0, workers}):
-            batches = 3 * num_images // batch_size  # resampled: the one shard is read over and over
-            loader = make_train_loader(shard, batch_size, batches * batch_size, image_size, tokenizer, workers=w)
-            it = iter(loader)
-            next(it)  # start-up (workers, shuffle buffer) is not throughput
+        for what in ("training", "evaluation"):
+            sides = (400, 501) if what == "training" else (333, 376)
+            photos = [fake_photo(rng, int(rng.integers(*sides))) for _ in range(num_images)]
+            print(f"{what}: {num_images} JPEGs of shortest side {sides[0]}-{sides[1] - 1} px, "
+                  f"mean {sum(map(len, photos)) / len(photos) / 1e3:.0f} kB, {image_size} px output")
             t0 = time.perf_counter()
-            n = sum(images.shape[0] for images, _, _ in it)
-            rate = n / (time.perf_counter() - t0)
-            print(f"training pipeline, {w} workers:               {rate:7.1f} images/s ({rate / max(w, 1):.1f} per "
-                  f"{'worker' if w else 'process'})")
+            for photo in photos:
+                Image.open(io.BytesIO(photo)).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+            print(f"  plain PIL decode + resize (1 process): {num_images / (time.perf_counter() - t0):7.1f} images/s")
+            if what == "training":
+                shard = os.path.join(tmp, "bench-0000.tar")
+                with wds.TarWriter(shard, encoder=False) as tar:
+                    for i, photo in enumerate(photos):
+                        tar.write({"__key__": f"{i:06d}", "jpg": photo, "txt": captions[i % len(captions)].encode()})
+                tokenizer = train_tokenizer(captions, 1024, 77)
+                batches = 3 * num_images // batch_size  # resampled: the one shard is read over and over
+                make = lambda w: make_train_loader(shard, batch_size, batches * batch_size, image_size, tokenizer,
+                                                   workers=w)
+            else:
+                for i, photo in enumerate(photos):
+                    os.makedirs(os.path.join(tmp, "val", f"c{i % 10}"), exist_ok=True)
+                    with open(os.path.join(tmp, "val", f"c{i % 10}", f"{i:06d}.jpg"), "wb") as f:
+                        f.write(photo)
+                folder = ImageFolder(os.path.join(tmp, "val"), eval_crop(image_size))  # as eval.py reads ImageNet
+                make = lambda w: DataLoader(folder, batch_size, num_workers=w)
+            for w in sorted({0, workers}):
+                rate = images_per_s(make(w))
+                print(f"  {what + ' pipeline,':21}{w:2d} workers:{'':6}{rate:7.1f} images/s ({rate / max(w, 1):.1f} per "
+                      f"{'worker' if w else 'process'})")
 
 
 def main(argv=None):
@@ -850,9 +871,9 @@ def main(argv=None):
     p.add_argument("out", help="output folder for shard-NNNNN.tar")
     p.add_argument("--template", default="a photo of a {}.", help="caption for class folders; {} = the class name")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p = commands.add_parser("bench", help="training-pipeline images/s vs plain PIL decode + resize")
+    p = commands.add_parser("bench", help="training and evaluation pipelines' images/s vs plain PIL decode + resize")
     p.add_argument("--workers", type=int, default=1, help="dataloader workers (also measured: 0, in-process)")
-    p.add_argument("--num-images", type=int, default=256, help="JPEGs to generate (shortest side 400-500 px)")
+    p.add_argument("--num-images", type=int, default=256, help="JPEGs to generate for each pipeline")
     args = parser.parse_args(argv)
     try:
         if args.command == "builtin":
@@ -862,8 +883,12 @@ def main(argv=None):
         elif args.command == "convert":
             convert(args.src, args.out, args.template, args.shard_size)
         else:
-            torch.set_num_threads(1)
-            bench(args.workers, args.num_images)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as in a dataloader worker, so the in-process rate compares with theirs
+            try:
+                bench(args.workers, args.num_images)
+            finally:
+                torch.set_num_threads(threads)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"data.py: error: {e}")
 

@@ -137,7 +137,10 @@ def check_mask(mask, ratio, sigma):
 
 
 def encode_images(model, images, mask="none", ratio=0.0, sigma=0.2, generator=None):
-    """(B, 3, S, S) -> (B, E) normalised fp32 features; with a mask, only the kept patches go through the ViT."""
+    """(B, 3, S, S) -> (B, E) normalised fp32 features; with a mask, only the kept patches go through the ViT.
+    `images`: normalised floats, or uint8 pixels as the loaders below yield them (normalised here, on their device)."""
+    if images.dtype == torch.uint8:
+        images = data.normalize(images)
     keep = None
     if mask != "none":  # masked inference: the same keep_indices as in training, a fresh draw per batch
         keep = masking.keep_indices(images.shape[0], model.visual.grid_size, ratio, mask, sigma,
@@ -201,19 +204,20 @@ def build_classifier(model, tokenizer, classnames, templates, device, batch_size
 @torch.no_grad()
 def zero_shot_classification(model, classifier, loader, device, mask="none", ratio=0.0, sigma=0.2, precision=None,
                              quiet=False):
-    """{"acc1", "acc5", "mean_per_class_recall"} (fractions) over a loader of (images (B, 3, S, S), labels (B,))."""
+    """{"acc1", "acc5", "mean_per_class_recall"} (fractions) over a loader of (images (B, 3, S, S), labels (B,)).
+    Logits stay on the device until the end: a copy to the host per batch would make it wait for the GPU each time."""
     check_mask(mask, ratio, sigma)
     generator, logits, labels = seeded_generator(device), [], []
     progress = Progress("images", len(loader.dataset) if hasattr(loader.dataset, "__len__") else None, quiet)
     for images, target in loader:
         with autocast(device, precision):
             features = encode_images(model, images.to(device, non_blocking=True), mask, ratio, sigma, generator)
-        logits.append((LOGIT_SCALE * features @ classifier).cpu())  # (B, C), in fp32 outside autocast
+        logits.append(LOGIT_SCALE * features @ classifier)  # (B, C), in fp32 outside autocast
         labels.append(target)
         progress.update(len(target))
     if not logits:
         raise ValueError("no images to evaluate")
-    logits, labels = torch.cat(logits), torch.cat(labels)  # (N, C), (N,)
+    logits, labels = torch.cat(logits).cpu(), torch.cat(labels)  # (N, C), (N,)
     return {"acc1": accuracy(logits, labels, 1), "acc5": accuracy(logits, labels, 5),
             "mean_per_class_recall": mean_per_class_recall(logits.argmax(dim=1), labels, classifier.shape[1])}
 
@@ -237,7 +241,7 @@ def evaluate_folder(model, tokenizer, root, classnames=None, templates=None, bat
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no image folder at {root}")
-    dataset = data.ImageFolder(root, data.eval_transform(model.config.image_size))
+    dataset = data.ImageFolder(root, data.eval_crop(model.config.image_size))  # uint8, normalised on the device
     classnames = classnames or folder_classnames(root, dataset.classes, imagenet)
     if len(classnames) != len(dataset.classes):
         raise ValueError(f"{len(classnames)} class names for {len(dataset.classes)} class folders in {root}")
@@ -270,12 +274,12 @@ def zero_shot_retrieval(model, tokenizer, loader, device, mask="none", ratio=0.0
         num_images += len(images)
         with autocast(device, precision):
             images = images.to(device, non_blocking=True)
-            image_features.append(encode_images(model, images, mask, ratio, sigma, generator).cpu())  # (B, E)
-            text_features.append(encode_texts(model, tokenizer, sum(texts, []), device).cpu())  # (captions, E)
+            image_features.append(encode_images(model, images, mask, ratio, sigma, generator))  # (B, E)
+            text_features.append(encode_texts(model, tokenizer, sum(texts, []), device))  # (captions, E)
         progress.update(len(images))
     if not image_features:
         raise ValueError("no image-caption pairs to evaluate")
-    scores = torch.cat(text_features) @ torch.cat(image_features).T  # (T, I) cosine similarities
+    scores = torch.cat(text_features).cpu() @ torch.cat(image_features).cpu().T  # (T, I) cosine similarities
     positives = torch.zeros_like(scores, dtype=torch.bool)
     positives[torch.arange(len(text_image)), torch.tensor(text_image)] = True  # (T, I): caption t describes image i
     result = {}
@@ -329,7 +333,7 @@ def run(args):
     model, tokenizer = load_checkpoint(args.checkpoint, args.model, args.tokenizer, args.device)
     settings = dict(device=args.device, mask=args.mask, ratio=args.ratio, sigma=args.sigma, precision=args.precision)
     if args.retrieval:
-        dataset = data.image_text_dataset(args.retrieval, data.eval_transform(model.config.image_size))
+        dataset = data.image_text_dataset(args.retrieval, data.eval_crop(model.config.image_size))
         loader = make_loader(dataset, args.batch_size, args.workers, args.device)
         task, metrics = "zeroshot_retrieval", zero_shot_retrieval(model, tokenizer, loader, **settings)
     else:

@@ -256,9 +256,9 @@ def test_batch_normalisation_on_the_device_equals_the_per_image_one():
     pictures = [Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)) for _ in range(3)]
     batch = torch.stack([data.to_uint8_tensor(p) for p in pictures])  # (3, 3, 5, 6) uint8, as the loader yields
     assert batch.dtype == torch.uint8 and torch.equal(batch[1, :, 2, 4], torch.tensor(np.array(pictures[1])[2, 4]))
-    expected = torch.stack([data.to_normalized_tensor(p) for p in pictures])
+    expected = torch.stack([(torch.tensor(np.array(p)).permute(2, 0, 1) / 255 - MEAN.view(3, 1, 1)) / STD.view(3, 1, 1)
+                            for p in pictures])  # ToTensor, then Normalize, per image
     assert torch.equal(data.normalize(batch), expected)
-    assert torch.allclose(expected[0, :, 0, 0], (torch.tensor(np.array(pictures[0])[0, 0]) / 255 - MEAN) / STD)
 
 
 def test_eval_transform_resizes_the_shortest_side_then_crops_the_middle():
@@ -290,6 +290,8 @@ def test_eval_transform_matches_a_reference_pipeline_on_odd_sizes():
     ref = img.resize((nw, nh), Image.BICUBIC)
     top, left = int(round((nh - 64) / 2.0)), int(round((nw - 64) / 2.0))
     ref = torch.from_numpy(np.array(ref.crop((left, top, left + 64, top + 64)).convert("RGB"))).permute(2, 0, 1)
+    crop = data.eval_crop(64)(img)  # what eval.py's loaders yield: uint8, normalised later on the device
+    assert crop.dtype == torch.uint8 and torch.equal(crop, ref)
     assert torch.equal(data.eval_transform(64)(img), (ref.float() / 255 - MEAN.view(3, 1, 1)) / STD.view(3, 1, 1))
 
 
@@ -544,3 +546,12 @@ def test_default_workers_share_the_cores_between_the_gpus_of_a_machine(monkeypat
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(4)))
     assert data.default_workers(on_gpu=True) == 1  # never none
     assert data.default_workers(on_gpu=False) == 1
+
+
+def test_bench_times_both_pipelines(capsys):
+    data.main(["bench", "--workers", "0", "--num-images", "64"])
+    out = capsys.readouterr().out
+    rates = {line.split(",")[0].strip(): float(line.split(":")[1].split()[0])
+             for line in out.splitlines() if "pipeline," in line}
+    assert set(rates) == {"training pipeline", "evaluation pipeline"} and all(r > 0 for r in rates.values())
+    assert "shortest side 400-500 px" in out and "shortest side 333-375 px" in out

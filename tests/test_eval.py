@@ -241,6 +241,8 @@ def test_masked_inference_changes_features_reproducibly_and_leaves_the_global_rn
     with torch.no_grad():
         unmasked = zeroshot.encode_images(model, images)
         assert torch.allclose(unmasked, F.normalize(model.encode_image(images), dim=-1))
+        pixels = torch.stack([data.eval_crop(64)(colour_image(c)) for c in COLOURS])  # uint8, as the loaders yield
+        assert pixels.dtype == torch.uint8 and torch.equal(zeroshot.encode_images(model, pixels), unmasked)
         masked = zeroshot.encode_images(model, images, "gaussian", 0.5, 0.2, zeroshot.seeded_generator("cpu"))
     assert masked.shape == unmasked.shape and not torch.allclose(masked, unmasked, atol=1e-3)
     rng = torch.get_rng_state()
