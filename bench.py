@@ -14,6 +14,8 @@ Ratio 0 is the unmasked baseline (keep=None, as `train.py --mask none`) and is a
 FLOPs come from the shapes (model.flops_per_sample: 2 FLOPs per multiply-add, matmuls only, training = 3 x forward),
 so the FLOP-ideal speedup of a ratio is flops(all patches) / flops(K kept). It stays well below 1 / (1 - ratio)
 because the text tower is never masked: ViT-B-16 gets 1.76x / 2.78x / 4.28x at 50 / 75 / 90 %.
+After the table, one line gives the unmasked image tower's inference images/s as eval.py runs it: compare it with
+`python data.py bench`'s evaluation pipeline to see whether an ImageNet pass is bound by the data or the model.
 MFU = achieved FLOP/s / the device's dense bf16 peak (model.peak_flops); it is not reported on the CPU.
 Peak memory is torch.cuda.max_memory_allocated per ratio on a GPU, and the process's peak RSS (which never goes down,
 so it is the largest ratio-0 figure) on the CPU. mask/step is keep_indices timed alone over the time of a whole step.
@@ -181,6 +183,24 @@ def bench_ratio(ratio, step, cfg, args, device, generator, own_mask=True):
                 mask_fraction=None if mask_s is None else mask_s / step_s, sync_free=sync_free)
 
 
+def inference_images_per_s(model, cfg, args, device):
+    """Images/s of the unmasked image tower as eval.py runs it (no grad, autocast, eager, the bench's batch): beside
+    `python data.py bench`'s evaluation pipeline, it tells whether an ImageNet pass is bound by data or by the model."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    images = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    model.eval()
+
+    def encode():
+        with torch.no_grad(), autocast:
+            model.encode_image(images)
+
+    for _ in range(args.warmup):
+        encode()
+    rate = args.batch_size / seconds_per_call(encode, args.steps, device)
+    model.train()
+    return rate
+
+
 def format_table(rows, memory_kind):
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     lines = [f"{'ratio':>5} {'kept':>5} {'samples/s':>10} {'speedup':>8} {'ideal':>7} {'TFLOP/s':>8} {'MFU':>6} "
@@ -259,7 +279,10 @@ def main(argv=None):
     memory_kind = "peak MiB" if on_gpu else "peak RSS MiB"  # GPU: allocated tensors; CPU: the whole process
     rows = bench_model(orig_model, cfg, args, device)
     print(format_table(rows, memory_kind))
-    result = {"settings": vars(args), "device": name, "torch": torch.__version__, "memory": memory_kind, "rows": rows}
+    inference = inference_images_per_s(orig_model, cfg, args, device)
+    print(f"inference, image tower unmasked as eval.py runs it: {inference:.1f} images/s")
+    result = {"settings": vars(args), "device": name, "torch": torch.__version__, "memory": memory_kind, "rows": rows,
+              "inference_images_per_s": inference}
     write_json(args.json, result)  # now, so that our table survives if OpenCLIP's run fails
     if args.openclip:
         del orig_model  # free its weights and optimizer state before the second model

@@ -166,19 +166,38 @@ def make_loader(dataset, batch_size, workers, device):
 
 
 class Progress:
-    """One line on stderr at most every PROGRESS_EVERY_S seconds: evaluating ImageNet takes minutes."""
+    """One line on stderr at most every PROGRESS_EVERY_S seconds (evaluating ImageNet takes minutes), and a last line
+    from `done()`: the rate, and the share of the time spent waiting for the next batch from `batches(loader)`. Near
+    100% means the pass is bound by data loading, as it should be on a GPU; near 0, by the model."""
 
     def __init__(self, what, total=None, quiet=False):
-        self.what, self.total, self.quiet, self.done = what, total, quiet, 0
-        self.start = self.last = time.time()
+        self.what, self.total, self.quiet, self.count, self.waited = what, total, quiet, 0, 0.0
+        self.start = self.last = time.perf_counter()
+
+    def batches(self, loader):
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            self.waited += time.perf_counter() - t0
+            if batch is None:
+                return
+            yield batch
 
     def update(self, n):
-        self.done += n
-        now = time.time()
+        self.count += n
+        now = time.perf_counter()
         if not self.quiet and now - self.last >= PROGRESS_EVERY_S:
             self.last = now
             of = f"/{self.total}" if self.total else ""
-            print(f"{self.what}: {self.done}{of}, {self.done / (now - self.start):.0f}/s", file=sys.stderr, flush=True)
+            print(f"{self.what}: {self.count}{of}, {self.count / (now - self.start):.0f}/s", file=sys.stderr, flush=True)
+
+    def done(self):
+        """Call after the last result has reached the host, so that the time includes the device's work."""
+        elapsed = time.perf_counter() - self.start
+        if not self.quiet:
+            print(f"{self.what}: {self.count} in {elapsed:.1f} s, {self.count / elapsed:.0f}/s, "
+                  f"{100 * self.waited / elapsed:.0f}% of it waiting for data", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- zero-shot classification
@@ -209,7 +228,7 @@ def zero_shot_classification(model, classifier, loader, device, mask="none", rat
     check_mask(mask, ratio, sigma)
     generator, logits, labels = seeded_generator(device), [], []
     progress = Progress("images", len(loader.dataset) if hasattr(loader.dataset, "__len__") else None, quiet)
-    for images, target in loader:
+    for images, target in progress.batches(loader):
         with autocast(device, precision):
             features = encode_images(model, images.to(device, non_blocking=True), mask, ratio, sigma, generator)
         logits.append(LOGIT_SCALE * features @ classifier)  # (B, C), in fp32 outside autocast
@@ -218,6 +237,7 @@ def zero_shot_classification(model, classifier, loader, device, mask="none", rat
     if not logits:
         raise ValueError("no images to evaluate")
     logits, labels = torch.cat(logits).cpu(), torch.cat(labels)  # (N, C), (N,)
+    progress.done()
     return {"acc1": accuracy(logits, labels, 1), "acc5": accuracy(logits, labels, 5),
             "mean_per_class_recall": mean_per_class_recall(logits.argmax(dim=1), labels, classifier.shape[1])}
 
@@ -268,7 +288,7 @@ def zero_shot_retrieval(model, tokenizer, loader, device, mask="none", ratio=0.0
     generator, image_features, text_features = seeded_generator(device), [], []
     text_image, num_images = [], 0  # the index of each caption's image; images so far
     progress = Progress("image-caption pairs", quiet=quiet)
-    for images, captions in loader:
+    for images, captions in progress.batches(loader):
         texts = [[line for line in c.splitlines() if line.strip()] or [c] for c in captions]  # B lists of captions
         text_image += [num_images + i for i, lines in enumerate(texts) for _ in lines]
         num_images += len(images)
@@ -280,6 +300,7 @@ def zero_shot_retrieval(model, tokenizer, loader, device, mask="none", ratio=0.0
     if not image_features:
         raise ValueError("no image-caption pairs to evaluate")
     scores = torch.cat(text_features).cpu() @ torch.cat(image_features).cpu().T  # (T, I) cosine similarities
+    progress.done()
     positives = torch.zeros_like(scores, dtype=torch.bool)
     positives[torch.arange(len(text_image)), torch.tensor(text_image)] = True  # (T, I): caption t describes image i
     result = {}

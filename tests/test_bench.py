@@ -41,9 +41,11 @@ def test_table_has_a_row_per_ratio_with_the_flop_ideal_speedup(capsys, tmp_path)
 
     printed = capsys.readouterr().out
     table = printed[printed.index("ratio  kept"):].splitlines()
-    assert len(table) == 3 and table[1].split()[:2] == ["0.00", "64"] and table[2].split()[:2] == ["0.50", "32"]
-    assert "skipped on the CPU" in printed
-    assert json.loads(out.read_text())["rows"] == rows
+    assert len(table) == 4 and table[1].split()[:2] == ["0.00", "64"] and table[2].split()[:2] == ["0.50", "32"]
+    assert table[3].startswith("inference, image tower unmasked") and "skipped on the CPU" in printed
+    written = json.loads(out.read_text())
+    assert written["rows"] == rows and written["inference_images_per_s"] > 0
+    assert f"{written['inference_images_per_s']:.1f} images/s" in table[3]
 
 
 def test_ratio_zero_is_always_the_baseline():

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import asdict
 
 import pytest
@@ -311,3 +312,21 @@ def test_cli_bad_input_is_one_line(tmp_path):
         zeroshot.main(["--checkpoint", "x.pt", "--dataset", str(tmp_path), "--mask", "gaussian", "--ratio", "1.5"])
     with pytest.raises(SystemExit, match="one of the arguments"):
         zeroshot.main(["--checkpoint", "x.pt"])
+
+
+def test_progress_says_how_much_of_a_pass_waited_for_data(capsys):
+    def run(load_s, work_s):
+        def loader():
+            for i in range(4):
+                time.sleep(load_s)
+                yield i
+        progress = zeroshot.Progress("items")
+        for _ in progress.batches(loader()):
+            time.sleep(work_s)
+            progress.update(1)
+        progress.done()
+        line = capsys.readouterr().err.strip()
+        assert line.startswith("items: 4 in ") and line.endswith("% of it waiting for data")
+        return int(line.split()[-6].rstrip("%"))
+    assert run(0.05, 0) >= 90  # data-bound
+    assert run(0, 0.05) <= 10  # model-bound
