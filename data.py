@@ -851,8 +851,8 @@ def bench(workers, num_images=256, image_size=224, batch_size=32):
                 make = lambda w: DataLoader(folder, batch_size, num_workers=w)
             for w in sorted({0, workers}):
                 rate = images_per_s(make(w))
-                print(f"  {what + ' pipeline,':21}{w:2d} workers:{'':6}{rate:7.1f} images/s ({rate / max(w, 1):.1f} per "
-                      f"{'worker' if w else 'process'})")
+                per = f"{rate / max(w, 1):.1f} per {'worker' if w else 'process'}"
+                print(f"  {what + ' pipeline,':21}{w:2d} workers:{'':6}{rate:7.1f} images/s ({per})")
 
 
 def main(argv=None):

@@ -190,7 +190,8 @@ class Progress:
         if not self.quiet and now - self.last >= PROGRESS_EVERY_S:
             self.last = now
             of = f"/{self.total}" if self.total else ""
-            print(f"{self.what}: {self.count}{of}, {self.count / (now - self.start):.0f}/s", file=sys.stderr, flush=True)
+            rate = self.count / (now - self.start)
+            print(f"{self.what}: {self.count}{of}, {rate:.0f}/s", file=sys.stderr, flush=True)
 
     def done(self):
         """Call after the last result has reached the host, so that the time includes the device's work."""
