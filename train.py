@@ -342,10 +342,13 @@ def main(argv=None):
         mask_gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank)
         batches = iter(loader)
         window, window_t, skipped = [], time.time(), torch.zeros((), dtype=torch.long)
+        waited = 0.0  # seconds of this log window spent blocked on the loader: near all of it = data-bound
         for _ in range(steps_per_epoch):
             micro, keeps = [], []
             for _ in range(args.accum_freq):
+                t = time.time()
                 images, tokens, n_bad = next(batches)
+                waited += time.time() - t
                 skipped += n_bad
                 images = data.normalize(images.to(device, non_blocking=True))  # uint8 -> float on the device
                 micro.append((images, tokens.to(device, non_blocking=True)))
@@ -375,13 +378,14 @@ def main(argv=None):
                 eta = (total_steps - step) * dt / len(window)
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": sum(losses) / len(losses),
                           "lr": lr, "logit_scale": orig_model.logit_scale.exp().item(), "samples_per_s": samples_per_s,
-                          "mfu": mfu, "skipped": int(skipped), "time": time.time() - t0}
+                          "mfu": mfu, "data_wait": waited / dt, "skipped": int(skipped), "time": time.time() - t0}
                 say(f"step {step}/{total_steps} epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                     f"scale {record['logit_scale']:.1f} | {samples_per_s:.0f} samples/s"
-                    + (f" | mfu {100 * mfu:.1f}%" if mfu else "") + f" | skipped {int(skipped)} | eta {eta / 60:.1f} min")
+                    + (f" | mfu {100 * mfu:.1f}%" if mfu else "") + f" | data wait {100 * waited / dt:.0f}%"
+                    + f" | skipped {int(skipped)} | eta {eta / 60:.1f} min")
                 if master:
                     log_metrics(metrics_path, record)
-                window, window_t = [], time.time()
+                window, window_t, waited = [], time.time(), 0.0
 
         # --- end of epoch: evaluate, then save (rank 0); the others wait so no rank runs ahead
         done = epoch + 1
