@@ -817,40 +817,45 @@ def images_per_s(loader):
     return n / (time.perf_counter() - t0)
 
 
+def shard_loader_factory(photos, tmp, image_size, batch_size):
+    """workers -> a training loader over one shard of `photos`, resampled for three passes' worth of batches."""
+    captions = [f"a photo of a {c} {s}" for c in COLOURS for s in SHAPES]
+    shard = os.path.join(tmp, "bench-0000.tar")
+    with wds.TarWriter(shard, encoder=False) as tar:
+        for i, photo in enumerate(photos):
+            tar.write({"__key__": f"{i:06d}", "jpg": photo, "txt": captions[i % len(captions)].encode()})
+    tokenizer, num_samples = train_tokenizer(captions, 1024, 77), 3 * len(photos) // batch_size * batch_size
+    return lambda w: make_train_loader(shard, batch_size, num_samples, image_size, tokenizer, workers=w)
+
+
+def folder_loader_factory(photos, tmp, image_size, batch_size):
+    """workers -> an evaluation loader over a class folder of `photos`, read as eval.py reads ImageNet."""
+    for i, photo in enumerate(photos):
+        os.makedirs(os.path.join(tmp, "val", f"c{i % 10}"), exist_ok=True)
+        with open(os.path.join(tmp, "val", f"c{i % 10}", f"{i:06d}.jpg"), "wb") as f:
+            f.write(photo)
+    folder = ImageFolder(os.path.join(tmp, "val"), eval_crop(image_size))
+    return lambda w: DataLoader(folder, batch_size, num_workers=w)
+
+
 def bench(workers, num_images=256, image_size=224, batch_size=32):
     """Images/s of the training pipeline (CC12M-like JPEGs, shortest side 400-500 px, from a shard) and of the
     evaluation pipeline (ImageNet-like, shortest side 333-375 px, from class folders), against a plain PIL
     decode + resize of the same JPEGs in one process."""
     rng = np.random.default_rng(0)
-    captions = [f"a photo of a {c} {s}" for c in COLOURS for s in SHAPES]
-    with tempfile.TemporaryDirectory() as tmp:
-        for what in ("training", "evaluation"):
-            sides = (400, 501) if what == "training" else (333, 376)
-            photos = [fake_photo(rng, int(rng.integers(*sides))) for _ in range(num_images)]
-            print(f"{what}: {num_images} JPEGs of shortest side {sides[0]}-{sides[1] - 1} px, "
-                  f"mean {sum(map(len, photos)) / len(photos) / 1e3:.0f} kB, {image_size} px output")
-            t0 = time.perf_counter()
-            for photo in photos:
-                Image.open(io.BytesIO(photo)).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-            print(f"  plain PIL decode + resize (1 process): {num_images / (time.perf_counter() - t0):7.1f} images/s")
-            if what == "training":
-                shard = os.path.join(tmp, "bench-0000.tar")
-                with wds.TarWriter(shard, encoder=False) as tar:
-                    for i, photo in enumerate(photos):
-                        tar.write({"__key__": f"{i:06d}", "jpg": photo, "txt": captions[i % len(captions)].encode()})
-                tokenizer = train_tokenizer(captions, 1024, 77)
-                batches = 3 * num_images // batch_size  # resampled: the one shard is read over and over
-                make = lambda w: make_train_loader(shard, batch_size, batches * batch_size, image_size, tokenizer,
-                                                   workers=w)
-            else:
-                for i, photo in enumerate(photos):
-                    os.makedirs(os.path.join(tmp, "val", f"c{i % 10}"), exist_ok=True)
-                    with open(os.path.join(tmp, "val", f"c{i % 10}", f"{i:06d}.jpg"), "wb") as f:
-                        f.write(photo)
-                folder = ImageFolder(os.path.join(tmp, "val"), eval_crop(image_size))  # as eval.py reads ImageNet
-                make = lambda w: DataLoader(folder, batch_size, num_workers=w)
+    pipelines = {"training": ((400, 501), shard_loader_factory), "evaluation": ((333, 376), folder_loader_factory)}
+    for what, (sides, loader_factory) in pipelines.items():
+        photos = [fake_photo(rng, int(rng.integers(*sides))) for _ in range(num_images)]
+        print(f"{what}: {num_images} JPEGs of shortest side {sides[0]}-{sides[1] - 1} px, "
+              f"mean {sum(map(len, photos)) / len(photos) / 1e3:.0f} kB, {image_size} px output")
+        t0 = time.perf_counter()
+        for photo in photos:
+            Image.open(io.BytesIO(photo)).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+        print(f"  plain PIL decode + resize (1 process): {num_images / (time.perf_counter() - t0):7.1f} images/s")
+        with tempfile.TemporaryDirectory() as tmp:
+            make_loader = loader_factory(photos, tmp, image_size, batch_size)
             for w in sorted({0, workers}):
-                rate = images_per_s(make(w))
+                rate = images_per_s(make_loader(w))
                 per = f"{rate / max(w, 1):.1f} per {'worker' if w else 'process'}"
                 print(f"  {what + ' pipeline,':21}{w:2d} workers:{'':6}{rate:7.1f} images/s ({per})")
 
