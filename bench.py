@@ -35,10 +35,10 @@ import os
 import resource
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
+import eval as zeroshot  # `eval` would shadow the builtin
 import masking
 import model as M
 
@@ -186,7 +186,7 @@ def bench_ratio(ratio, step, cfg, args, device, generator, own_mask=True):
 def inference_images_per_s(model, cfg, args, device):
     """Images/s of the unmasked image tower as eval.py runs it (no grad, autocast, eager, the bench's batch): beside
     `python data.py bench`'s evaluation pipeline, it tells whether an ImageNet pass is bound by data or by the model."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    autocast = zeroshot.autocast(device, args.precision)
     images = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     model.eval()
 
@@ -227,7 +227,7 @@ def bench_model(orig_model, cfg, args, device, openclip=False):
 
     cfg: our preset's config, for the shapes and FLOPs (an OpenCLIP model of the same name has the same shapes)."""
     on_gpu = device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    autocast = zeroshot.autocast(device, args.precision)
     # train.py's AdamW settings; decaying every parameter here instead of matrices only costs the same time
     optimizer = torch.optim.AdamW(orig_model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
                                   fused=on_gpu)
