@@ -14,7 +14,7 @@ counted and reported in a rate-limited warning: it never stops a run.
 
     python data.py builtin [--layout uniform|edge]     # generate (once, cached) the built-in dataset, print its paths
     python data.py convert SRC OUT [--template ...]    # a folder of KEY.jpg + KEY.txt, or class folders, -> shards
-    python data.py bench [--workers 2]                 # images/s of the training pipeline vs a plain PIL decode
+    python data.py bench [--workers 2]                 # images/s of the training and evaluation pipelines
 
 The built-in dataset lives in $GDMFLIP_DATA or ~/.cache/gdm-flip/, one folder per set of parameters; delete that folder
 to regenerate it.

@@ -381,7 +381,7 @@ def main(argv=None):
                           "mfu": mfu, "data_wait": waited / dt, "skipped": int(skipped), "time": time.time() - t0}
                 say(f"step {step}/{total_steps} epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                     f"scale {record['logit_scale']:.1f} | {samples_per_s:.0f} samples/s"
-                    + (f" | mfu {100 * mfu:.1f}%" if mfu else "") + f" | data wait {100 * waited / dt:.0f}%"
+                    + (f" | mfu {100 * mfu:.1f}%" if mfu else "") + f" | data wait {100 * record['data_wait']:.0f}%"
                     + f" | skipped {int(skipped)} | eta {eta / 60:.1f} min")
                 if master:
                     log_metrics(metrics_path, record)
