@@ -6,6 +6,7 @@ Training-step throughput per masking ratio: how much faster does dropping patche
     python bench.py --device cpu --compile            # the tiny preset, batch 64, fp32 on the CPU
     python bench.py --ratios 0 0.5 --json bench.json  # also write the table as JSON
     python bench.py --compile --openclip              # and OpenCLIP's model of the same name, side by side
+    python bench.py data --workers 15                 # images/s of the training and evaluation data pipelines
 
 A step is what train.py does for one batch, on synthetic tensors so that data loading is not measured:
 masking.keep_indices -> model(images, tokens, keep) -> clip_loss -> backward -> AdamW -> clamp of the logit scale.
@@ -15,7 +16,7 @@ FLOPs come from the shapes (model.flops_per_sample: 2 FLOPs per multiply-add, ma
 so the FLOP-ideal speedup of a ratio is flops(all patches) / flops(K kept). It stays well below 1 / (1 - ratio)
 because the text tower is never masked: ViT-B-16 gets 1.76x / 2.78x / 4.28x at 50 / 75 / 90 %.
 After the table, one line gives the unmasked image tower's inference images/s as eval.py runs it: compare it with
-`python data.py bench`'s evaluation pipeline to see whether an ImageNet pass is bound by the data or the model.
+`python bench.py data`'s evaluation pipeline to see whether an ImageNet pass is bound by the data or the model.
 MFU = achieved FLOP/s / the device's dense bf16 peak (model.peak_flops); it is not reported on the CPU.
 Peak memory is torch.cuda.max_memory_allocated per ratio on a GPU, and the process's peak RSS (which never goes down,
 so it is the largest ratio-0 figure) on the CPU. mask/step is keep_indices timed alone over the time of a whole step.
@@ -28,28 +29,30 @@ the comparison by a few percent (README), so there repeat it and read smaller di
 times repeat closely.
 """
 
-import argparse
+import io
 import json
 import math
 import os
 import resource
 import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
+import webdataset as wds
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
 
-import eval as zeroshot  # `eval` would shadow the builtin
+import data
 import masking
 import model as M
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # a wrong flag is one clear line, not a usage wall
-        sys.exit(f"{self.prog}: error: {message}")
+import photographer
+from tokenizer import train_tokenizer
 
 
 def parse_args(argv=None):
-    p = OneLineParser(prog="bench.py", description=__doc__.strip().split("\n")[0])
+    p = data.OneLineParser(prog="bench.py", description=__doc__.strip().split("\n")[0])
     a = p.add_argument
     a("--model", default=None, choices=list(M.PRESETS), help="model preset (default: ViT-B-16 on cuda, tiny on cpu)")
     a("--batch-size", type=int, default=None, help="batch size (default: 256 on cuda; on cpu 64 for tiny, else 4)")
@@ -185,8 +188,8 @@ def bench_ratio(ratio, step, cfg, args, device, generator, own_mask=True):
 
 def inference_images_per_s(model, cfg, args, device):
     """Images/s of the unmasked image tower as eval.py runs it (no grad, autocast, eager, the bench's batch): beside
-    `python data.py bench`'s evaluation pipeline, it tells whether an ImageNet pass is bound by data or by the model."""
-    autocast = zeroshot.autocast(device, args.precision)
+    `python bench.py data`'s evaluation pipeline, it tells whether an ImageNet pass is bound by data or by the model."""
+    autocast = M.autocast(device, args.precision)
     images = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     model.eval()
 
@@ -227,7 +230,7 @@ def bench_model(orig_model, cfg, args, device, openclip=False):
 
     cfg: our preset's config, for the shapes and FLOPs (an OpenCLIP model of the same name has the same shapes)."""
     on_gpu = device.type == "cuda"
-    autocast = zeroshot.autocast(device, args.precision)
+    autocast = M.autocast(device, args.precision)
     # train.py's AdamW settings; decaying every parameter here instead of matrices only costs the same time
     optimizer = torch.optim.AdamW(orig_model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
                                   fused=on_gpu)
@@ -250,8 +253,97 @@ def bench_model(orig_model, cfg, args, device, openclip=False):
     return rows
 
 
+# ----------------------------------------------------------------------------- data pipelines
+
+
+def fake_photo(rng, short_side):
+    """A CC12M-like JPEG for benchmarks: smooth colours, shapes, grain; shortest side `short_side`, aspect to 16:9."""
+    aspect = rng.uniform(1, 16 / 9)
+    size = (round(short_side * aspect), short_side) if rng.random() < 0.7 else (short_side, round(short_side * aspect))
+    img = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(8):
+        x, y, r = rng.uniform(0, size[0]), rng.uniform(0, size[1]), rng.uniform(10, short_side / 4)
+        draw.polygon(photographer.shape_points(photographer.SHAPES[rng.integers(6)], x, y, r, 0), fill=tuple(rng.integers(0, 256, 3).tolist()))
+    grain = rng.normal(0, 4, (size[1], size[0], 1))  # texture, so the JPEG is photo-sized (~60-70 kB), not flat
+    return photographer.jpeg_bytes(Image.fromarray(np.clip(np.asarray(img) + grain, 0, 255).astype(np.uint8)), quality=90)
+
+
+def images_per_s(loader):
+    """Images/s of one pass over `loader`, the first batch (worker start-up, shuffle buffer) not counted."""
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    n = sum(batch[0].shape[0] for batch in it)
+    return n / (time.perf_counter() - t0)
+
+
+def shard_loader_factory(photos, tmp, image_size, batch_size):
+    """workers -> a training loader over one shard of `photos`, resampled for three passes' worth of batches."""
+    captions = [f"a photo of a {c} {s}" for c in photographer.COLOURS for s in photographer.SHAPES]
+    shard = os.path.join(tmp, "bench-0000.tar")
+    with wds.TarWriter(shard, encoder=False) as tar:
+        for i, photo in enumerate(photos):
+            tar.write({"__key__": f"{i:06d}", "jpg": photo, "txt": captions[i % len(captions)].encode()})
+    tokenizer, num_samples = train_tokenizer(captions, 1024, 77), 3 * len(photos) // batch_size * batch_size
+    return lambda w: data.make_train_loader(shard, batch_size, num_samples, image_size, tokenizer, workers=w)
+
+
+def folder_loader_factory(photos, tmp, image_size, batch_size):
+    """workers -> an evaluation loader over a class folder of `photos`, read as eval.py reads ImageNet."""
+    for i, photo in enumerate(photos):
+        os.makedirs(os.path.join(tmp, "val", f"c{i % 10}"), exist_ok=True)
+        with open(os.path.join(tmp, "val", f"c{i % 10}", f"{i:06d}.jpg"), "wb") as f:
+            f.write(photo)
+    folder = data.ImageFolder(os.path.join(tmp, "val"), data.eval_crop(image_size))
+    return lambda w: DataLoader(folder, batch_size, num_workers=w)
+
+
+def bench_pipelines(workers, num_images=256, image_size=224, batch_size=32):
+    """Images/s of the training pipeline (CC12M-like JPEGs, shortest side 400-500 px, from a shard) and of the
+    evaluation pipeline (ImageNet-like, shortest side 333-375 px, from class folders), against a plain PIL
+    decode + resize of the same JPEGs in one process."""
+    rng = np.random.default_rng(0)
+    pipelines = {"training": ((400, 501), shard_loader_factory), "evaluation": ((333, 376), folder_loader_factory)}
+    for what, (sides, loader_factory) in pipelines.items():
+        photos = [fake_photo(rng, int(rng.integers(*sides))) for _ in range(num_images)]
+        print(f"{what}: {num_images} JPEGs of shortest side {sides[0]}-{sides[1] - 1} px, "
+              f"mean {sum(map(len, photos)) / len(photos) / 1e3:.0f} kB, {image_size} px output")
+        t0 = time.perf_counter()
+        for photo in photos:
+            Image.open(io.BytesIO(photo)).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+        print(f"  plain PIL decode + resize (1 process): {num_images / (time.perf_counter() - t0):7.1f} images/s")
+        with tempfile.TemporaryDirectory() as tmp:
+            make_loader = loader_factory(photos, tmp, image_size, batch_size)
+            for w in sorted({0, workers}):
+                rate = images_per_s(make_loader(w))
+                per = f"{rate / max(w, 1):.1f} per {'worker' if w else 'process'}"
+                print(f"  {what + ' pipeline,':21}{w:2d} workers:{'':6}{rate:7.1f} images/s ({per})")
+
+
+def data_main(argv):
+    """`python bench.py data`: images/s of the training and evaluation pipelines against a plain PIL decode."""
+    p = data.OneLineParser(prog="bench.py data", description=bench_pipelines.__doc__.split("\n")[0])
+    p.add_argument("--workers", type=int, default=1, help="dataloader workers (also measured: 0, in-process)")
+    p.add_argument("--num-images", type=int, default=256, help="JPEGs to generate for each pipeline")
+    args = p.parse_args(argv)
+    if args.workers < 0 or args.num_images < 64:
+        p.error("--workers must be >= 0 and --num-images >= 64 (two batches of 32 at least)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a dataloader worker, so the in-process rate compares with theirs
+    try:
+        bench_pipelines(args.workers, args.num_images)
+    finally:
+        torch.set_num_threads(threads)
+
+
+
+
 def main(argv=None):
     """Run the benchmark for the given command line; print the table and return its rows (a list of dicts)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["data"]:
+        return data_main(argv[1:])
     args = parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"

@@ -6,7 +6,7 @@ Classification: every class gets an embedding, the normalised mean of the normal
 images and captions rank each other by cosine similarity. `--mask` repeats either with training-style patch masking,
 the paper's "masked inference" column (the default is inference unmasking: every patch).
 
-    python eval.py --checkpoint logs/RUN/checkpoints/epoch_latest.pt --dataset TEST   # TEST: `python data.py builtin`
+    python eval.py --checkpoint logs/RUN/checkpoints/epoch_latest.pt --dataset TEST   # TEST: `python photographer.py`
     python eval.py --checkpoint open_clip_vit_b16.pt --tokenizer bpe_simple_vocab_16e6.txt.gz \\
         --imagenet-val /data/imagenet/val --mask gaussian --ratio 0.5 --output result.json
     python eval.py --checkpoint logs/RUN/checkpoints/epoch_30.pt --retrieval '/data/mscoco/test-{0000..0004}.tar'
@@ -16,13 +16,11 @@ next to this one, `imagenet_classnames.txt` and `openai_templates.txt`: one entr
 goes, the same format `--classnames` and `--templates` take. train.py calls the same functions for its evaluation.
 """
 
-import argparse
 import json
 import os
 import pickle
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ from torch.utils.data import DataLoader
 import data
 import masking
 import model as M
+from tokenizer import load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGENET_CLASSNAMES = os.path.join(HERE, "imagenet_classnames.txt")
@@ -107,7 +106,7 @@ def load_checkpoint(path, model_name="ViT-B-16", tokenizer=None, device="cpu"):
         model.load_state_dict(state_dict)
     except RuntimeError as e:  # shapes differ: a different preset or vocabulary
         raise ValueError(f"{path} does not fit model {model_name!r}: {str(e).splitlines()[-1].strip()}") from None
-    return model.to(device).eval(), data.load_tokenizer(tokenizer, model.config.context_length)
+    return model.to(device).eval(), load_tokenizer(tokenizer, model.config.context_length)
 
 
 def read_lines(path):
@@ -119,15 +118,6 @@ def read_lines(path):
 
 
 # ----------------------------------------------------------------------------- features
-
-
-def autocast(device, precision=None):
-    """bf16 autocast on GPU by default, plain fp32 on CPU."""
-    device_type = torch.device(device).type
-    precision = precision or ("bf16" if device_type == "cuda" else "fp32")
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
-    return torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def check_mask(mask, ratio, sigma):
@@ -213,7 +203,7 @@ def build_classifier(model, tokenizer, classnames, templates, device, batch_size
         raise ValueError(f"template {bad[0]!r} has no '{{}}' where the class name goes")
     prompts = [t.replace("{}", name) for name in classnames for t in templates]  # class-major: C * P prompts
     progress, features = Progress("class prompts", len(prompts), quiet), []
-    with autocast(device, precision):
+    with M.autocast(device, precision):
         for i in range(0, len(prompts), batch_size):
             features.append(encode_texts(model, tokenizer, prompts[i:i + batch_size], device))
             progress.update(len(features[-1]))
@@ -230,7 +220,7 @@ def zero_shot_classification(model, classifier, loader, device, mask="none", rat
     generator, logits, labels = seeded_generator(device), [], []
     progress = Progress("images", len(loader.dataset) if hasattr(loader.dataset, "__len__") else None, quiet)
     for images, target in progress.batches(loader):
-        with autocast(device, precision):
+        with M.autocast(device, precision):
             features = encode_images(model, images.to(device, non_blocking=True), mask, ratio, sigma, generator)
         logits.append(LOGIT_SCALE * features @ classifier)  # (B, C), in fp32 outside autocast
         labels.append(target)
@@ -293,7 +283,7 @@ def zero_shot_retrieval(model, tokenizer, loader, device, mask="none", ratio=0.0
         texts = [[line for line in c.splitlines() if line.strip()] or [c] for c in captions]  # B lists of captions
         text_image += [num_images + i for i, lines in enumerate(texts) for _ in lines]
         num_images += len(images)
-        with autocast(device, precision):
+        with M.autocast(device, precision):
             images = images.to(device, non_blocking=True)
             image_features.append(encode_images(model, images, mask, ratio, sigma, generator))  # (B, E)
             text_features.append(encode_texts(model, tokenizer, sum(texts, []), device))  # (captions, E)
@@ -314,13 +304,8 @@ def zero_shot_retrieval(model, tokenizer, loader, device, mask="none", ratio=0.0
 # ----------------------------------------------------------------------------- command line
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # a wrong flag is one clear line, not a usage wall
-        sys.exit(f"{self.prog}: error: {message}")
-
-
 def parse_args(argv=None):
-    p = OneLineParser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    p = data.OneLineParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--checkpoint", required=True, help="train.py checkpoint, OpenCLIP checkpoint or OpenCLIP/OpenAI state dict")
     task = p.add_mutually_exclusive_group(required=True)

@@ -15,6 +15,7 @@ Run `python model.py` to print the presets and their parameter counts.
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -227,6 +228,15 @@ def peak_flops(device):
     if torch.device(device).type != "cuda":
         return None
     return peak_flops_by_name(torch.cuda.get_device_name(device))
+
+
+def autocast(device, precision=None):
+    """bf16 autocast on a GPU by default, plain fp32 on the CPU (where bf16 matmuls are slow and fp32 is exact)."""
+    device_type = torch.device(device).type
+    precision = precision or ("bf16" if device_type == "cuda" else "fp32")
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
+    return torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def convert_openclip_state_dict(state_dict):

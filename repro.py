@@ -28,6 +28,7 @@ from PIL import Image
 
 import data
 import masking
+import photographer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = 20_000  # samples per epoch: the built-in dataset's size, also drawn from Fashion-MNIST's 60k
@@ -52,7 +53,7 @@ def read_idx(path):
 def prepare_fashion_mnist(src=FASHION_MNIST, root=None):
     """Fashion-MNIST -> class folders of PNGs -> data.convert's shards (captions from the class names), plus the test
     split as a class folder for zero-shot. Done once, cached beside the built-in dataset. Returns {train, test}."""
-    out = os.path.join(root or data.cache_root(), "fashion-mnist-v1")
+    out = os.path.join(root or photographer.cache_root(), "fashion-mnist-v1")
     if os.path.isdir(out):
         shards = len([f for f in os.listdir(os.path.join(out, "train")) if f.endswith(".tar")])
         return {"train": os.path.join(out, "train", f"shard-{{00000..{shards - 1:05d}}}.tar"),
@@ -81,11 +82,11 @@ def subject_kept(layout, ratio, sigma=0.2, n=2000, image_size=64, grid=8, seed=0
     """The mean fraction of the subject's area that Gaussian masking keeps on a built-in layout, from the generator's
     placement of the subject and masking.keep_probability. Random masking keeps 1 - ratio of it: the difference is
     how much centring can help there."""
-    rng, ss = np.random.default_rng(seed), 2 * image_size  # data.render draws at twice the size
+    rng, ss = np.random.default_rng(seed), 2 * image_size  # photographer.render draws at twice the size
     yy, xx = np.mgrid[0:ss, 0:ss] + 0.5
     cover = np.zeros((ss, ss))
     for _ in range(n):
-        cx, cy, r = data.subject_disc(rng, ss, layout)
+        cx, cy, r = photographer.subject_disc(rng, ss, layout)
         cover += (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
     cover = cover.reshape(grid, ss // grid, grid, ss // grid).sum((1, 3))  # per patch
     return float((cover * np.asarray(masking.keep_probability(grid, ratio, "gaussian", sigma))).sum() / cover.sum())
@@ -166,7 +167,7 @@ def table(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="centered", choices=[*data.LAYOUTS, "fashion-mnist"],
+    p.add_argument("--dataset", default="centered", choices=[*photographer.LAYOUTS, "fashion-mnist"],
                    help="built-in dataset with centred subjects, its uniform or edge layout (controls), or "
                    "Fashion-MNIST")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9], help="masking ratios")
@@ -201,7 +202,7 @@ def main(argv=None):
         rows = {label: [f.result() for f in fs] for label, fs in futures.items()}
     result = (f"zero-shot top-1 (%) on the {args.dataset} test split, seeds {args.seeds}, {args.epochs} epochs of "
               f"{SAMPLES} samples, {(time.time() - t0) / 60:.0f} min:\n\n{table(rows)}\n")
-    if args.dataset in data.LAYOUTS:
+    if args.dataset in photographer.LAYOUTS:
         kept = [f"{r:.0%} masking {subject_kept(args.dataset, r):.2f} vs {1 - r:.2f}" for r in args.ratios]
         result += "\nshare of the subject's area kept, GDM-FLIP against FLIP: " + ", ".join(kept) + "\n"
     print("\n" + result)

@@ -30,10 +30,12 @@ import data
 import eval as zeroshot  # `eval` would shadow the builtin
 import masking
 import model as M
+import photographer
+import tokenizer as tokenizer_lib  # `tokenizer` is the name of the object train.py uses
 
 
 def parse_args(argv=None):
-    p = zeroshot.OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    p = data.OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--model", default=None, choices=list(M.PRESETS), help="model preset (default: ViT-B-16 with --train-data, "
       "else tiny)")
@@ -42,7 +44,7 @@ def parse_args(argv=None):
     a("--sigma", type=float, default=0.2, help="Gaussian masking's sigma, used as a variance as in the paper's code")
     a("--train-data", default=None, help="webdataset shards, brace patterns joined with '::' (default: built-in dataset)")
     a("--train-num-samples", type=int, default=None, help="samples per epoch (shards are resampled, as OpenCLIP)")
-    a("--builtin-layout", default="centered", choices=data.LAYOUTS,
+    a("--builtin-layout", default="centered", choices=photographer.LAYOUTS,
       help="built-in dataset: subject near the centre, anywhere, or against an edge (the controls)")
     a("--builtin-samples", type=int, default=20_000, help="built-in dataset: number of training images generated")
     a("--tokenizer", default=None, help="CLIP BPE vocab (bpe_simple_vocab_16e6.txt.gz), tokenizer.json, or a captions "
@@ -241,7 +243,7 @@ def main(argv=None):
     args.workers = args.workers if args.workers is not None else data.default_workers(on_gpu)
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = zeroshot.autocast(device, args.precision)  # bf16 autocast, or a no-op for fp32
+    autocast = M.autocast(device, args.precision)  # bf16 autocast, or a no-op for fp32
 
     # --- run folder
     args.name = args.name or run_name(args)
@@ -262,11 +264,11 @@ def main(argv=None):
             if folder and not os.path.isdir(folder):
                 raise FileNotFoundError(f"{flag} {folder} is not a directory")
         if args.train_data is None:
-            say("no --train-data: training on the built-in 'photographer' dataset (python data.py builtin --help);")
+            say("no --train-data: training on the built-in 'photographer' dataset (python photographer.py --help);")
             say("  for real data pass e.g. --train-data '/data/cc12m/cc12m-train-{0000..2175}.tar' "
                 "--train-num-samples 10968539 --imagenet-val /data/imagenet/val --model ViT-B-16")
             with rank_zero_first(master, world_size):  # rank 0 generates it (once, cached), the others then read it
-                builtin = data.builtin_dataset(layout=args.builtin_layout, num_train=args.builtin_samples, seed=0)
+                builtin = photographer.builtin_dataset(layout=args.builtin_layout, num_train=args.builtin_samples, seed=0)
             args.train_data, test_dir = builtin["train"], builtin["test"]
             args.train_num_samples = args.train_num_samples or args.builtin_samples
         data.expand_urls(args.train_data)  # fails here, before any training, if a pattern matches nothing
@@ -286,11 +288,11 @@ def main(argv=None):
             tok_spec = os.path.join(run_dir, "tokenizer.json")
             with rank_zero_first(master, world_size):
                 if master:
-                    tok = data.train_tokenizer(data.read_captions(args.train_data), args.vocab_size or cfg.vocab_size,
+                    tok = tokenizer_lib.train_tokenizer(data.read_captions(args.train_data), args.vocab_size or cfg.vocab_size,
                                                cfg.context_length)
                     with open(tok_spec, "w") as f:
                         f.write(tok.to_json())
-        tokenizer = data.load_tokenizer(tok_spec, cfg.context_length)
+        tokenizer = tokenizer_lib.load_tokenizer(tok_spec, cfg.context_length)
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         orig_model = M.CLIP(cfg) if checkpoint else M.create_model(args.model, vocab_size=tokenizer.vocab_size)
         cfg = orig_model.config

@@ -106,15 +106,21 @@ def test_openclip_runs_side_by_side_at_the_same_ratios(monkeypatch, capsys, tmp_
     assert "OpenCLIP tiny (open_clip_torch fake), the same steps" in printed and "ours / OpenCLIP samples/s" in printed
 
 
-def test_openclip_missing_or_without_the_model_is_one_line(monkeypatch):
+def usage_error(capsys, argv):
+    """The one line (on stderr) that parse_args exits with, status 2 as argparse's."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    return err
+
+
+def test_openclip_missing_or_without_the_model_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # what `import open_clip` meets when it is not installed
-    with pytest.raises(SystemExit) as e:
-        bench.parse_args(["--device", "cpu", "--openclip"])
-    assert "--openclip needs open_clip_torch" in str(e.value) and "\n" not in str(e.value)
+    assert "--openclip needs open_clip_torch" in usage_error(capsys, ["--device", "cpu", "--openclip"])
     monkeypatch.setitem(sys.modules, "open_clip", fake_open_clip())
-    with pytest.raises(SystemExit) as e:
-        bench.parse_args(["--device", "cpu", "--model", "ViT-Ti-16", "--openclip"])
-    assert "OpenCLIP has no model named 'ViT-Ti-16'" in str(e.value)
+    err = usage_error(capsys, ["--device", "cpu", "--model", "ViT-Ti-16", "--openclip"])
+    assert "OpenCLIP has no model named 'ViT-Ti-16'" in err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -122,7 +128,14 @@ def test_openclip_missing_or_without_the_model_is_one_line(monkeypatch):
     (["--steps", "0"], "--steps must be >= 1"),
     (["--model", "ViT-Z"], "invalid choice"),
 ])
-def test_bad_flags_exit_with_one_line(flags, message):
-    with pytest.raises(SystemExit) as e:
-        bench.parse_args(["--device", "cpu"] + flags)
-    assert message in str(e.value) and "\n" not in str(e.value)
+def test_bad_flags_exit_with_one_line(flags, message, capsys):
+    assert message in usage_error(capsys, ["--device", "cpu"] + flags)
+
+
+def test_bench_times_both_pipelines(capsys):
+    bench.main(["data", "--workers", "0", "--num-images", "64"])
+    out = capsys.readouterr().out
+    rates = {line.split(",")[0].strip(): float(line.split(":")[1].split()[0])
+             for line in out.splitlines() if "pipeline," in line}
+    assert set(rates) == {"training pipeline", "evaluation pipeline"} and all(r > 0 for r in rates.values())
+    assert "shortest side 400-500 px" in out and "shortest side 333-375 px" in out

@@ -1,12 +1,10 @@
-"""The contract of data.py: shards in, (images, tokens) out, never stopped by a bad sample; CLIP's tokenizer and
-preprocessing; the built-in dataset."""
+"""The contract of data.py: shards in, (images, tokens) out, never stopped by a bad sample; OpenCLIP's
+preprocessing; class folders and retrieval shards; convert."""
 
-import gzip
 import io
 import math
 import os
 import random
-import re
 import struct
 import tarfile
 import zlib
@@ -18,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 import data
+from tokenizer import train_tokenizer
 
 MEAN, STD = torch.tensor(data.OPENAI_MEAN), torch.tensor(data.OPENAI_STD)
 
@@ -62,7 +61,7 @@ def fresh_warning_limit(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.train_tokenizer([f"sample {i}" for i in range(200)] + ["a photo of a red star"], 600, 16)
+    return train_tokenizer([f"sample {i}" for i in range(200)] + ["a photo of a red star"], 600, 16)
 
 
 def sample_ids(tok, tokens):
@@ -319,136 +318,6 @@ def test_train_transform_draft_decodes_the_same_crop():
     assert torch.equal(fast, again)
 
 
-# ------------------------------------------------------------------------------------------------------ tokenizer
-def test_trained_tokenizer_layout_padding_truncation_and_round_trip(tok, tmp_path):
-    assert tok.context_length == 16 and tok.eot == tok.vocab_size - 1 and tok.sot == tok.vocab_size - 2
-    assert max(tok.hf.get_vocab().values()) == tok.eot  # eot is the largest id: the text tower pools at argmax
-    short, long = tok(["A photo of   a RED star", " ".join(["star"] * 40)])
-    n = int((short != 0).sum())
-    assert short[0] == tok.sot and short[n - 1] == tok.eot and (short[n:] == 0).all() and (short[1:n - 1] != 0).all()
-    assert long[0] == tok.sot and long[-1] == tok.eot and (long != 0).all()  # cut to 16, still ends with eot
-    assert tok.decode(short) == "a photo of a red star"  # lower-cased, whitespace cleaned
-    wide = data.load_tokenizer(tok.to_json(), context_length=64)
-    text = "naïve café 日本 &amp; 42!"
-    assert tok.decode(wide([text])[0]) == "naïve café 日本 & 4 2 !"  # unseen characters go as bytes: none lost
-    again = data.load_tokenizer(tok.to_json())
-    (tmp_path / "tokenizer.json").write_text(tok.to_json())
-    from_file = data.load_tokenizer(str(tmp_path / "tokenizer.json"))
-    texts = ["sample 3", "a photo of a red star", "something else entirely"]
-    assert again.context_length == from_file.context_length == 16
-    assert torch.equal(again(texts), tok(texts)) and torch.equal(from_file(texts), tok(texts))
-
-
-def test_tokenizer_from_a_captions_file(tmp_path):
-    (tmp_path / "captions.txt").write_text("a red star\na blue circle\n" * 20)
-    t = data.load_tokenizer(str(tmp_path / "captions.txt"), context_length=8)
-    assert t.decode(t(["a red circle"])[0]) == "a red circle" and t.eot == t.vocab_size - 1
-    assert t(["a red star"]).shape == (1, 8) and int((t(["a red star"]) != 0).sum()) == 5  # sot a red star eot
-
-
-def reference_byte_map():
-    """GPT-2 / CLIP: printable Latin-1 bytes stand for themselves, the other 68 bytes for chr(256), chr(257), ..."""
-    keep = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-    rest = [b for b in range(256) if b not in keep]
-    return dict(zip(keep + rest, [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]))
-
-
-class ReferenceCLIPBPE:
-    """CLIP's tokenizer written from its description: clean (html unescape, whitespace, lower case), pre-split into
-    contractions / letter runs / single digits / other runs, bytes -> characters, then merge the best-ranked adjacent
-    pair until none is left, with `</w>` marking the end of each word."""
-
-    def __init__(self, merges):
-        chars = list(reference_byte_map().values())
-        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>",
-                                                                                       "<|endoftext|>"]
-        self.ids, self.ranks = {t: i for i, t in enumerate(vocab)}, {m: i for i, m in enumerate(merges)}
-
-    def bpe(self, word):
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            rank, pair = min((self.ranks.get(pair, math.inf), pair) for pair in zip(parts, parts[1:]))
-            if rank == math.inf:
-                break
-            parts = apply_merge(parts, pair)
-        return parts
-
-    def encode(self, text, context_length=77):
-        import html
-        text = re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip().lower()
-        words = re.findall(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", text)
-        byte_map = reference_byte_map()
-        ids = [self.ids[t] for w in words for t in self.bpe("".join(byte_map[b] for b in w.encode()))]
-        ids = ([self.ids["<|startoftext|>"]] + ids)[: context_length - 1] + [self.ids["<|endoftext|>"]]
-        return ids + [0] * (context_length - len(ids))
-
-
-def apply_merge(parts, pair):
-    """Merge every occurrence of `pair` in `parts`, left to right."""
-    out, i = [], 0
-    while i < len(parts):
-        if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
-            out.append(parts[i] + parts[i + 1])
-            i += 2
-        else:
-            out.append(parts[i])
-            i += 1
-    return out
-
-
-def learn_merges(corpus, n):
-    """A tiny BPE learner (most frequent adjacent pair first) to make a vocabulary file in CLIP's format."""
-    byte_map = reference_byte_map()
-    words = [list("".join(byte_map[b] for b in w.encode())) for w in re.findall(r"[^\W\d_]+", corpus.lower())]
-    words = [w[:-1] + [w[-1] + "</w>"] for w in words]
-    merges = []
-    for _ in range(n):
-        counts = {}
-        for w in words:
-            for pair in zip(w, w[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            break
-        best = max(counts, key=lambda p: (counts[p], p))
-        merges.append(best)
-        words = [apply_merge(w, best) for w in words]
-    return merges
-
-
-def test_clip_bpe_file_gives_the_ids_of_clips_tokenizer(tmp_path):
-    corpus = ("a photo of the cat sitting on a mat there is a dog and another dog in the photograph "
-              "the weather is rather hot at the theatre these photos of cats and dogs were taken at night") * 3
-    merges = learn_merges(corpus, 60)
-    path = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok, ref = data.load_tokenizer(str(path)), ReferenceCLIPBPE(merges)
-    assert tok.vocab_size == 512 + len(merges) + 2 and tok.eot == tok.vocab_size - 1 and tok.context_length == 77
-    texts = ["A photo of the cat.", "  there's   a DOG's photograph, at night!!",
-             "the theatre's 2024 photos: cats & dogs",
-             "Rather hot weather &amp; 3 mats", "unseen wordsxyz don't panic", "a photo of the cat " * 20]
-    assert tok(texts).tolist() == [ref.encode(t) for t in texts]
-
-
-def test_clip_bpe_file_is_cut_at_clips_48894_merges(tmp_path):
-    chars = list(reference_byte_map().values())[:94]  # printable ASCII
-    pairs = [(a, b) for a in chars for b in chars]
-    merges = pairs + [(a, b + "</w>") for a, b in pairs] + [(a + b, c) for a, b in pairs for c in chars]
-    path = tmp_path / "big_vocab.txt"
-    path.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges[:49_000]))
-    tok = data.load_tokenizer(str(path), context_length=8)
-    assert tok.vocab_size == 49408 and (tok.sot, tok.eot) == (49406, 49407)  # 256 + 256 + 48894 + 2
-    hi = 512 + len(pairs) + pairs.index(("h", "i"))  # "hi" is one word: the merge (h, i</w>)
-    assert tok(["hi"])[0].tolist() == [49406, hi, 49407] + [0] * 5
-
-
-def test_tokenizer_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        data.load_tokenizer(str(tmp_path / "missing.json"))
-    with pytest.raises(ValueError, match="at least 515"):
-        data.train_tokenizer(["a b"], vocab_size=100)
-
-
 # ------------------------------------------------------------------------------------------------------ eval data
 def test_image_folder(tmp_path, capsys):
     with pytest.raises(FileNotFoundError):
@@ -465,47 +334,6 @@ def test_image_folder(tmp_path, capsys):
     x, label = ds[2]  # broken.jpg: a blank mean-colour image, with its label, and a warning
     assert label == 1 and x.shape == (3, 8, 8) and x.abs().max() < 0.01
     assert "broken.jpg" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------------------------------------ built-in data
-def files_of(root):
-    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-            for d, _, fs in os.walk(root) for f in fs}
-
-
-def interrupted(job):
-    raise RuntimeError("interrupted")
-
-
-def test_builtin_dataset_is_deterministic_cached_and_well_formed(tmp_path, monkeypatch):
-    kw = dict(num_train=200, num_test=72, image_size=32)
-    with monkeypatch.context() as m:  # an interrupted generation leaves nothing that looks finished
-        m.setattr(data, "generate_part", interrupted)
-        with pytest.raises(RuntimeError, match="interrupted"):
-            data.builtin_dataset(root=str(tmp_path / "a"), **kw)
-        assert os.listdir(tmp_path / "a") == []
-    a = data.builtin_dataset(root=str(tmp_path / "a"), **kw)
-    b = data.builtin_dataset(root=str(tmp_path / "b"), **kw)
-    fa, fb = files_of(os.path.dirname(a["test"])), files_of(os.path.dirname(b["test"]))
-    assert fa == fb and len(fa) == 1 + 72 + 2  # one shard, 72 test images, classnames.txt, templates.txt
-    c = data.builtin_dataset(root=str(tmp_path / "c"), seed=1, **kw)
-    u = data.builtin_dataset(root=str(tmp_path / "u"), layout="uniform", **kw)
-    e = data.builtin_dataset(root=str(tmp_path / "e"), layout="edge", **kw)
-    for other in (c, u, e):
-        assert files_of(os.path.dirname(other["test"])) != fa
-    # cached: a second call generates nothing; no temporary folder is left behind
-    monkeypatch.setattr(data, "generate_part", lambda job: pytest.fail("regenerated"))
-    assert data.builtin_dataset(root=str(tmp_path / "a"), **kw) == a and len(os.listdir(tmp_path / "a")) == 1
-    # the pieces eval.py and train.py read
-    folder = data.ImageFolder(a["test"], data.eval_transform(32))
-    assert [n.replace("_", " ") for n in folder.classes] == a["classnames"] and len(a["classnames"]) == 36
-    assert open(os.path.join(a["test"], "classnames.txt")).read().split("\n")[:-1] == a["classnames"]
-    assert all("{}" in t for t in a["templates"])
-    samples = [s for url in data.expand_urls(a["train"]) for s in data.read_shard(url)]
-    assert len(samples) == 200
-    for s in samples:  # every caption names its class
-        assert a["classnames"][int(s["cls"])] in s["txt"].decode()
-    assert Image.open(io.BytesIO(samples[0]["jpg"])).size == (32, 32)
 
 
 def test_convert_class_folders_and_captioned_folders(tmp_path):
@@ -525,17 +353,6 @@ def test_convert_class_folders_and_captioned_folders(tmp_path):
     assert sorted(data.read_captions(pattern)) == ["caption 0", "caption 1", "caption 2"]
 
 
-def test_subject_placement_follows_the_layout():
-    rng, ss = np.random.default_rng(0), 128
-    discs = {layout: np.array([data.subject_disc(rng, ss, layout) for _ in range(500)]) for layout in data.LAYOUTS}
-    for cx, cy, r in np.concatenate(list(discs.values())):
-        assert r <= min(cx, cy, ss - cx, ss - cy) + 1e-9  # the whole subject is in the frame
-    off_centre = {k: np.hypot(d[:, 0] - ss / 2, d[:, 1] - ss / 2).mean() for k, d in discs.items()}
-    assert off_centre["centered"] < off_centre["uniform"] < off_centre["edge"]
-    cx, cy, r = discs["edge"].T
-    assert (np.minimum.reduce([cx, cy, ss - cx, ss - cy]) - r <= 0.04 * ss + 1e-9).all()  # against a side
-
-
 def test_default_workers_share_the_cores_between_the_gpus_of_a_machine(monkeypatch):
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
@@ -546,12 +363,3 @@ def test_default_workers_share_the_cores_between_the_gpus_of_a_machine(monkeypat
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(4)))
     assert data.default_workers(on_gpu=True) == 1  # never none
     assert data.default_workers(on_gpu=False) == 1
-
-
-def test_bench_times_both_pipelines(capsys):
-    data.main(["bench", "--workers", "0", "--num-images", "64"])
-    out = capsys.readouterr().out
-    rates = {line.split(",")[0].strip(): float(line.split(":")[1].split()[0])
-             for line in out.splitlines() if "pipeline," in line}
-    assert set(rates) == {"training pipeline", "evaluation pipeline"} and all(r > 0 for r in rates.values())
-    assert "shortest side 400-500 px" in out and "shortest side 333-375 px" in out

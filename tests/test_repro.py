@@ -8,6 +8,7 @@ import tarfile
 import numpy as np
 
 import data
+import photographer
 import eval as zeroshot
 import repro
 
@@ -64,6 +65,6 @@ def test_a_run_is_finished_only_after_its_last_epoch_is_evaluated(tmp_path):
 
 
 def test_centring_keeps_more_of_the_subject_the_more_central_the_layout():
-    kept = {layout: repro.subject_kept(layout, 0.5, n=300) for layout in data.LAYOUTS}
+    kept = {layout: repro.subject_kept(layout, 0.5, n=300) for layout in photographer.LAYOUTS}
     assert kept["centered"] > kept["uniform"] > kept["edge"] > 0.5  # random masking keeps 0.5 of anything
     assert repro.subject_kept("centered", 0.9, n=300) < kept["centered"]
