@@ -6,6 +6,8 @@ Two vocabularies, one layout:
 - a byte-level BPE learnt here from the training captions (the default when no --tokenizer is given), small enough
   for the `tiny` preset, with the same clean-up, pre-split and `</w>` word endings.
 
+Captions are cleaned as OpenCLIP's default tokenizer cleans them (`clean_caption`) before the BPE sees them.
+
     tok = load_tokenizer("bpe_simple_vocab_16e6.txt.gz")       # 49408 ids, context 77
     tok(["a photo of a dog."])                                  # (1, 77) LongTensor; eot is the largest id
     tok = train_tokenizer(captions, vocab_size=1024, context_length=32)
@@ -19,8 +21,9 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads and our forked dataloader workers don't mix
 
+import ftfy
 import torch
-from tokenizers import Regex, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 SOT, EOT, PAD = "<|startoftext|>", "<|endoftext|>", "<pad>"
@@ -28,6 +31,15 @@ CLIP_NUM_MERGES = 49152 - 256 - 2  # OpenAI CLIP reads only the first 48894 merg
 # CLIP's pre-split: contractions, runs of letters, single digits, runs of other non-space characters; spaces vanish
 CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 TRAINED_VOCAB_SIZE = 49408  # upper bound for a tokenizer trained by load_tokenizer(captions): CLIP's size
+
+
+def clean_caption(text):
+    """OpenCLIP's default clean-up, in its order. ftfy repairs what web captions are full of (mojibake "cafÃ©" ->
+    "café", curly quotes -> straight, full-width "ＡＢＣ" -> "ABC", ligature "ﬁ" -> "fi", control characters dropped)
+    and ends in NFC; HTML entities are unescaped twice (captions are often escaped twice: "&amp;amp;"); whitespace
+    runs become one space; then lower case (Python's, which knows a word-final sigma: "ΟΔΟΣ" -> "οδος")."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split()).lower()
 
 
 def byte_alphabet():
@@ -41,8 +53,10 @@ class Tokenizer:
     """list of strings -> (B, context_length) LongTensor: [sot] + BPE(text) + [eot], cut to the context (still ending
     with eot), zero-padded. eot is the largest id, because the text tower pools at tokens.argmax(-1) as CLIP does.
 
-    Wraps a HuggingFace `tokenizers.Tokenizer` that does CLIP's clean-up (NFC, whitespace, lower case), pre-split and
-    byte-level BPE with `</w>` ending each word; the length rule lives in it too, so `to_json()` is the whole thing."""
+    Captions go through `clean_caption` (Python: ftfy and HTML unescaping have no `tokenizers` equivalent), then a
+    HuggingFace `tokenizers.Tokenizer` does CLIP's pre-split and byte-level BPE with `</w>` ending each word, and the
+    length rule. The HF tokenizer has no normalizer: clean_caption does all the clean-up, once (`tokenizers`' own
+    Lowercase is per character and misses the word-final sigma that Python's lower() gets right)."""
 
     def __init__(self, hf, context_length=None):
         vocab = hf.get_vocab()
@@ -56,12 +70,12 @@ class Tokenizer:
                                                           special_tokens=[(SOT, self.sot), (EOT, self.eot)])
         hf.enable_truncation(self.context_length)  # counts sot and eot: text keeps context_length - 2 tokens
         hf.enable_padding(length=self.context_length, pad_id=0, pad_token=hf.id_to_token(0))
+        hf.normalizer = None  # a tokenizer.json may carry one; clean_caption is the clean-up
         self.hf = hf
 
     def __call__(self, texts):
         texts = [texts] if isinstance(texts, str) else texts
-        texts = [html.unescape(html.unescape(t)) for t in texts]  # as CLIP's basic_clean; `tokenizers` can't do this
-        ids = [e.ids for e in self.hf.encode_batch(texts)]
+        ids = [e.ids for e in self.hf.encode_batch([clean_caption(t) for t in texts])]
         return torch.tensor(ids, dtype=torch.long).view(len(texts), self.context_length)
 
     def decode(self, ids):
@@ -85,8 +99,6 @@ def bpe_tokenizer(merges, pad=False):
     for token in [PAD] * pad + chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [SOT, EOT]:
         ids.setdefault(token, len(ids))  # a learnt merge can rebuild an existing token: keep the first id
     hf = HFTokenizer(models.BPE(ids, [tuple(m) for m in merges], end_of_word_suffix="</w>", fuse_unk=False))
-    hf.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                          normalizers.Strip(), normalizers.Lowercase()])
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),  # keep the matches, drop the rest
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # bytes -> printable characters
@@ -112,10 +124,10 @@ def train_tokenizer(captions, vocab_size=1024, context_length=77):
     num_merges = vocab_size - 1 - 512 - 2
     if num_merges < 0:
         raise ValueError(f"vocab_size must be at least 515 (pad, 512 byte tokens, sot, eot), got {vocab_size}")
-    learner = bpe_tokenizer([])  # same clean-up and pre-split as the final tokenizer
+    learner = bpe_tokenizer([])  # same pre-split as the final tokenizer, learning on the same cleaned text
     trainer = trainers.BpeTrainer(vocab_size=512 + num_merges, show_progress=False, end_of_word_suffix="</w>",
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    learner.train_from_iterator((html.unescape(html.unescape(c)) for c in captions), trainer)
+    learner.train_from_iterator((clean_caption(c) for c in captions), trainer)
     merges = json.loads(learner.to_str())["model"]["merges"][:num_merges]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]  # format differs by version
     return Tokenizer(bpe_tokenizer(merges, pad=True), context_length)
