@@ -14,7 +14,7 @@ Ratio 0 is the unmasked baseline (keep=None, as `train.py --mask none`) and is a
 
 FLOPs come from the shapes (model.flops_per_sample: 2 FLOPs per multiply-add, matmuls only, training = 3 x forward),
 so the FLOP-ideal speedup of a ratio is flops(all patches) / flops(K kept). It stays well below 1 / (1 - ratio)
-because the text tower is never masked: ViT-B-16 gets 1.76x / 2.78x / 4.28x at 50 / 75 / 90 %.
+because the text tower is never masked (model.flops_per_sample gives ViT-B-16's).
 After the table, one line gives the unmasked image tower's inference images/s as eval.py runs it: compare it with
 `python bench.py data`'s evaluation pipeline to see whether an ImageNet pass is bound by the data or the model.
 MFU = achieved FLOP/s / the device's dense bf16 peak (model.peak_flops); it is not reported on the CPU.
@@ -176,7 +176,7 @@ def bench_ratio(ratio, step, cfg, args, device, generator, own_mask=True):
     mask_s = seconds_per_call(make_keep, args.steps, device) if ratio > 0 and own_mask else None  # mask alone
     on_gpu_check = args.check_sync and device.type == "cuda"
     sync_free = step_is_sync_free(step, images, tokens, make_keep) if on_gpu_check else None
-    kept = grid * grid if ratio == 0 else masking.num_kept(grid, ratio)
+    kept = masking.num_kept(grid, ratio)  # every patch at ratio 0
     samples_per_s = B / step_s
     tflops = 3 * M.flops_per_sample(cfg, kept) * samples_per_s / 1e12  # training = 3 x forward
     peak = M.peak_flops(device)
@@ -362,7 +362,7 @@ def main(argv=None):
           + ("none known (MFU not reported)" if peak is None else f"{peak / 1e12:.0f} TFLOP/s dense bf16"))
     print(f"{args.warmup} warm-up + {args.steps} timed steps per ratio; forward GFLOPs per sample (x3 for a step):")
     for ratio in args.ratios:
-        kept = grid * grid if ratio == 0 else masking.num_kept(grid, ratio)
+        kept = masking.num_kept(grid, ratio)  # every patch at ratio 0
         print(f"  ratio {ratio:4.2f}: {kept:4d} patches kept, {M.flops_per_sample(cfg, kept) / 1e9:8.3f} GFLOPs "
               f"(image tower + text tower, text unmasked)")
     if args.check_sync and not on_gpu:

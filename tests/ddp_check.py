@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import bench
 import masking
 import model as M
 import train
@@ -16,9 +17,7 @@ import train
 
 def batch(n=8):
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(n, 3, 64, 64, generator=g)
-    tokens = torch.randint(1, 1023, (n, 32), generator=g)
-    tokens[:, 10] = 1023  # end-of-text
+    images, tokens = bench.synthetic_batch(M.PRESETS["tiny"], n, "cpu", g)
     keep = masking.keep_indices(n, 8, 0.5, "gaussian", generator=g)
     return images, tokens, keep
 
