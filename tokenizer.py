@@ -28,8 +28,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 SOT, EOT, PAD = "<|startoftext|>", "<|endoftext|>", "<pad>"
 CLIP_NUM_MERGES = 49152 - 256 - 2  # OpenAI CLIP reads only the first 48894 merges of its BPE file: 49408 tokens in all
-# CLIP's pre-split: contractions, runs of letters, single digits, runs of other non-space characters; spaces vanish
-CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# CLIP's pre-split: contractions, runs of letters, single digits, runs of other non-space characters; spaces vanish.
+# Case-insensitive as CLIP's: on lower-cased text that still matters for the long s, "dog'ſ" -> "dog", "'ſ".
+CLIP_SPLIT = r"""(?i)'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 TRAINED_VOCAB_SIZE = 49408  # upper bound for a tokenizer trained by load_tokenizer(captions): CLIP's size
 
 
