@@ -1,12 +1,18 @@
 """The contract of tokenizer.py: CLIP's layout (sot, BPE, eot as the largest id, zero padding), ids equal to CLIP's
-tokenizer from its vocabulary file, and a BPE trained on captions that saves and loads as JSON."""
+tokenizer from its vocabulary file, captions cleaned as OpenCLIP cleans them (mojibake, curly quotes, full-width
+letters, ligatures, HTML entities, whitespace), and a BPE trained on captions that saves and loads as JSON."""
 
 import gzip
+import html
 import math
 import re
+import unicodedata
 
+import ftfy
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import normalizers
 
 from tokenizer import load_tokenizer, train_tokenizer
 
@@ -49,10 +55,30 @@ def reference_byte_map():
     return dict(zip(keep + rest, [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]))
 
 
+CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+
+
+def clip_words(text):
+    """CLIP's pre-split of cleaned text: at each place, a contraction (any case), else a run of letters (L*), one number
+    character (N*: digits, "½", "Ⅷ"), or a run of other non-space characters; spaces separate and vanish."""
+    def kind(c):
+        return "space" if c.isspace() else {"L": "letter", "N": "number"}.get(unicodedata.category(c)[0], "other")
+    words, i = [], 0
+    while i < len(text):
+        contraction = next((c for c in CONTRACTIONS if text[i:i + len(c)].casefold() == c), None)  # "'ſ" too
+        j = i + len(contraction) if contraction else i + 1
+        while not contraction and kind(text[i]) != "number" and j < len(text) and kind(text[j]) == kind(text[i]):
+            j += 1  # letters, spaces and other characters come in runs, numbers one at a time
+        if kind(text[i]) != "space":
+            words.append(text[i:j])
+        i = j
+    return words
+
+
 class ReferenceCLIPBPE:
-    """CLIP's tokenizer written from its description: clean (html unescape, whitespace, lower case), pre-split into
-    contractions / letter runs / single digits / other runs, bytes -> characters, then merge the best-ranked adjacent
-    pair until none is left, with `</w>` marking the end of each word."""
+    """CLIP's tokenizer written from its description: clean (ftfy's repairs, HTML unescaped twice, whitespace runs to
+    one space, lower case), pre-split (clip_words), bytes -> characters, then merge the best-ranked adjacent pair until
+    none is left, with `</w>` marking the end of each word."""
 
     def __init__(self, merges):
         chars = list(reference_byte_map().values())
@@ -70,9 +96,8 @@ class ReferenceCLIPBPE:
         return parts
 
     def encode(self, text, context_length=77):
-        import html
-        text = re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip().lower()
-        words = re.findall(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", text)
+        text = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+        words = clip_words(text)
         byte_map = reference_byte_map()
         ids = [self.ids[t] for w in words for t in self.bpe("".join(byte_map[b] for b in w.encode()))]
         ids = ([self.ids["<|startoftext|>"]] + ids)[: context_length - 1] + [self.ids["<|endoftext|>"]]
@@ -111,19 +136,83 @@ def learn_merges(corpus, n):
     return merges
 
 
-def test_clip_bpe_file_gives_the_ids_of_clips_tokenizer(tmp_path):
+@pytest.fixture(scope="module")
+def clip_vocab(tmp_path_factory):
+    """A small vocabulary file in CLIP's format (merges learnt from a few sentences) and its merges."""
     corpus = ("a photo of the cat sitting on a mat there is a dog and another dog in the photograph "
-              "the weather is rather hot at the theatre these photos of cats and dogs were taken at night") * 3
-    merges = learn_merges(corpus, 60)
-    path = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+              "the weather is rather hot at the theatre these photos of cats and dogs were taken at night "
+              "café crème été fish flow star abc tom jerry οδος") * 3
+    merges = learn_merges(corpus, 100)
+    path = tmp_path_factory.mktemp("clip") / "bpe_simple_vocab_16e6.txt.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok, ref = load_tokenizer(str(path)), ReferenceCLIPBPE(merges)
+    return str(path), merges
+
+
+def test_clip_bpe_file_gives_the_ids_of_clips_tokenizer(clip_vocab):
+    path, merges = clip_vocab
+    tok, ref = load_tokenizer(path), ReferenceCLIPBPE(merges)
     assert tok.vocab_size == 512 + len(merges) + 2 and tok.eot == tok.vocab_size - 1 and tok.context_length == 77
     texts = ["A photo of the cat.", "  there's   a DOG's photograph, at night!!",
              "the theatre's 2024 photos: cats & dogs",
              "Rather hot weather &amp; 3 mats", "unseen wordsxyz don't panic", "a photo of the cat " * 20]
     assert tok(texts).tolist() == [ref.encode(t) for t in texts]
+
+
+# What web captions are full of. Mojibake is UTF-8 read as Windows-1252 ("cafÃ©"); "&amp;amp;" is escaped twice.
+MESSY_CAPTIONS = [
+    "cafÃ© crÃ¨me on a mat", "the cat donâ€™t sit", "“A dog” on ‘the’ mat «photo»", "ＡＢＣ ｃａｔ ！ １２",
+    "ﬁsh ﬂow ﬀ", "Tom &amp;amp; Jerry&#39;s &lt;b&gt;", "<b>bold &amp;amp; tag</b>", "ΟΔΟΣ", "İstanbul night",
+    "emoji 😀🎉👍🏽 photo", "東京タワー 北京の猫", "مرحبا", "naïve e\u0301te\u0301 A\u030a", "the dog'ſ mat",
+    "a\u00a0dog\t on\n\r\na\u3000mat ", "a\x07cat\x00 \x1b[31mred\x1b[0m", "½ cup ² Ⅷ", "\ufeffbom", "", "   ",
+    "<i>&#8220;Quoted&#8221;</i>",  # ftfy leaves entities alone beside a tag: these curly quotes come after it, and stay
+    "“Cafés” &amp; ＤＯＧＳ’ ﬁsh " * 12,
+]
+
+
+def test_clip_bpe_cleans_messy_captions_as_clip(clip_vocab):
+    path, merges = clip_vocab
+    tok, ref = load_tokenizer(path), ReferenceCLIPBPE(merges)
+    ids = tok(MESSY_CAPTIONS)
+    assert ids.tolist() == [ref.encode(t) for t in MESSY_CAPTIONS]
+    assert ids[-1, -1] == tok.eot and (ids[-1] != 0).all()  # the long one is cut to 77, ending in eot
+
+
+# (messy, what OpenCLIP's clean-up makes of it): each pair must give the same ids
+CLEANED = [
+    ("cafÃ© crÃ¨me", "café crème"),  # mojibake repaired
+    ("donâ€™t", "don't"),  # mojibake of a curly apostrophe
+    ("“a dog” ‘on’ a mat", "\"a dog\" 'on' a mat"),  # curly quotes straightened
+    ("ＡＢＣ ｄｏｇ", "abc dog"),  # full-width letters
+    ("ﬁsh ﬂow", "fish flow"),  # ligatures
+    ("Tom &amp;amp; Jerry&#39;s", "tom & jerry's"),  # entities, escaped twice
+    ("ΟΔΟΣ", "οδος"),  # lower case with a word-final sigma
+    ("a\u00a0cat\t on\n\r\na  mat ", "a cat on a mat"),  # whitespace runs -> one space
+    ("a\x07star\x00", "astar"),  # control characters dropped, not made spaces
+    ("e\u0301te\u0301", "été"),  # NFC
+]
+
+
+@pytest.mark.parametrize("kind", ["clip_vocab", "trained"])
+def test_captions_are_cleaned_as_openclip_cleans_them(kind, clip_vocab, tok):
+    tok = load_tokenizer(clip_vocab[0]) if kind == "clip_vocab" else tok
+    for messy, clean in CLEANED:
+        assert tok([messy]).tolist() == tok([clean]).tolist(), messy
+    assert len({tuple(tok([clean])[0].tolist()) for _, clean in CLEANED}) == len(CLEANED)  # the ids say something
+
+
+def test_trained_tokenizer_learns_on_cleaned_captions():
+    messy = "cafÃ© ＳＴＡＲ ﬁsh &amp;amp; “dogs”"
+    tok = train_tokenizer([messy] * 50, 600, 16)
+    ids = tok(["café star fish & \"dogs\""])[0]
+    assert int((ids != 0).sum()) == 2 + 7  # sot, one learnt token per word (café star fish & " dogs "), eot
+    assert tok.decode(ids) == 'café star fish & " dogs "' and torch.equal(tok([messy])[0], ids)
+
+
+def test_a_normalizer_in_a_tokenizer_json_is_not_applied(tok):
+    hf = HFTokenizer.from_str(tok.to_json())
+    hf.normalizer = normalizers.NFKC()  # common in tokenizer.json files; it would turn "½" into "1⁄2"
+    assert load_tokenizer(hf.to_str())(["½ cup"]).tolist() == tok(["½ cup"]).tolist() != tok(["1⁄2 cup"]).tolist()
 
 
 def test_clip_bpe_file_is_cut_at_clips_48894_merges(tmp_path):
