@@ -119,7 +119,7 @@ def clip_bpe_merges(path):
 
 
 def train_tokenizer(captions, vocab_size=1024, context_length=77):
-    """A BPE tokenizer learnt from captions (lower-cased, CLIP's pre-split, bytes, `</w>`), laid out like CLIP's:
+    """A BPE tokenizer learnt from captions (clean_caption, CLIP's pre-split, bytes, `</w>`), laid out like CLIP's:
     pad = 0, the 512 byte characters, up to vocab_size - 515 merges, then sot = vocab_size - 2, eot = vocab_size - 1.
     A small corpus may run out of merges first: the vocabulary is then smaller, and eot is still the largest id."""
     num_merges = vocab_size - 1 - 512 - 2
