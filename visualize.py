@@ -4,11 +4,16 @@ Figures: the paper's sigma comparison (which patches GDM-FLIP keeps) and trainin
     python visualize.py                                   # -> docs/sigma_comparison.png, the figure in the README
     python visualize.py --out fig.pdf --sigma 0.1 0.2 0.8 --ratio 0.5 --image my_photo.jpg
     python visualize.py curves logs/flip/metrics.jsonl logs/gdm-flip/metrics.jsonl --out curves.png
+    python visualize.py compute logs/repro/centered-reclip-32px-s0-tuned logs/repro/centered-gdmflip-0.75-s0-tuned
 
 The comparison figure has one column per masking: (a) FLIP's random masking, then GDM-FLIP's Gaussian masking for each
 sigma. Top row: one sample of masking.keep_indices drawn over a photograph, masked patches blanked grey. Bottom row: the
 keep probability of every patch, *estimated* by counting how often keep_indices keeps it over many samples, so the
 figure shows what the code does, not what a formula says it should do. PNG or PDF, from the --out file name.
+
+The compute figure is FLIP's: zero-shot top-1 against training compute (FLOPs of the tokens each run encodes,
+model.flops_per_sample) and against wall time, one curve per run folder; a run tuned from another (--pretrained)
+continues its source's curve, so RECLIP and masking are compared over pre-training and tuning together.
 """
 
 import argparse
@@ -27,6 +32,7 @@ from matplotlib import cbook  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import masking  # noqa: E402
+import model as M  # noqa: E402
 
 PATCH_PX = 16  # pixels per patch, as in ViT-B/16: grid 14 -> a 224 px image
 MASKED_GREY = 0.5  # what a dropped patch looks like (RGB in [0, 1])
@@ -154,10 +160,72 @@ def training_curves(paths):
     return fig
 
 
+# ----------------------------------------------------------------------------- accuracy against compute
+
+
+def read_run(run_dir):
+    """(args.json of a train.py run folder, its zero-shot evaluation records)."""
+    try:
+        with open(os.path.join(run_dir, "args.json")) as f:
+            args = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"visualize.py: error: {run_dir} is not a train.py run folder (args.json: {e})")
+    return args, [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "zeroshot_top1" in r]
+
+
+def flops_per_step(args):
+    """Training FLOPs of one optimizer step of a run: 3 x forward of the tokens it encodes, over the global batch."""
+    cfg = M.CLIPConfig(**args["config"])
+    kept = masking.num_kept(cfg.image_size // cfg.patch_size, args["ratio"])
+    return 3 * M.flops_per_sample(cfg, kept) * args["batch_size"] * args["accum_freq"] * args.get("world_size", 1)
+
+
+def run_label(args):
+    size = args["config"]["image_size"]
+    if args["mask"] != "none":
+        return f"{'FLIP' if args['mask'] == 'random' else 'GDM-FLIP'} {args['ratio']:.1%}"
+    return f"RECLIP {size} px" if size < M.PRESETS[args["model"]].image_size else "CLIP"
+
+
+def compute_points(run_dir):
+    """(label, FLOPs, minutes, top-1) at each evaluation of a run, after those of the run it was tuned from."""
+    args, records = read_run(run_dir)
+    label, flops0, minutes0, points = run_label(args), 0.0, 0.0, ([], [], [])
+    if args.get("pretrained"):  # logs/<source>/checkpoints/epoch_K.pt: continue the source's curve
+        source = os.path.dirname(os.path.dirname(os.path.abspath(args["pretrained"])))
+        if os.path.isfile(os.path.join(source, "args.json")):
+            label, *points = compute_points(source)
+            label += " + tuning"
+            flops0, minutes0 = (points[0][-1], points[1][-1]) if points[0] else (0.0, 0.0)
+    per_step = flops_per_step(args)
+    return (label, points[0] + [flops0 + r["step"] * per_step for r in records],
+            points[1] + [minutes0 + r["time"] / 60 for r in records], points[2] + [r["zeroshot_top1"] for r in records])
+
+
+def compute_curves(run_dirs):
+    """Zero-shot top-1 (unmasked inference) against training FLOPs (left) and wall time (right); a curve a run."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, run_dir in enumerate(run_dirs):
+        label, flops, minutes, top1 = compute_points(run_dir)
+        axes[0].plot(flops, top1, "-o", color=f"C{i % 10}", markersize=3, label=label)
+        axes[1].plot(minutes, top1, "-o", color=f"C{i % 10}", markersize=3, label=label)
+    for ax, xlabel in zip(axes, ["training compute (FLOPs)", "wall time (min)"]):
+        ax.set(xlabel=xlabel, ylabel="zero-shot top-1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- command line
 
 
 def parse_args(argv):
+    if argv and argv[0] == "compute":
+        p = argparse.ArgumentParser(prog="visualize.py compute", description=compute_curves.__doc__)
+        p.add_argument("runs", nargs="+", help="train.py run folders (args.json and metrics.jsonl)")
+        p.add_argument("--out", default="compute.png", help="output file; .png, .pdf or .svg, from the name")
+        return p.parse_args(argv[1:])
     if argv and argv[0] == "curves":
         p = argparse.ArgumentParser(prog="visualize.py curves", description="Training curves from metrics.jsonl logs.")
         p.add_argument("logs", nargs="+", help="metrics.jsonl files from train.py; the legend is each parent folder")
@@ -179,7 +247,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        if hasattr(args, "logs"):
+        if hasattr(args, "runs"):
+            fig = compute_curves(args.runs)
+        elif hasattr(args, "logs"):
             fig = training_curves(args.logs)
         else:
             if args.samples < 1:

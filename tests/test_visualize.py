@@ -1,6 +1,7 @@
 """The contract of visualize.py: the figure shows keep_indices' own keep rates; the curves read train.py's logs."""
 
 import json
+from dataclasses import asdict
 import math
 
 import matplotlib.pyplot as plt
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 import masking
+import model as M
 import visualize
 
 SAMPLES = 1000  # masks per keep-rate map in these tests (the figure itself uses visualize.MC_SAMPLES)
@@ -141,3 +143,43 @@ def test_curves_report_unreadable_logs(tmp_path):
         visualize.main(["curves", str(bad), "--out", str(tmp_path / "c.png")])
     with pytest.raises(SystemExit, match="cannot read"):
         visualize.main(["curves", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "c.png")])
+
+
+def write_run(run_dir, top1, **args):
+    """A train.py run folder with args.json and two evaluations (steps 10 and 20, at 1 and 2 minutes)."""
+    cfg = asdict(M.PRESETS["tiny"]) | args.pop("config", {})
+    run_dir.mkdir(parents=True)
+    (run_dir / "args.json").write_text(json.dumps({"model": "tiny", "batch_size": 16, "accum_freq": 1, "world_size": 2,
+                                                   "pretrained": None, "image_size": None, "config": cfg} | args))
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": 10 * k, "epoch": k, "zeroshot_top1": acc, "time": 60.0 * k}) + "\n"
+        for k, acc in enumerate(top1, 1)))
+    return str(run_dir)
+
+
+def test_compute_figure_counts_the_tokens_each_run_encodes(tmp_path):
+    reclip = write_run(tmp_path / "reclip", [0.1, 0.2], mask="none", ratio=0.0, image_size=32,
+                       config={"image_size": 32})  # a 4 x 4 grid: 16 patches
+    tuned = write_run(tmp_path / "reclip-tuned", [0.3, 0.4], mask="none", ratio=0.0,
+                      pretrained=str(tmp_path / "reclip" / "checkpoints" / "epoch_2.pt"))
+    flip = write_run(tmp_path / "flip", [0.15, 0.25], mask="random", ratio=0.75)  # 16 of 64 patches
+    fig = visualize.compute_curves([tuned, flip])
+    by_flops, by_time = fig.axes
+    curves = {line.get_label(): line for line in by_flops.lines}
+    assert set(curves) == {"RECLIP 32 px + tuning", "FLIP 75.0%"}
+    tiny = M.PRESETS["tiny"]  # global batch 16 x 2 ranks; 16 patches encoded by both, 64 after tuning
+    step_flip = 3 * M.flops_per_sample(tiny, 16) * 32
+    step_32px = 3 * M.flops_per_sample(M.CLIPConfig(**(asdict(tiny) | {"image_size": 32}))) * 32
+    step_64 = 3 * M.flops_per_sample(tiny) * 32
+    assert step_32px < step_flip  # the same 16 tokens, but masking patch-embeds all 64 patches before dropping
+    np.testing.assert_allclose(curves["FLIP 75.0%"].get_xdata(), [10 * step_flip, 20 * step_flip])
+    np.testing.assert_allclose(curves["RECLIP 32 px + tuning"].get_xdata(),  # tuning continues from the source's end
+                               [10 * step_32px, 20 * step_32px, 20 * step_32px + 10 * step_64,
+                                20 * step_32px + 20 * step_64])
+    assert list(curves["RECLIP 32 px + tuning"].get_ydata()) == [0.1, 0.2, 0.3, 0.4]
+    assert list(by_time.lines[0].get_xdata()) == [1.0, 2.0, 3.0, 4.0]  # minutes, the source's first
+    plt.close(fig)
+    out = tmp_path / "compute.png"
+    visualize.main(["compute", reclip, flip, "--out", str(out)])
+    check_image_file(out, b"\x89PNG\r\n\x1a\n")
+
