@@ -10,6 +10,7 @@ Shapes and parameter names follow OpenAI CLIP / OpenCLIP (`class_embedding`, `po
     keep = masking.keep_indices(B, model.visual.grid_size, 0.5, "gaussian", device=images.device)
     image_features = model.encode_image(images, keep)          # (B, 512), only 98 of 196 patches encoded
     text_features = model.encode_text(tokens)                  # (B, 512)
+    model.load_state_dict(fit_state_dict_to(model, state_dict))  # e.g. trained at 160 px: positions resized to 14x14
 
 Run `python model.py` to print the presets and their parameter counts.
 """
@@ -41,6 +42,10 @@ class CLIPConfig:
     mlp_ratio: float = 4.0
     quick_gelu: bool = False  # OpenAI's original weights use x * sigmoid(1.702 x); OpenCLIP's ViT-B-16 uses nn.GELU
 
+    @property
+    def grid_size(self):  # patches per side: 14 for ViT-B-16 at 224 px
+        return self.image_size // self.patch_size
+
 
 # ViT-B-16 and ViT-S-16 are OpenCLIP's model configs; ViT-Ti-16 (DeiT-Ti's image tower) and `tiny` (tests, CPU demo)
 # are ours. OpenAI's original weights need quick_gelu=True.
@@ -71,6 +76,11 @@ class Attention(nn.Module):
         self.heads = heads
         self.in_proj = nn.Linear(width, 3 * width)  # q, k, v stacked, as nn.MultiheadAttention's in_proj_weight
         self.out_proj = nn.Linear(width, width)
+        # nn.MultiheadAttention's init, which OpenCLIP's blocks have: xavier-uniform q, k, v, zero biases; out_proj
+        # keeps nn.Linear's default weight
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.zeros_(self.in_proj.bias)
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x, causal=False):
         B, T, D = x.shape
@@ -102,8 +112,10 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         width = cfg.vision_width
-        self.grid_size = cfg.image_size // cfg.patch_size
-        scale = width ** -0.5  # OpenCLIP's init for the embeddings and the projection
+        self.grid_size = cfg.grid_size
+        # OpenCLIP's init: these three are scale * randn; everything else (conv1, blocks, LayerNorms) keeps PyTorch's
+        # defaults, since OpenAI CLIP defined no init for its image tower
+        scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size ** 2 + 1, width))
@@ -137,6 +149,7 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)  # CLIP's init
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.proj, std=cfg.text_width ** -0.5)
+        init_text_blocks(self.blocks, cfg.text_width, cfg.text_layers)
 
     def forward(self, tokens):
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # (B, T, D)
@@ -154,9 +167,6 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(cfg)
         self.text = TextTransformer(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature 0.07, as CLIP
-        for tower, width, layers in [(self.visual, cfg.vision_width, cfg.vision_layers),
-                                     (self.text, cfg.text_width, cfg.text_layers)]:
-            init_blocks(tower.blocks, width, layers)
 
     def encode_image(self, images, keep=None):
         """(B, 3, S, S) -> (B, embed_dim), projected, not normalised. keep: (B, K) patch indices, None for all."""
@@ -172,14 +182,18 @@ class CLIP(nn.Module):
         return image_features, text_features, self.logit_scale.exp()
 
 
-def init_blocks(blocks, width, layers):
-    """CLIP's text-tower init, used for both towers: residual projections shrink with depth (GPT-2 style)."""
+def init_text_blocks(blocks, width, layers):
+    """CLIP's text-tower init of the block weights: residual projections shrink with depth (GPT-2 style).
+
+    Only the weights, as OpenCLIP does: attention biases stay zero (nn.MultiheadAttention's) and the MLP biases keep
+    nn.Linear's uniform default. Matching this tensor by tensor makes a from-scratch run the paper's recipe (its code is
+    an OpenCLIP 2.24 fork).
+    """
     attn_std, proj_std, fc_std = width ** -0.5, (width ** -0.5) * (2 * layers) ** -0.5, (2 * width) ** -0.5
     for block in blocks:
         for linear, std in [(block.attn.in_proj, attn_std), (block.attn.out_proj, proj_std),
                             (block.mlp.c_fc, fc_std), (block.mlp.c_proj, proj_std)]:
             nn.init.normal_(linear.weight, std=std)
-            nn.init.zeros_(linear.bias)
 
 
 def clip_loss(image_features, text_features, logit_scale):
@@ -203,7 +217,7 @@ def flops_per_sample(cfg, kept_patches=None):
     G*G patches (they are dropped after it) and is counted so; it is under 1% of ViT-B-16's cost. With it, the
     FLOP-ideal training speedups of ViT-B-16 over ratio 0 are about 1.76x at 50% masking, 2.78x at 75%, 4.28x at 90%.
     """
-    n = (cfg.image_size // cfg.patch_size) ** 2
+    n = cfg.grid_size ** 2
     k = n if kept_patches is None else kept_patches
     patch_embed = 2 * n * 3 * cfg.patch_size ** 2 * cfg.vision_width
     image = transformer_flops(1 + k, cfg.vision_width, cfg.vision_layers, cfg.mlp_ratio)
@@ -256,6 +270,31 @@ def convert_openclip_state_dict(state_dict):
             key = "text." + key  # OpenCLIP keeps the text tower's parameters at the top level
         out[key] = value
     return out
+
+
+def resize_pos_embed(positional_embedding, grid_size):
+    """(1 + G0*G0, D) -> (1 + G*G, D): the class token's row kept, the G0 x G0 grid of position rows resampled to
+    G x G. RECLIP trains at a low resolution (fewer patches) and evaluates or tunes at a higher one; resampling is
+    OpenCLIP's (bicubic, antialiased, align_corners=False), so its checkpoints and ours load the same way."""
+    n, width = positional_embedding.shape
+    old = math.isqrt(n - 1)
+    if old * old != n - 1:
+        raise ValueError(f"positional embedding has {n} rows, not 1 + G*G for a square grid of patches")
+    if old == grid_size:
+        return positional_embedding
+    cls, grid = positional_embedding[:1], positional_embedding[1:]
+    grid = grid.reshape(1, old, old, width).permute(0, 3, 1, 2)  # (1, D, G0, G0): rows are row-major patches
+    # in fp32: the antialiased kernel has no bf16 / fp16 version on the CPU
+    grid = F.interpolate(grid.float(), size=(grid_size, grid_size), mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(grid_size * grid_size, width).to(positional_embedding.dtype)
+    return torch.cat([cls, grid])  # (1 + G*G, D)
+
+
+def fit_state_dict_to(model, state_dict):
+    """A state dict in this model's keys (ours, or converted from OpenCLIP) with `visual.positional_embedding`
+    resized to `model`'s grid of patches; the other tensors are shared, not copied. Load with model.load_state_dict."""
+    key = "visual.positional_embedding"
+    return state_dict | {key: resize_pos_embed(state_dict[key], model.visual.grid_size)}
 
 
 if __name__ == "__main__":

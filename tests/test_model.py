@@ -152,6 +152,109 @@ def test_openclip_state_dict_maps_every_key(prefix):
     assert torch.equal(params["text.token_embedding.weight"], openclip[prefix + "token_embedding.weight"])
 
 
+def openclip_init(name, cfg):
+    """OpenCLIP's init of one tensor of a fresh CLIP: ("normal", std), ("uniform", bound) or ("constant", value).
+
+    Image tower: PyTorch's defaults (nn.Linear / nn.Conv2d weights and biases uniform(+-1/sqrt(fan_in)),
+    nn.MultiheadAttention's xavier-uniform in_proj and zero biases), embeddings and projection scale * randn.
+    Text tower: CLIP's normal init of the weights; biases as the image tower's.
+    """
+    vision = name.startswith("visual.")
+    width = cfg.vision_width if vision else cfg.text_width
+    layers = cfg.vision_layers if vision else cfg.text_layers
+    hidden = int(width * cfg.mlp_ratio)
+    proj_std = width ** -0.5 * (2 * layers) ** -0.5
+    if name == "logit_scale":
+        return "constant", math.log(1 / 0.07)
+    if ".ln_" in name:
+        return "constant", 1.0 if name.endswith("weight") else 0.0
+    if name.endswith(("attn.in_proj.bias", "attn.out_proj.bias")):
+        return "constant", 0.0
+    kind = name.split("blocks.")[-1].split(".", 1)[-1] if ".blocks." in name else name
+    if vision:
+        return {"visual.class_embedding": ("normal", width ** -0.5),
+                "visual.positional_embedding": ("normal", width ** -0.5),
+                "visual.proj": ("normal", width ** -0.5),
+                "visual.conv1.weight": ("uniform", (3 * cfg.patch_size ** 2) ** -0.5),
+                "attn.in_proj.weight": ("uniform", (6 / (width + 3 * width)) ** 0.5),  # xavier: fan_in + fan_out
+                "attn.out_proj.weight": ("uniform", width ** -0.5),
+                "mlp.c_fc.weight": ("uniform", width ** -0.5), "mlp.c_fc.bias": ("uniform", width ** -0.5),
+                "mlp.c_proj.weight": ("uniform", hidden ** -0.5), "mlp.c_proj.bias": ("uniform", hidden ** -0.5)}[kind]
+    return {"text.token_embedding.weight": ("normal", 0.02), "text.positional_embedding": ("normal", 0.01),
+            "text.proj": ("normal", width ** -0.5),
+            "attn.in_proj.weight": ("normal", width ** -0.5), "attn.out_proj.weight": ("normal", proj_std),
+            "mlp.c_fc.weight": ("normal", (2 * width) ** -0.5), "mlp.c_proj.weight": ("normal", proj_std),
+            "mlp.c_fc.bias": ("uniform", width ** -0.5), "mlp.c_proj.bias": ("uniform", hidden ** -0.5)}[kind]
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "tiny"])
+def test_init_is_openclips_tensor_by_tensor(name):
+    torch.manual_seed(0)
+    model = M.create_model(name)
+    for key, x in model.state_dict().items():
+        rule, value = openclip_init(key, model.config)
+        if rule == "constant":
+            assert torch.all(x == value), key
+            continue
+        std = value if rule == "normal" else value / math.sqrt(3)  # uniform(-b, b) has std b / sqrt(3)
+        n = x.numel()
+        # sampling noise: the mean has std/sqrt(n) of it, the std relatively at most 1/sqrt(2n) (normal's)
+        assert abs(x.mean().item()) < 5 * std / math.sqrt(n), key
+        assert abs(x.std().item() / std - 1) < 5 / math.sqrt(2 * n), (key, x.std().item(), std)
+        if rule == "uniform":
+            assert x.abs().max().item() <= value, key
+
+
+def test_grid_size_follows_image_size():
+    model = M.create_model("tiny", image_size=48)
+    assert model.config.grid_size == model.visual.grid_size == 6  # 48 px in 8 px patches
+    assert model.visual.positional_embedding.shape == (1 + 6 * 6, 128)
+
+
+def test_resize_pos_embed_same_grid_is_identity():
+    pe = torch.randn(1 + 14 * 14, 16)
+    assert torch.equal(M.resize_pos_embed(pe, 14), pe)
+
+
+@pytest.mark.parametrize("old, new", [(10, 14), (14, 10), (2, 7)])
+def test_resize_pos_embed_shapes_and_class_row(old, new):
+    pe = torch.randn(1 + old * old, 16)
+    out = M.resize_pos_embed(pe, new)
+    assert out.shape == (1 + new * new, 16)
+    assert torch.equal(out[0], pe[0])  # the class token has no place on the grid
+
+
+def test_resize_pos_embed_known_values():
+    # a 2x2 grid whose value is its column index (0, 1), the same in every channel; resized to 4x4, each row is the
+    # 1-D resampling of [0, 1] by the antialiased bicubic kernel (Keys, a = -0.5), with taps falling outside the grid
+    # dropped and the rest renormalised. Output column i sits at input coordinate (i + 0.5) / 2 - 0.5; its taps are
+    # the two input columns, with k(0.25) = 111/128, k(1.25) = -9/128, k(0.75) = 29/128, giving:
+    expected_row = torch.tensor([-9 / 102, 29 / 140, 111 / 140, 1 + 9 / 102])
+    grid = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).reshape(4, 1).expand(4, 3)  # (G0*G0, D), row-major
+    pe = torch.cat([torch.full((1, 3), 5.0), grid])
+    out = M.resize_pos_embed(pe, 4)[1:].reshape(4, 4, 3)
+    assert torch.allclose(out, expected_row.view(1, 4, 1).expand(4, 4, 3), atol=1e-6)
+    constant = torch.full((1 + 5 * 5, 3), 0.25)
+    assert torch.allclose(M.resize_pos_embed(constant, 9), torch.full((1 + 9 * 9, 3), 0.25), atol=1e-6)
+
+
+def test_resize_pos_embed_rejects_a_non_square_grid():
+    with pytest.raises(ValueError, match="1 \\+ G\\*G"):
+        M.resize_pos_embed(torch.randn(1 + 12, 8), 4)
+
+
+def test_fit_state_dict_to_loads_a_lower_resolution_checkpoint():
+    low, high = tiny(image_size=48), tiny()  # RECLIP: trained on a 6x6 grid, evaluated on 8x8
+    state_dict = low.state_dict()
+    fitted = M.fit_state_dict_to(high, state_dict)
+    high.load_state_dict(fitted, strict=True)
+    assert torch.equal(high.visual.positional_embedding,
+                       M.resize_pos_embed(state_dict["visual.positional_embedding"], 8))
+    assert torch.equal(high.text.proj, state_dict["text.proj"])
+    same = M.fit_state_dict_to(low, state_dict)  # same grid: nothing resized
+    assert same["visual.positional_embedding"] is state_dict["visual.positional_embedding"]
+
+
 def test_flops_count_masked_tokens():
     cfg = M.PRESETS["ViT-B-16"]
     full, half = M.flops_per_sample(cfg), M.flops_per_sample(cfg, masking.num_kept(14, 0.5))
