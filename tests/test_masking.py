@@ -87,3 +87,102 @@ def test_usable_inside_a_compiled_function():
 
     out = torch.compile(masked_mean)(torch.randn(3, 16, 5))
     assert out.shape == (3, 5) and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- text masking
+
+VOCAB = 100  # start token 98, end-of-text 99 (the largest id, as CLIP's), words 1..97, padding 0
+
+
+def captions(eot_positions, context_length=16, seed=0):
+    """(B, T) token ids: the start token, words, the end-of-text token at each given position, zero padding after."""
+    g = torch.Generator().manual_seed(seed)
+    eot = torch.tensor(eot_positions)[:, None]  # (B, 1)
+    position = torch.arange(context_length)
+    tokens = torch.randint(1, VOCAB - 2, (len(eot_positions), context_length), generator=g)
+    tokens = torch.where(position < eot, tokens, 0).scatter(1, eot, VOCAB - 1)
+    tokens[:, 0] = VOCAB - 2
+    return tokens
+
+
+EOTS = [1, 3, 7, 8, 12, 15]  # captions shorter and longer than the kept length 8, one filling the whole context
+
+
+@pytest.mark.parametrize("mode", masking.TEXT_MODES)
+@pytest.mark.parametrize("length", [2, 5, 8, 15])
+def test_text_keep_is_sorted_unique_and_keeps_start_and_end_of_text(mode, length):
+    tokens = captions(EOTS * 20)
+    keep = masking.text_keep_indices(tokens, length, mode, generator=torch.Generator().manual_seed(0))
+    assert keep.shape == (len(tokens), length) and keep.dtype == torch.long
+    assert (keep[:, 1:] > keep[:, :-1]).all()  # strictly increasing: sorted and unique per row
+    assert (keep[:, 0] == 0).all()  # the start token
+    assert (keep == tokens.argmax(-1, keepdim=True)).any(dim=1).all()  # the end-of-text token, where the tower pools
+
+
+@pytest.mark.parametrize("mode", masking.TEXT_MODES)
+def test_text_full_length_keeps_every_position_in_order(mode):
+    keep = masking.text_keep_indices(captions(EOTS), 16, mode)
+    assert torch.equal(keep, torch.arange(16).expand(len(EOTS), -1))
+
+
+def test_truncate_keeps_the_first_positions_and_the_end_of_text():
+    keep = masking.text_keep_indices(captions([3, 7, 8, 12, 15]), 8, "truncate")
+    first8 = list(range(8))
+    assert keep.tolist() == [first8, first8,  # caption ends inside the first 8 positions: CLIP's cut at 8
+                             [*range(7), 8], [*range(7), 12], [*range(7), 15]]  # longer: 0..6 and the end-of-text
+
+
+def test_prioritized_drops_padding_before_any_caption_token():
+    tokens = captions(EOTS * 50)
+    eot = tokens.argmax(-1, keepdim=True)  # (B, 1)
+    keep = masking.text_keep_indices(tokens, 8, "prioritized", generator=torch.Generator().manual_seed(0))
+    long = (eot >= 7).squeeze(1)  # a caption of 8 tokens or more: no room for padding
+    assert (keep[long] <= eot[long]).all()
+    short_keep, short_eot = keep[~long], eot[~long]  # shorter: every caption token kept, the rest is padding
+    in_caption = (short_keep <= short_eot).sum(1)
+    assert torch.equal(in_caption, short_eot.squeeze(1) + 1)
+
+
+@pytest.mark.parametrize("mode", ["random", "prioritized"])
+def test_random_text_masks_differ_per_sample_and_seed(mode):
+    tokens = captions([15] * 8)  # 16-token captions: 14 words, 8 kept
+    a = masking.text_keep_indices(tokens, 8, mode, generator=torch.Generator().manual_seed(1))
+    b = masking.text_keep_indices(tokens, 8, mode, generator=torch.Generator().manual_seed(1))
+    c = masking.text_keep_indices(tokens, 8, mode, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len({tuple(row.tolist()) for row in a}) == 8  # each caption gets its own subset
+
+
+def test_random_keeps_words_and_padding_alike_and_prioritized_keeps_words_uniformly():
+    # length 8 of 16, caption ending at 7: random keeps each of the 14 middle positions with probability 6/14,
+    # padding included; prioritized keeps all 8 caption positions (no padding); at eot 12 it keeps each of the
+    # 11 words between start and end-of-text with probability 6/11
+    n = 4000  # the std of a rate estimate is under 0.008
+    for mode, eot, rate, last in [("random", 7, 6 / 14, 15), ("random", 12, 6 / 14, 15), ("prioritized", 12, 6 / 11, 12)]:
+        keep = masking.text_keep_indices(captions([eot] * n), 8, mode, generator=torch.Generator().manual_seed(0))
+        rates = torch.bincount(keep.flatten(), minlength=16).double() / n
+        middle = [p for p in range(1, last + 1) if p != eot]  # neither start nor end-of-text
+        assert ((rates[middle] - rate).abs() < 0.04).all(), (mode, eot, rates)
+        assert rates[0] == rates[eot] == 1 and rates[last + 1:].sum() == 0
+    keep = masking.text_keep_indices(captions([7] * 100), 8, "prioritized", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(keep, torch.arange(8).expand(100, -1))
+
+
+@pytest.mark.parametrize("length, mode, match", [(1, "random", "text length"), (17, "truncate", "text length"),
+                                                 (8, "block", "text masking mode")])
+def test_text_bad_arguments_raise_clear_errors(length, mode, match):
+    with pytest.raises(ValueError, match=match):
+        masking.text_keep_indices(captions(EOTS), length, mode)
+
+
+@pytest.mark.parametrize("mode", masking.TEXT_MODES)
+def test_text_masks_usable_inside_a_compiled_function(mode):
+    def kept_tokens(tokens):  # (B, T) -> (B, 8): the kept token ids, in order
+        return tokens.gather(1, masking.text_keep_indices(tokens, 8, mode))
+
+    tokens = captions(EOTS)
+    out = torch.compile(kept_tokens)(tokens)
+    assert out.shape == (len(EOTS), 8) and (out[:, 0] == VOCAB - 2).all()
+    assert ((out == VOCAB - 1).sum(1) == 1).all()  # start and end-of-text survive under compilation too
+    if mode == "truncate":
+        assert torch.equal(out, kept_tokens(tokens))
