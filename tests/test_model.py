@@ -1,10 +1,16 @@
 """The contract of model.py: shapes, masking inside the image tower, the loss, and OpenCLIP interop."""
 
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
 import masking
 import model as M
 
@@ -14,13 +20,9 @@ def tiny(**overrides):
     return M.create_model("tiny", **overrides).eval()
 
 
-def random_tokens(batch, context, vocab, generator=None):
-    """Token ids in [1, vocab-2] with the end-of-text token (the largest id) at a random position, zeros after it."""
-    tokens = torch.randint(1, vocab - 1, (batch, context), generator=generator)
-    eot = torch.randint(1, context, (batch,), generator=generator)
-    tokens[torch.arange(batch), eot] = vocab - 1
-    tokens[torch.arange(context) > eot[:, None]] = 0
-    return tokens
+def batch(model, n, seed=0):
+    """(n, 3, S, S) images and (n, T) token ids for `model`: bench.synthetic_batch, end-of-text at varied positions."""
+    return bench.synthetic_batch(model.config, n, torch.device("cpu"), torch.Generator().manual_seed(seed))
 
 
 def test_vit_b16_has_openclip_shapes():
@@ -33,7 +35,7 @@ def test_vit_b16_has_openclip_shapes():
 
 def test_vit_b16_masked_forward_and_backward_on_cpu():
     model = M.create_model("ViT-B-16")
-    images, tokens = torch.randn(2, 3, 224, 224), random_tokens(2, 77, 49408)
+    images, tokens = batch(model, 2)
     keep = masking.keep_indices(2, 14, 0.5, "gaussian")
     image_features, text_features, scale = model(images, tokens, keep)
     assert image_features.shape == text_features.shape == (2, 512)
@@ -66,7 +68,7 @@ def test_dropped_patches_do_not_matter_and_kept_ones_do():
 
 def test_text_is_causal_and_pooled_at_end_of_text():
     model = tiny()
-    tokens = random_tokens(4, 32, 1024, torch.Generator().manual_seed(0))
+    _, tokens = batch(model, 4)
     with torch.no_grad():
         base = model.encode_text(tokens)
         after = tokens.clone()
@@ -79,9 +81,34 @@ def test_text_is_causal_and_pooled_at_end_of_text():
         assert not torch.allclose(model.encode_text(before), base)
 
 
+def test_kept_text_tokens_carry_their_own_positions():
+    model = tiny()
+    _, tokens = batch(model, 4)
+    positions = masking.text_keep_indices(tokens, 12, "random", generator=torch.Generator().manual_seed(0))
+    kept = tokens.gather(1, positions)  # (4, 12)
+    with torch.no_grad():
+        masked = model.encode_text(kept, positions)
+        for i in range(4):  # the same sample through a text tower whose first 12 position rows are its kept ones
+            by_hand = copy.deepcopy(model.text)
+            by_hand.positional_embedding.data = model.text.positional_embedding[positions[i].tolist()]
+            assert torch.allclose(by_hand(kept[i:i + 1])[0], masked[i], atol=1e-6)
+        assert not torch.allclose(model.encode_text(kept), masked, atol=1e-3)  # rows 0..11 instead: other features
+        _, text_features, _ = model(torch.zeros(4, 3, 64, 64), kept, None, positions)
+        assert torch.allclose(text_features, F.normalize(masked, dim=-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", masking.TEXT_MODES)
+def test_text_at_full_length_is_the_unmasked_text(mode):
+    model = tiny()
+    _, tokens = batch(model, 4)
+    positions = masking.text_keep_indices(tokens, model.config.context_length, mode)
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(tokens.gather(1, positions), positions), model.encode_text(tokens))
+
+
 def test_forward_returns_normalised_features():
     model = tiny()
-    images, tokens = torch.randn(3, 3, 64, 64), random_tokens(3, 32, 1024)
+    images, tokens = batch(model, 3)
     img, txt, scale = model(images, tokens)
     assert torch.allclose(img.norm(dim=-1), torch.ones(3)) and torch.allclose(txt.norm(dim=-1), torch.ones(3))
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
@@ -100,14 +127,16 @@ def test_clip_loss_is_symmetric_infonce():
 
 def test_tiny_preset_under_torch_compile():
     model = tiny()
-    images, tokens = torch.randn(4, 3, 64, 64), random_tokens(4, 32, 1024)
+    images, tokens = batch(model, 4)
     keep = masking.keep_indices(4, model.visual.grid_size, 0.5, "gaussian")
+    positions = masking.text_keep_indices(tokens, 16, "prioritized")
     compiled = torch.compile(model)
     with torch.no_grad():
-        eager = model(images, tokens, keep)
-        out = compiled(images, tokens, keep)
-    for a, b in zip(out, eager):
-        assert torch.allclose(a, b, atol=1e-5)
+        for args in [(tokens,), (tokens.gather(1, positions), keep, positions)]:  # unmasked; patches and text masked
+            eager = model(images, *args)
+            out = compiled(images, *args)
+            for a, b in zip(out, eager):
+                assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_unknown_preset_is_a_clear_error():
@@ -260,6 +289,30 @@ def test_flops_count_masked_tokens():
     full, half = M.flops_per_sample(cfg), M.flops_per_sample(cfg, masking.num_kept(14, 0.5))
     assert 40e9 < full < 42e9  # ~41 GFLOPs per image-text pair, forward
     assert 1.7 < full / half < 1.8  # the text tower is not masked, so less than 2x
+
+
+def text_flops_counted(model, tokens, length):
+    """Forward FLOPs per caption of encode_text on `length` kept tokens, as torch's FLOP counter sees the matmuls
+    (attention through the math kernel, whose two matmuls it counts in full, as transformer_flops does)."""
+    positions = masking.text_keep_indices(tokens, length, "random")
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.encode_text(tokens.gather(1, positions), positions)
+    return counter.get_total_flops() / len(tokens)
+
+
+def test_flops_follow_the_text_tokens_encoded():
+    model = tiny()
+    cfg, (_, tokens) = model.config, batch(model, 2)
+    kept = masking.num_kept(cfg.grid_size, 0.75)
+    assert M.flops_per_sample(cfg, kept, cfg.context_length) == M.flops_per_sample(cfg, kept)  # default: all of them
+    full = text_flops_counted(model, tokens, cfg.context_length)
+    for length in (16, 8):
+        counted_saving = full - text_flops_counted(model, tokens, length)
+        assert M.flops_per_sample(cfg, kept) - M.flops_per_sample(cfg, kept, length) == counted_saving
+    vit_b16 = M.PRESETS["ViT-B-16"]
+    speedup = lambda ratio, length: M.flops_per_sample(vit_b16) / M.flops_per_sample(  # noqa: E731
+        vit_b16, masking.num_kept(14, ratio), length)
+    assert 4.2 < speedup(0.9, 77) < 4.4 and 8.3 < speedup(0.9, 16) < 8.6  # the text tower caps the speedup at 90%
 
 
 @pytest.mark.parametrize("name, peak", [
