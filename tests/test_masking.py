@@ -158,7 +158,8 @@ def test_random_keeps_words_and_padding_alike_and_prioritized_keeps_words_unifor
     # padding included; prioritized keeps all 8 caption positions (no padding); at eot 12 it keeps each of the
     # 11 words between start and end-of-text with probability 6/11
     n = 4000  # the std of a rate estimate is under 0.008
-    for mode, eot, rate, last in [("random", 7, 6 / 14, 15), ("random", 12, 6 / 14, 15), ("prioritized", 12, 6 / 11, 12)]:
+    cases = [("random", 7, 6 / 14, 15), ("random", 12, 6 / 14, 15), ("prioritized", 12, 6 / 11, 12)]
+    for mode, eot, rate, last in cases:  # last: the last position that may be kept
         keep = masking.text_keep_indices(captions([eot] * n), 8, mode, generator=torch.Generator().manual_seed(0))
         rates = torch.bincount(keep.flatten(), minlength=16).double() / n
         middle = [p for p in range(1, last + 1) if p != eot]  # neither start nor end-of-text
