@@ -5,28 +5,32 @@ Training-step throughput per masking ratio: how much faster does dropping patche
     python bench.py --compile --check-sync            # compiled, and prove the step never syncs host and device
     python bench.py --device cpu --compile            # the tiny preset, batch 64, fp32 on the CPU
     python bench.py --ratios 0 0.5 --json bench.json  # also write the table as JSON
+    python bench.py --text-length 16 32               # also 16 and 32 of the 77 text tokens (FLIP's text masking)
     python bench.py --compile --openclip              # and OpenCLIP's model of the same name, side by side
     python bench.py data --workers 15                 # images/s of the training and evaluation data pipelines
 
 A step is what train.py does for one batch, on synthetic tensors so that data loading is not measured:
-masking.keep_indices -> model(images, tokens, keep) -> clip_loss -> backward -> AdamW -> clamp of the logit scale.
-Ratio 0 is the unmasked baseline (keep=None, as `train.py --mask none`) and is always run first.
+masking.keep_indices (and masking.text_keep_indices) -> model(images, tokens, keep, positions) -> clip_loss -> backward
+-> AdamW -> clamp of the logit scale. Ratio 0 with the whole context of text is the unmasked baseline (keep=None,
+positions=None, as `train.py --mask none`) and is always run first; each --text-length L adds a row per ratio in which
+the text tower encodes L tokens per caption, their positions drawn per step with --text-mask, inside the timed step.
 
 FLOPs come from the shapes (model.flops_per_sample: 2 FLOPs per multiply-add, matmuls only, training = 3 x forward),
-so the FLOP-ideal speedup of a ratio is flops(all patches) / flops(K kept). It stays well below 1 / (1 - ratio)
-because the text tower is never masked (model.flops_per_sample gives ViT-B-16's).
+so the FLOP-ideal speedup of a row is flops(all patches, all text tokens) / flops(K patches, L tokens). With the whole
+text it stays well below 1 / (1 - ratio): the text tower, unmasked, is 62% of ViT-B-16's FLOPs at 90% masking.
 After the table, one line gives the unmasked image tower's inference images/s as eval.py runs it: compare it with
 `python bench.py data`'s evaluation pipeline to see whether an ImageNet pass is bound by the data or the model.
 MFU = achieved FLOP/s / the device's dense bf16 peak (model.peak_flops); it is not reported on the CPU.
-Peak memory is torch.cuda.max_memory_allocated per ratio on a GPU, and the process's peak RSS (which never goes down,
-so it is the largest ratio-0 figure) on the CPU. mask/step is keep_indices timed alone over the time of a whole step.
+Peak memory is torch.cuda.max_memory_allocated per row on a GPU, and the process's peak RSS (which never goes down,
+so it is the largest ratio-0 figure) on the CPU. mask/step is the masks (patches and text) timed alone over the time of
+a whole step.
 
 --openclip times open_clip_torch's model of the same name (ViT-B-16, ViT-S-16) after ours, through the same step,
 optimizer, precision, compilation and synthetic batch, with OpenCLIP's own patch dropout (FLIP's random masking, at
-the same place and keeping the same number of patches) doing the masking. open_clip_torch is not a dependency of this
-project; install it beside it to compare. The models run one after the other: on a shared CPU that order alone moves
-the comparison by a few percent (README), so there repeat it and read smaller differences as noise; on a GPU step
-times repeat closely.
+the same place and keeping the same number of patches) doing the masking, with the whole text only (its text tower
+takes the whole context). open_clip_torch is not a dependency of this project; install it beside it to compare. The
+models run one after the other: on a shared CPU that order alone moves the comparison by a few percent (README), so
+there repeat it and read smaller differences as noise; on a GPU step times repeat closely.
 """
 
 import io
@@ -59,9 +63,13 @@ def parse_args(argv=None):
     a("--ratios", type=float, nargs="+", default=[0, 0.5, 0.75, 0.9], help="masking ratios to time (0 is added)")
     a("--mask", default="gaussian", choices=masking.MODES, help="random = FLIP, gaussian = GDM-FLIP (same cost)")
     a("--sigma", type=float, default=0.2, help="Gaussian masking's sigma (a variance, as in the paper's code)")
+    a("--text-length", type=int, nargs="+", default=[], metavar="L", help="also time each ratio with L text tokens "
+      "encoded per caption (the whole context is always timed)")
+    a("--text-mask", default="prioritized", choices=masking.TEXT_MODES, help="which L text tokens survive (FLIP's "
+      "prioritized drops padding first; every mode costs the same)")
     a("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     a("--precision", default=None, choices=["bf16", "fp32"], help="bf16 autocast (cuda default) or fp32 (cpu default)")
-    a("--compile", action="store_true", help="torch.compile the model; each K is its own static-shape graph")
+    a("--compile", action="store_true", help="torch.compile the model; each (K, L) is its own static-shape graph")
     a("--steps", type=int, default=20, help="timed steps per ratio")
     a("--warmup", type=int, default=3, help="untimed steps per ratio first (compilation, allocator, cuDNN autotune)")
     a("--check-sync", action="store_true", help="run one step per ratio under torch.cuda.set_sync_debug_mode('error')")
@@ -83,6 +91,9 @@ def parse_args(argv=None):
     try:
         for r in args.ratios:
             masking.check_args(2, r, args.mask, args.sigma)
+        context_length = M.PRESETS[args.model].context_length
+        for length in args.text_length:
+            masking.check_text_args(context_length, length, args.text_mask)
     except ValueError as e:
         p.error(str(e))
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
@@ -95,6 +106,7 @@ def parse_args(argv=None):
         if args.model not in open_clip.list_models():
             p.error(f"--openclip: OpenCLIP has no model named {args.model!r}")
     args.ratios = sorted(set([0.0, *args.ratios]))  # ratio 0 is the baseline of every speedup
+    args.text_length = sorted(set([context_length, *args.text_length]), reverse=True)  # and the whole text
     return args
 
 
@@ -112,11 +124,13 @@ def synthetic_batch(cfg, batch_size, device, generator):
 def make_step(model, orig_model, optimizer, autocast):
     """One training step as train.py takes it (no gradient accumulation, one rank); returns nothing, so no sync.
 
-    model(images, tokens, keep) -> normalised image and text features and the logit scale; orig_model is the
+    model(images, tokens, keep, positions) -> normalised image and text features and the logit scale; orig_model is the
     uncompiled module, whose logit scale is clamped after the step."""
-    def step(images, tokens, keep):
+    def step(images, tokens, keep, positions):
+        if positions is not None:  # the text tokens kept, (B, T) -> (B, L), as train.py gathers them
+            tokens = tokens.gather(1, positions)
         with autocast:
-            image_features, text_features, scale = model(images, tokens, keep)
+            image_features, text_features, scale = model(images, tokens, keep, positions)
         loss = M.clip_loss(image_features.float(), text_features.float(), scale)
         loss.backward()
         optimizer.step()
@@ -143,11 +157,11 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; the process's peak RSS so far
 
 
-def step_is_sync_free(step, images, tokens, make_keep):
-    """One step (mask included) under which any host-device synchronisation raises: True if none happened."""
+def step_is_sync_free(step, images, tokens, make_masks):
+    """One step (masks included) under which any host-device synchronisation raises: True if none happened."""
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step(images, tokens, make_keep())
+        step(images, tokens, *make_masks())
         return True
     except RuntimeError as e:
         print(f"host-device sync inside the step: {str(e).splitlines()[0]}")
@@ -156,34 +170,39 @@ def step_is_sync_free(step, images, tokens, make_keep):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def bench_ratio(ratio, step, cfg, args, device, generator, own_mask=True):
-    """Time `args.steps` training steps at one masking ratio; returns that row of the table as a dict.
+def bench_ratio(ratio, text_length, step, cfg, args, device, generator, own_mask=True):
+    """Time `args.steps` training steps at one masking ratio and text length; returns that row of the table as a dict.
 
     own_mask: the step takes keep_indices (our model); False for a model that drops patches inside (OpenCLIP's)."""
-    grid, B = cfg.image_size // cfg.patch_size, args.batch_size
+    B = args.batch_size
     images, tokens = synthetic_batch(cfg, B, device, generator)
+    masks_patches = ratio > 0 and own_mask
+    masks_text = text_length < cfg.context_length
 
-    def make_keep():  # (B, K) kept patches, drawn afresh every step as in training; ratio 0 encodes all (keep=None)
-        if ratio == 0 or not own_mask:
-            return None
-        return masking.keep_indices(B, grid, ratio, args.mask, args.sigma, device=device, generator=generator)
+    def make_masks():  # drawn afresh every step as in training; None: encode every patch / every text token
+        keep = masking.keep_indices(B, cfg.grid_size, ratio, args.mask, args.sigma, device=device,
+                                    generator=generator) if masks_patches else None  # (B, K)
+        positions = masking.text_keep_indices(tokens, text_length, args.text_mask,
+                                              generator=generator) if masks_text else None  # (B, L)
+        return keep, positions
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(args.warmup):  # with --compile the first call at a new K compiles a new graph
-        step(images, tokens, make_keep())
-    step_s = seconds_per_call(lambda: step(images, tokens, make_keep()), args.steps, device)  # mask included
-    mask_s = seconds_per_call(make_keep, args.steps, device) if ratio > 0 and own_mask else None  # mask alone
+    for _ in range(args.warmup):  # with --compile the first call at a new (K, L) compiles a new graph
+        step(images, tokens, *make_masks())
+    step_s = seconds_per_call(lambda: step(images, tokens, *make_masks()), args.steps, device)  # masks included
+    masks_s = seconds_per_call(make_masks, args.steps, device) if masks_patches or masks_text else None  # alone
     on_gpu_check = args.check_sync and device.type == "cuda"
-    sync_free = step_is_sync_free(step, images, tokens, make_keep) if on_gpu_check else None
-    kept = masking.num_kept(grid, ratio)  # every patch at ratio 0
+    sync_free = step_is_sync_free(step, images, tokens, make_masks) if on_gpu_check else None
+    kept = masking.num_kept(cfg.grid_size, ratio)  # every patch at ratio 0
     samples_per_s = B / step_s
-    tflops = 3 * M.flops_per_sample(cfg, kept) * samples_per_s / 1e12  # training = 3 x forward
+    flops = M.flops_per_sample(cfg, kept, text_length)
+    tflops = 3 * flops * samples_per_s / 1e12  # training = 3 x forward
     peak = M.peak_flops(device)
-    return dict(ratio=ratio, kept=kept, samples_per_s=samples_per_s, step_ms=1e3 * step_s,
-                ideal_speedup=M.flops_per_sample(cfg) / M.flops_per_sample(cfg, kept), tflops=tflops,
+    return dict(ratio=ratio, kept=kept, text_tokens=text_length, samples_per_s=samples_per_s, step_ms=1e3 * step_s,
+                ideal_speedup=M.flops_per_sample(cfg) / flops, tflops=tflops,
                 mfu=None if peak is None else tflops * 1e12 / peak, peak_mem_mib=peak_memory_mib(device),
-                mask_fraction=None if mask_s is None else mask_s / step_s, sync_free=sync_free)
+                mask_fraction=None if masks_s is None else masks_s / step_s, sync_free=sync_free)
 
 
 def inference_images_per_s(model, cfg, args, device):
@@ -206,12 +225,12 @@ def inference_images_per_s(model, cfg, args, device):
 
 def format_table(rows, memory_kind):
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"{'ratio':>5} {'kept':>5} {'samples/s':>10} {'speedup':>8} {'ideal':>7} {'TFLOP/s':>8} {'MFU':>6} "
-             f"{memory_kind:>12} {'mask/step':>9} {'sync-free':>9}"]
-    for r in rows:
+    lines = [f"{'ratio':>5} {'kept':>5} {'text':>4} {'samples/s':>10} {'speedup':>8} {'ideal':>7} {'TFLOP/s':>8} "
+             f"{'MFU':>6} {memory_kind:>12} {'mask/step':>9} {'sync-free':>9}"]
+    for r in rows:  # text: the text tokens encoded per caption
         sync = {None: "-", True: "yes", False: "NO"}[r["sync_free"]]
-        lines.append(f"{r['ratio']:5.2f} {r['kept']:5d} {r['samples_per_s']:10.1f} {r['speedup']:7.2f}x "
-                     f"{r['ideal_speedup']:6.2f}x {r['tflops']:8.3f} {fmt(r['mfu'], '.1%'):>6} "
+        lines.append(f"{r['ratio']:5.2f} {r['kept']:5d} {r['text_tokens']:4d} {r['samples_per_s']:10.1f} "
+                     f"{r['speedup']:7.2f}x {r['ideal_speedup']:6.2f}x {r['tflops']:8.3f} {fmt(r['mfu'], '.1%'):>6} "
                      f"{r['peak_mem_mib']:12.0f} {fmt(r['mask_fraction'], '.2%'):>9} {sync:>9}")
     return "\n".join(lines)
 
@@ -226,7 +245,8 @@ def openclip_model(name):
 
 
 def bench_model(orig_model, cfg, args, device, openclip=False):
-    """The table's rows for one model: AdamW as train.py's, torch.compile if asked, every ratio in turn.
+    """The table's rows for one model: AdamW as train.py's, torch.compile if asked, every ratio in turn, each with the
+    whole text and then each shorter text length (OpenCLIP's model: the whole text only).
 
     cfg: our preset's config, for the shapes and FLOPs (an OpenCLIP model of the same name has the same shapes)."""
     on_gpu = device.type == "cuda"
@@ -236,18 +256,22 @@ def bench_model(orig_model, cfg, args, device, openclip=False):
                                   fused=on_gpu)
     model = orig_model
     if args.compile:
-        # Each ratio keeps a different number K of patches: a new static-shape graph per K (dynamic=False, so dynamo
-        # does not switch to a slower symbolic-shape graph at the second K), plus the keep=None graph of ratio 0.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(args.ratios))
+        # Each row keeps a different number K of patches and L of text tokens: a new static-shape graph per (K, L)
+        # (dynamic=False, so dynamo does not switch to a slower symbolic-shape graph at the second K), plus the
+        # keep=None / positions=None graphs.
+        graphs = 2 * len(args.ratios) * len(args.text_length)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
         model = torch.compile(orig_model, dynamic=False)
-    forward = (lambda images, tokens, keep: model(images, tokens)) if openclip else model  # OpenCLIP masks inside
+    forward = (lambda images, tokens, keep, positions: model(images, tokens)) if openclip else model  # masks inside
     step = make_step(forward, orig_model, optimizer, autocast)
     generator = torch.Generator(device).manual_seed(args.seed)  # the same batches and masks for every model
+    text_lengths = args.text_length[:1] if openclip else args.text_length  # [0]: the whole context
     rows = []
     for ratio in args.ratios:
         if openclip:
             orig_model.visual.patch_dropout.prob = ratio  # prob 0 returns the tokens untouched: unmasked
-        rows.append(bench_ratio(ratio, step, cfg, args, device, generator, own_mask=not openclip))
+        for text_length in text_lengths:
+            rows.append(bench_ratio(ratio, text_length, step, cfg, args, device, generator, own_mask=not openclip))
     for row in rows:
         row["speedup"] = row["samples_per_s"] / rows[0]["samples_per_s"]  # rows[0] is ratio 0
     return rows
@@ -353,18 +377,20 @@ def main(argv=None):
     orig_model = M.create_model(args.model).to(device).train()
     cfg = orig_model.config
 
-    grid = cfg.image_size // cfg.patch_size
+    grid = cfg.grid_size
     peak = M.peak_flops(device)
     name = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} threads"
     print(f"{args.model}: {sum(p.numel() for p in orig_model.parameters()) / 1e6:.2f}M parameters, {grid}x{grid} "
-          f"patches; batch {args.batch_size}, {args.precision}, compile {args.compile}, {args.mask} masking")
+          f"patches; batch {args.batch_size}, {args.precision}, compile {args.compile}, {args.mask} masking; text "
+          f"{', '.join(map(str, args.text_length))} of {cfg.context_length} tokens ({args.text_mask} when shorter)")
     print(f"device {name}, torch {torch.__version__}; peak for MFU: "
           + ("none known (MFU not reported)" if peak is None else f"{peak / 1e12:.0f} TFLOP/s dense bf16"))
-    print(f"{args.warmup} warm-up + {args.steps} timed steps per ratio; forward GFLOPs per sample (x3 for a step):")
+    print(f"{args.warmup} warm-up + {args.steps} timed steps per row; forward GFLOPs per sample (x3 for a step), "
+          f"image tower + text tower:")
     for ratio in args.ratios:
         kept = masking.num_kept(grid, ratio)  # every patch at ratio 0
-        print(f"  ratio {ratio:4.2f}: {kept:4d} patches kept, {M.flops_per_sample(cfg, kept) / 1e9:8.3f} GFLOPs "
-              f"(image tower + text tower, text unmasked)")
+        flops = ", ".join(f"{M.flops_per_sample(cfg, kept, t) / 1e9:.3f} ({t} text tokens)" for t in args.text_length)
+        print(f"  ratio {ratio:4.2f}: {kept:4d} patches kept, {flops}")
     if args.check_sync and not on_gpu:
         print("--check-sync: skipped on the CPU (there is no device to synchronise with)")
 
@@ -386,8 +412,9 @@ def main(argv=None):
         oc_rows = bench_model(oc.to(device).train(), cfg, args, device, openclip=True)
         print(f"{label}, the same steps with its patch dropout:")
         print(format_table(oc_rows, memory_kind))
+        full_text = [r for r in rows if r["text_tokens"] == cfg.context_length]  # OpenCLIP's rows, in the same order
         print("ours / OpenCLIP samples/s: " + ", ".join(
-            f"{r['ratio']:.2f}: {r['samples_per_s'] / o['samples_per_s']:.2f}x" for r, o in zip(rows, oc_rows)))
+            f"{r['ratio']:.2f}: {r['samples_per_s'] / o['samples_per_s']:.2f}x" for r, o in zip(full_text, oc_rows)))
         write_json(args.json, result | {"openclip": label, "openclip_rows": oc_rows})
     return rows
 

@@ -23,8 +23,8 @@ def test_table_has_a_row_per_ratio_with_the_flop_ideal_speedup(capsys, tmp_path)
     out = tmp_path / "bench.json"
     rows = bench.main(TINY + ["--ratios", "0", "0.5", "--check-sync", "--json", str(out)])
     cfg = M.PRESETS["tiny"]
-    grid = cfg.image_size // cfg.patch_size  # 8 x 8 patches
-    assert [r["ratio"] for r in rows] == [0.0, 0.5]
+    grid = cfg.grid_size  # 8 x 8 patches
+    assert [r["ratio"] for r in rows] == [0.0, 0.5] and [r["text_tokens"] for r in rows] == [32, 32]  # whole text
     assert [r["kept"] for r in rows] == [grid * grid, masking.num_kept(grid, 0.5)]  # 64, 32
 
     dense, masked = M.flops_per_sample(cfg), M.flops_per_sample(cfg, masking.num_kept(grid, 0.5))
@@ -41,11 +41,39 @@ def test_table_has_a_row_per_ratio_with_the_flop_ideal_speedup(capsys, tmp_path)
 
     printed = capsys.readouterr().out
     table = printed[printed.index("ratio  kept"):].splitlines()
-    assert len(table) == 4 and table[1].split()[:2] == ["0.00", "64"] and table[2].split()[:2] == ["0.50", "32"]
+    assert len(table) == 4 and table[1].split()[:3] == ["0.00", "64", "32"] and table[2].split()[:2] == ["0.50", "32"]
     assert table[3].startswith("inference, image tower unmasked") and "skipped on the CPU" in printed
     written = json.loads(out.read_text())
     assert written["rows"] == rows and written["inference_images_per_s"] > 0
     assert f"{written['inference_images_per_s']:.1f} images/s" in table[3]
+
+
+def test_text_length_rows_encode_fewer_tokens_and_raise_the_ideal_speedup(monkeypatch, capsys):
+    seen, forward = [], M.CLIP.forward  # (text tokens, positions given) of every call of the model
+
+    def recording_forward(self, images, tokens, keep=None, positions=None):
+        seen.append((tokens.shape[1], positions is not None))
+        return forward(self, images, tokens, keep, positions)
+
+    monkeypatch.setattr(M.CLIP, "forward", recording_forward)
+    rows = bench.main(TINY + ["--ratios", "0.75", "0.9", "--text-length", "16", "--text-mask", "random"])
+    cfg = M.PRESETS["tiny"]
+    assert [(r["ratio"], r["text_tokens"]) for r in rows] == [(0, 32), (0, 16), (0.75, 32), (0.75, 16), (0.9, 32),
+                                                              (0.9, 16)]
+    assert seen == [(32, False), (32, False), (16, True), (16, True)] * 3  # warm-up + timed step per row
+    assert rows[0]["speedup"] == rows[0]["ideal_speedup"] == 1.0  # the baseline: no patch or text masking
+    for r in rows:
+        kept = masking.num_kept(cfg.grid_size, r["ratio"])
+        assert r["ideal_speedup"] == pytest.approx(M.flops_per_sample(cfg) / M.flops_per_sample(cfg, kept,
+                                                                                                 r["text_tokens"]))
+    full, short = rows[0::2], rows[1::2]
+    assert all(s["ideal_speedup"] > f["ideal_speedup"] for f, s in zip(full, short))  # shorter text, fewer FLOPs
+    # and the more patches are dropped, the larger the text tower's share, so the more shortening it pays
+    assert short[2]["ideal_speedup"] / full[2]["ideal_speedup"] > short[1]["ideal_speedup"] / full[1]["ideal_speedup"]
+    assert short[0]["mask_fraction"] > 0 and full[0]["mask_fraction"] is None  # the text mask is built in the step
+    table = capsys.readouterr().out.split("ratio  kept text")[1].splitlines()[1:7]
+    assert [line.split()[:3] for line in table] == [["0.00", "64", "32"], ["0.00", "64", "16"], ["0.75", "16", "32"],
+                                                    ["0.75", "16", "16"], ["0.90", "6", "32"], ["0.90", "6", "16"]]
 
 
 def test_ratio_zero_is_always_the_baseline():
@@ -93,17 +121,19 @@ def test_openclip_runs_side_by_side_at_the_same_ratios(monkeypatch, capsys, tmp_
     fake = fake_open_clip()
     monkeypatch.setitem(sys.modules, "open_clip", fake)
     out = tmp_path / "bench.json"
-    rows = bench.main(TINY + ["--ratios", "0.5", "--openclip", "--json", str(out)])
+    rows = bench.main(TINY + ["--ratios", "0.5", "--text-length", "16", "--openclip", "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["rows"] == rows and result["openclip"] == "OpenCLIP tiny (open_clip_torch fake)"
-    oc_rows = result["openclip_rows"]
-    assert [r["ratio"] for r in oc_rows] == [0.0, 0.5] and [r["kept"] for r in oc_rows] == [r["kept"] for r in rows]
+    oc_rows = result["openclip_rows"]  # the whole text only: its text tower takes the whole context
+    assert [(r["ratio"], r["kept"], r["text_tokens"]) for r in oc_rows] == [(0.0, 64, 32), (0.5, 32, 32)]
     assert all(r["mask_fraction"] is None for r in oc_rows)  # its mask is built inside its forward: not timed apart
     # the model's own dropout rate was set before each ratio: warm-up + timed steps at 0, then at 0.5
     (model,) = fake.created
     assert model.rates_seen == [0.0] * 2 + [0.5] * 2
     printed = capsys.readouterr().out
-    assert "OpenCLIP tiny (open_clip_torch fake), the same steps" in printed and "ours / OpenCLIP samples/s" in printed
+    assert "OpenCLIP tiny (open_clip_torch fake), the same steps" in printed
+    compared = printed.split("ours / OpenCLIP samples/s: ")[1].splitlines()[0].split(", ")  # our whole-text rows
+    assert [c.split(":")[0] for c in compared] == ["0.00", "0.50"]
 
 
 def usage_error(capsys, argv):
@@ -127,6 +157,9 @@ def test_openclip_missing_or_without_the_model_is_one_line(monkeypatch, capsys):
     (["--ratios", "0.5", "1.0"], "masking ratio must be in [0, 1)"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--model", "ViT-Z"], "invalid choice"),
+    (["--text-length", "1"], "text length must be in [2, 32]"),  # the tiny preset on the CPU: 32 tokens
+    (["--text-length", "16", "78"], "text length must be in [2, 32]"),
+    (["--text-mask", "block"], "invalid choice"),
 ])
 def test_bad_flags_exit_with_one_line(flags, message, capsys):
     assert message in usage_error(capsys, ["--device", "cpu"] + flags)
