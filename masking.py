@@ -113,6 +113,8 @@ def text_keep_indices(tokens, length, mode, generator=None):
     with no host-device synchronisation, vectorised. Encode `tokens.gather(1, keep)` with positional embeddings
     `keep`. L == T keeps every position, in order.
     """
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (B, T) token ids, got shape {tuple(tokens.shape)}")
     check_text_args(tokens.shape[1], length, mode)
     B, T = tokens.shape
     position = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T)

@@ -174,6 +174,8 @@ def test_random_keeps_words_and_padding_alike_and_prioritized_keeps_words_unifor
 def test_text_bad_arguments_raise_clear_errors(length, mode, match):
     with pytest.raises(ValueError, match=match):
         masking.text_keep_indices(captions(EOTS), length, mode)
+    with pytest.raises(ValueError, match="tokens must be"):
+        masking.text_keep_indices(captions(EOTS)[0], 8, "truncate")  # one caption without its batch dimension
 
 
 @pytest.mark.parametrize("mode", masking.TEXT_MODES)
