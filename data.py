@@ -368,9 +368,10 @@ def make_train_loader(pattern, batch_size, num_samples, image_size, tokenizer, w
 
 # -------------------------------------------------------------------------------------------------- evaluation data
 class ImageFolder(Dataset):
-    """root/<class>/<image> -> (tensor, label); classes are the sorted folder names (ImageNet: WordNet ids).
-    An image that cannot be read is warned about and given as a blank mean-colour image, so the dataset length and
-    the accuracy's denominator stay the file count (the model then guesses for it)."""
+    """root/<class>/<image> -> (tensor, label, readable); classes are the sorted folder names (ImageNet: WordNet ids).
+    An image that cannot be read is warned about and given as a blank mean-colour image with readable=False, so the
+    dataset length and the accuracy's denominator stay the file count, and the caller can count the stand-ins: a flag
+    per item travels with the batch out of dataloader workers, where a counter kept in the dataset would stay behind."""
 
     def __init__(self, root, transform):
         if not os.path.isdir(root):
@@ -392,11 +393,11 @@ class ImageFolder(Dataset):
         path, label = self.samples[index]
         try:
             with open(path, "rb") as f:
-                return self.transform(open_image(f.read())), label
+                return self.transform(open_image(f.read())), label, True
         except Exception as e:
             warn_bad(path, e)
             blank = Image.new("RGB", (32, 32), tuple(round(255 * m) for m in OPENAI_MEAN))
-            return self.transform(blank), label
+            return self.transform(blank), label, False
 
 
 class ImageTextDataset(IterableDataset):

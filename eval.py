@@ -13,18 +13,21 @@ the paper's "masked inference" column (the default is inference unmasking: every
 
 The ImageNet class names (OpenAI's cleaned names, in WordNet-id order) and the 80 templates ship as plain text files
 next to this one, `imagenet_classnames.txt` and `openai_templates.txt`: one entry per line, `{}` where the class name
-goes, the same format `--classnames` and `--templates` take. train.py calls the same functions for its evaluation.
+goes, the same format `--classnames` and `--templates` take. train.py calls the same functions for its evaluation, on
+every rank of its process group: each rank encodes a share of the prompts and images, and all get the whole figure.
 """
 
 import json
 import os
-import pickle
+import re
 import sys
 import time
+from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 import data
 import masking
@@ -36,17 +39,19 @@ IMAGENET_CLASSNAMES = os.path.join(HERE, "imagenet_classnames.txt")
 OPENAI_TEMPLATES = os.path.join(HERE, "openai_templates.txt")
 IMAGENET_CLASSES = 1000
 LOGIT_SCALE = 100.0  # CLIP / CLIP_benchmark score images with a fixed 100 * cosine, not the learned temperature
+ACCURACY_KS = (1, 5)  # CLIP_benchmark's top-k accuracies
 RECALL_KS = (1, 5, 10)  # CLIP_benchmark's recall@k
 PROGRESS_EVERY_S = 10.0
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a pickle (torch.save before PyTorch 1.6)
 
 
 # ----------------------------------------------------------------------------- metrics (pure functions)
 
 
-def accuracy(logits, labels, k):
-    """Fraction of rows whose label is among the k highest logits: logits (N, C), labels (N,). k is capped at C."""
-    topk = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (N, k)
-    return (topk == labels[:, None]).any(dim=1).double().mean().item()
+def accuracy(ranked, labels, k):
+    """Fraction of rows whose label is among their first k classes: ranked (N, >= k) class indices, best first
+    (`logits.topk(5).indices`, as CLIP_benchmark ranks), labels (N,). With fewer than k columns, all of them count."""
+    return (ranked[:, :k] == labels[:, None]).any(dim=1).double().mean().item()
 
 
 def mean_per_class_recall(predictions, labels, num_classes):
@@ -69,44 +74,89 @@ def retrieval_recall(scores, positives, k):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(path, model_name="ViT-B-16", tokenizer=None, device="cpu"):
-    """(model in eval mode on `device`, tokenizer) from one of three kinds of file:
-
-    - this project's checkpoint (train.py): {"state_dict", "config", "tokenizer", ...}, self-contained;
-    - an OpenCLIP training checkpoint {"state_dict": ...} (keys may start with `module.`), or
-    - a plain OpenCLIP / OpenAI state dict. These two need `model_name` and a `tokenizer` spec (e.g. CLIP's BPE vocab).
-    """
+def read_checkpoint(path):
+    """The dict a checkpoint file holds, read as data only (weights_only: a checkpoint is never code to run).
+    A file that is not one is a one-line ValueError saying what it is."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:  # weights_only: a checkpoint is data, never code to run
+    expected = "expected a torch.save file: a train.py checkpoint, an OpenCLIP checkpoint or a state dict"
+    with open(path, "rb") as f:
+        start = f.read(16)
+    if not start:
+        raise ValueError(f"{path} is an empty file; {expected}")
+    if not start.startswith(TORCH_FILE_STARTS):
+        raise ValueError(f"{path} is not a torch file (it starts {start[:12]!r}); {expected}")
+    try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: not a checkpoint torch.load can read ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # a truncated archive, a pickle of code rather than tensors, ...
+        reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]  # torch's own words
+        reason = " ".join(reason.split())[:160] or type(e).__name__
+        raise ValueError(f"{path}: torch.load cannot read it as weights ({reason}); {expected}") from None
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: unknown checkpoint format (a {type(ckpt).__name__}, expected a dict)")
-    if "config" in ckpt and "state_dict" in ckpt:  # ours: keys are already this model's
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a dict; {expected}")
+    return ckpt
+
+
+def checkpoint_weights(ckpt, path):
+    """A checkpoint's tensors in this model's keys: wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`)
+    dropped, OpenCLIP's / OpenAI's names converted unless the keys are already ours (`text.token_embedding.weight`)."""
+    weights = ckpt.get("state_dict", ckpt)
+    tensors = {k: v for k, v in weights.items() if torch.is_tensor(v)} if isinstance(weights, dict) else {}
+    if not tensors:
+        raise ValueError(f"{path} holds a dict without weights (keys {sorted(map(str, ckpt))[:5]}); expected a "
+                         "state dict or a checkpoint with one under 'state_dict'")
+    state_dict = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in tensors.items()}  # DDP's, compile's
+    if "text.token_embedding.weight" not in state_dict:
+        state_dict = M.convert_openclip_state_dict(state_dict)
+    if "visual.conv1.weight" not in state_dict:
+        raise ValueError(f"{path} holds tensors, but not a CLIP ViT's (keys {sorted(tensors)[:3]}); expected "
+                         "this project's, OpenCLIP's or OpenAI's CLIP weights")
+    return state_dict
+
+
+def load_checkpoint(path, model_name="ViT-B-16", tokenizer=None, device="cpu", image_size=None):
+    """(model in eval mode on `device`, tokenizer) from one of these files (see checkpoint_weights for their keys):
+
+    - this project's checkpoint (train.py): {"state_dict", "config", "tokenizer", ...}, self-contained;
+    - a state dict of this project's model, an OpenCLIP training checkpoint {"state_dict": ...}, or a plain OpenCLIP
+      / OpenAI state dict. These need `model_name` and a `tokenizer` spec (e.g. CLIP's BPE vocab); the vocabulary
+      size and context length are read off the weights.
+
+    image_size: build the model for this resolution (default: the checkpoint's config, else the preset's). A checkpoint
+    trained on another grid of patches (RECLIP) gets its positional embedding resized to the model's grid.
+    """
+    ckpt = read_checkpoint(path)
+    state_dict = checkpoint_weights(ckpt, path)
+    if "config" in ckpt:  # ours
         try:
-            model, model_name = M.CLIP(M.CLIPConfig(**ckpt["config"])), ckpt.get("model", "from the config")
+            config, model_name = M.CLIPConfig(**ckpt["config"]), ckpt.get("model", "from the config")
         except TypeError as e:  # a config field this model.py does not know
             raise ValueError(f"{path}: config does not fit this model.py ({e})") from None
-        state_dict = ckpt["state_dict"]
         tokenizer = ckpt.get("tokenizer") or tokenizer  # the model was trained with this vocabulary
     else:
-        state_dict = M.convert_openclip_state_dict(ckpt.get("state_dict", ckpt))
-        if "visual.conv1.weight" not in state_dict:
-            raise ValueError(f"{path}: unknown checkpoint format (no CLIP ViT weights among its keys)")
-        model = M.create_model(model_name)
+        if model_name not in M.PRESETS:
+            raise ValueError(f"unknown model {model_name!r}; presets are {', '.join(M.PRESETS)}")
+        rows = {"vocab_size": "text.token_embedding.weight", "context_length": "text.positional_embedding"}
+        config = replace(M.PRESETS[model_name], **{f: state_dict[k].shape[0] for f, k in rows.items() if k in state_dict})
     if tokenizer is None:
         raise ValueError(f"{path} carries no tokenizer: pass one (e.g. --tokenizer bpe_simple_vocab_16e6.txt.gz)")
+    if image_size is not None:
+        if image_size < config.patch_size or image_size % config.patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of the model's {config.patch_size} px patches")
+        config = replace(config, image_size=image_size)
+    model = M.CLIP(config)
     missing, unexpected = (set(model.state_dict()) - set(state_dict)), (set(state_dict) - set(model.state_dict()))
     if missing or unexpected:
         raise ValueError(f"{path} does not fit model {model_name!r}: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
     try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:  # shapes differ: a different preset or vocabulary
+        model.load_state_dict(M.fit_state_dict_to(model, state_dict))
+    except (RuntimeError, ValueError) as e:  # shapes differ: a different preset or vocabulary
         raise ValueError(f"{path} does not fit model {model_name!r}: {str(e).splitlines()[-1].strip()}") from None
-    return model.to(device).eval(), load_tokenizer(tokenizer, model.config.context_length)
+    tokenizer = load_tokenizer(tokenizer, config.context_length)
+    if tokenizer.vocab_size > config.vocab_size:  # its highest ids would index past the token embedding
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, {path}'s token embedding {config.vocab_size}")
+    return model.to(device).eval(), tokenizer
 
 
 def read_lines(path):
@@ -126,15 +176,25 @@ def check_mask(mask, ratio, sigma):
     # mask "none" ignores ratio and sigma: every patch is encoded
 
 
-def encode_images(model, images, mask="none", ratio=0.0, sigma=0.2, generator=None):
-    """(B, 3, S, S) -> (B, E) normalised fp32 features; with a mask, only the kept patches go through the ViT.
+def pass_name(mask, ratio, sigma):
+    """How a pass sees the images, for its progress lines: unmasked, masked random 0.5, masked gaussian 0.5 sigma 0.2."""
+    if mask == "none":
+        return "unmasked"
+    return f"masked {mask} {ratio:g}" + (f" sigma {sigma:g}" if mask == "gaussian" else "")
+
+
+def draw_masks(count, grid_size, mask, ratio, sigma, device, generator):
+    """(count, K) patch indices each of `count` images keeps, training's keep_indices; None for mask "none"."""
+    if mask == "none":
+        return None
+    return masking.keep_indices(count, grid_size, ratio, mask, sigma, device=device, generator=generator)
+
+
+def encode_images(model, images, keep=None):
+    """(B, 3, S, S) -> (B, E) normalised fp32 features; with keep (B, K), only the kept patches go through the ViT.
     `images`: normalised floats, or uint8 pixels as the loaders below yield them (normalised here, on their device)."""
     if images.dtype == torch.uint8:
         images = data.normalize(images)
-    keep = None
-    if mask != "none":  # masked inference: the same keep_indices as in training, a fresh draw per batch
-        keep = masking.keep_indices(images.shape[0], model.visual.grid_size, ratio, mask, sigma,
-                                    device=images.device, generator=generator)  # (B, K)
     return F.normalize(model.encode_image(images, keep).float(), dim=-1)
 
 
@@ -147,6 +207,23 @@ def seeded_generator(device, seed=0):
     """Masks (and loader seeds) for evaluation come from their own seeded generators: the figure is reproducible, and
     evaluating in the middle of training does not move the global random stream the training masks and crops use."""
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def rank_and_world():
+    """(this process's rank, number of ranks) in an initialised torch.distributed process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_ranks(obj):
+    """[rank 0's obj, rank 1's, ...]: every rank's obj (small, picklable: CPU tensors) on every rank; [obj] alone.
+    all_gather_object works on gloo and NCCL alike (with NCCL, after torch.cuda.set_device as train.py does)."""
+    if rank_and_world()[1] == 1:
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
 
 
 def make_loader(dataset, batch_size, workers, device):
@@ -183,12 +260,13 @@ class Progress:
             rate = self.count / (now - self.start)
             print(f"{self.what}: {self.count}{of}, {rate:.0f}/s", file=sys.stderr, flush=True)
 
-    def done(self):
-        """Call after the last result has reached the host, so that the time includes the device's work."""
-        elapsed = time.perf_counter() - self.start
+    def done(self, count=None, note=""):
+        """Call after the last result has reached the host, so that the time includes the device's work. count: the
+        items of the whole pass, when other ranks shared it (default: this process's)."""
+        elapsed, count = time.perf_counter() - self.start, self.count if count is None else count
         if not self.quiet:
-            print(f"{self.what}: {self.count} in {elapsed:.1f} s, {self.count / elapsed:.0f}/s, "
-                  f"{100 * self.waited / elapsed:.0f}% of it waiting for data", file=sys.stderr, flush=True)
+            print(f"{self.what}: {count} in {elapsed:.1f} s, {count / elapsed:.0f}/s, "
+                  f"{100 * self.waited / elapsed:.0f}% of it waiting for data{note}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- zero-shot classification
@@ -196,41 +274,58 @@ class Progress:
 
 @torch.no_grad()
 def build_classifier(model, tokenizer, classnames, templates, device, batch_size=256, precision=None, quiet=False):
-    """(E, C) zero-shot classifier: column c = the normalised mean of the normalised embeddings of class c's prompts."""
+    """(E, C) zero-shot classifier: column c = the normalised mean of the normalised embeddings of class c's prompts.
+    In a process group, rank r encodes the prompts of classes r, r + world, ... and every rank gets every column."""
     if not classnames or not templates:
         raise ValueError("zero-shot classification needs at least one class name and one template")
     if bad := [t for t in templates if "{}" not in t]:
         raise ValueError(f"template {bad[0]!r} has no '{{}}' where the class name goes")
-    prompts = [t.replace("{}", name) for name in classnames for t in templates]  # class-major: C * P prompts
+    rank, world = rank_and_world()
+    mine = classnames[rank::world]
+    prompts = [t.replace("{}", name) for name in mine for t in templates]  # class-major: C_r * P prompts
     progress, features = Progress("class prompts", len(prompts), quiet), []
     with M.autocast(device, precision):
         for i in range(0, len(prompts), batch_size):
             features.append(encode_texts(model, tokenizer, prompts[i:i + batch_size], device))
             progress.update(len(features[-1]))
-    features = torch.cat(features).view(len(classnames), len(templates), -1)  # (C, P, E)
-    return F.normalize(features.mean(dim=1), dim=-1).T  # (E, C)
+    # (C_r, E) this rank's rows; None from a rank without classes (fewer classes than ranks)
+    rows = F.normalize(torch.cat(features).view(len(mine), len(templates), -1).mean(dim=1), dim=-1) if mine else None
+    shares = all_ranks(None if rows is None else rows.cpu())
+    classifier = torch.empty(len(classnames), shares[0].shape[1])  # (C, E); rank 0 always has class 0
+    for r, share in enumerate(shares):
+        if share is not None:
+            classifier[r::world] = share
+    return classifier.to(device).T  # (E, C)
 
 
 @torch.no_grad()
-def zero_shot_classification(model, classifier, loader, device, mask="none", ratio=0.0, sigma=0.2, precision=None,
-                             quiet=False):
-    """{"acc1", "acc5", "mean_per_class_recall"} (fractions) over a loader of (images (B, 3, S, S), labels (B,)).
-    Logits stay on the device until the end: a copy to the host per batch would make it wait for the GPU each time."""
-    check_mask(mask, ratio, sigma)
-    generator, logits, labels = seeded_generator(device), [], []
-    progress = Progress("images", len(loader.dataset) if hasattr(loader.dataset, "__len__") else None, quiet)
-    for images, target in progress.batches(loader):
+def zero_shot_classification(model, classifier, loader, device, keep=None, precision=None, quiet=False, what="images"):
+    """{"acc1", "acc5", "mean_per_class_recall"} (fractions), "images" and "unreadable" (counts) over a loader of
+    (images (B, 3, S, S), labels (B,), readable (B,) bool); more than half unreadable (blank stand-ins) is a ValueError.
+    keep: (N, K) patches each image keeps, in the loader's order; None for all. In a process group the loader holds
+    this rank's share and every rank returns the figures over all shares. The top-5 classes of each image are all the
+    metrics read: only they leave the device (at the end, not to wait for it each batch) and cross ranks."""
+    progress, ranked, labels, readable = Progress(what, len(loader.dataset), quiet), [], [], []
+    for images, target, ok in progress.batches(loader):
+        batch_keep = None if keep is None else keep[progress.count:progress.count + len(target)]  # (B, K)
         with M.autocast(device, precision):
-            features = encode_images(model, images.to(device, non_blocking=True), mask, ratio, sigma, generator)
-        logits.append(LOGIT_SCALE * features @ classifier)  # (B, C), in fp32 outside autocast
-        labels.append(target)
+            features = encode_images(model, images.to(device, non_blocking=True), batch_keep)
+        logits = LOGIT_SCALE * features @ classifier  # (B, C), in fp32 outside autocast
+        ranked.append(logits.topk(min(max(ACCURACY_KS), logits.shape[1]), dim=1).indices)  # (B, 5) best first
+        labels, readable = labels + [target], readable + [ok]
         progress.update(len(target))
-    if not logits:
+    local = [torch.cat(column).cpu() for column in (ranked, labels, readable)] if labels else None
+    shares = [share for share in all_ranks(local) if share is not None]
+    if not shares:
         raise ValueError("no images to evaluate")
-    logits, labels = torch.cat(logits).cpu(), torch.cat(labels)  # (N, C), (N,)
-    progress.done()
-    return {"acc1": accuracy(logits, labels, 1), "acc5": accuracy(logits, labels, 5),
-            "mean_per_class_recall": mean_per_class_recall(logits.argmax(dim=1), labels, classifier.shape[1])}
+    ranked, labels, readable = (torch.cat(column) for column in zip(*shares))  # (N, 5), (N,), (N,): rank by rank
+    count, unreadable = len(labels), int((~readable).sum())
+    progress.done(count, f", {unreadable} unreadable")
+    if unreadable > count / 2:  # the figure would measure blank images, not the model
+        raise ValueError(f"{unreadable} of {count} images could not be read: no accuracy to report")
+    return {"acc1": accuracy(ranked, labels, 1), "acc5": accuracy(ranked, labels, 5),
+            "mean_per_class_recall": mean_per_class_recall(ranked[:, 0], labels, classifier.shape[1]),
+            "images": count, "unreadable": unreadable}
 
 
 def folder_classnames(root, folders, imagenet=False):
@@ -247,20 +342,29 @@ def folder_classnames(root, folders, imagenet=False):
 def evaluate_folder(model, tokenizer, root, classnames=None, templates=None, batch_size=256, workers=4, device="cpu",
                     mask="none", ratio=0.0, sigma=0.2, imagenet=False, precision=None, quiet=False):
     """Zero-shot classification of an image folder (one sub-folder per class, in sorted order); see the metrics above.
-
     Templates default to the folder's templates.txt if it has one, else the 80 OpenAI templates.
+
+    In a torch.distributed process group every rank calls it: rank r encodes images r, r + world, ... (each image once,
+    no padding), only rank 0 prints, and every rank returns the same figures a single process would.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no image folder at {root}")
+    check_mask(mask, ratio, sigma)
     dataset = data.ImageFolder(root, data.eval_crop(model.config.image_size))  # uint8, normalised on the device
     classnames = classnames or folder_classnames(root, dataset.classes, imagenet)
     if len(classnames) != len(dataset.classes):
         raise ValueError(f"{len(classnames)} class names for {len(dataset.classes)} class folders in {root}")
     listed = os.path.join(root, "templates.txt")
     templates = templates or read_lines(listed if os.path.isfile(listed) else OPENAI_TEMPLATES)
+    rank, world = rank_and_world()
+    quiet = quiet or rank > 0
     classifier = build_classifier(model, tokenizer, classnames, templates, device, batch_size, precision, quiet)
-    loader = make_loader(dataset, batch_size, workers, device)
-    return zero_shot_classification(model, classifier, loader, device, mask, ratio, sigma, precision, quiet)
+    # masks are drawn once for the whole set, row i for image i, whichever rank or batch reads it: the masked figure
+    # is the same for any batch size and number of ranks (for one device type: CPU and CUDA draw different streams)
+    keep = draw_masks(len(dataset), model.visual.grid_size, mask, ratio, sigma, device, seeded_generator(device))
+    loader = make_loader(Subset(dataset, range(rank, len(dataset), world)), batch_size, workers, device)
+    return zero_shot_classification(model, classifier, loader, device, None if keep is None else keep[rank::world],
+                                    precision, quiet, f"images ({pass_name(mask, ratio, sigma)})")
 
 
 # ----------------------------------------------------------------------------- zero-shot retrieval
@@ -278,14 +382,15 @@ def zero_shot_retrieval(model, tokenizer, loader, device, mask="none", ratio=0.0
     check_mask(mask, ratio, sigma)
     generator, image_features, text_features = seeded_generator(device), [], []
     text_image, num_images = [], 0  # the index of each caption's image; images so far
-    progress = Progress("image-caption pairs", quiet=quiet)
+    progress = Progress(f"image-caption pairs ({pass_name(mask, ratio, sigma)})", quiet=quiet)
     for images, captions in progress.batches(loader):
         texts = [[line for line in c.splitlines() if line.strip()] or [c] for c in captions]  # B lists of captions
         text_image += [num_images + i for i, lines in enumerate(texts) for _ in lines]
         num_images += len(images)
         with M.autocast(device, precision):
             images = images.to(device, non_blocking=True)
-            image_features.append(encode_images(model, images, mask, ratio, sigma, generator))  # (B, E)
+            keep = draw_masks(len(images), model.visual.grid_size, mask, ratio, sigma, device, generator)  # (B, K)
+            image_features.append(encode_images(model, images, keep))  # (B, E)
             text_features.append(encode_texts(model, tokenizer, sum(texts, []), device))  # (captions, E)
         progress.update(len(images))
     if not image_features:
@@ -314,11 +419,13 @@ def parse_args(argv=None):
     task.add_argument("--retrieval", help="image-caption webdataset shards, brace patterns joined with '::'")
     a("--classnames", help="with --dataset: one class name per line, in the sorted order of the class folders")
     a("--templates", help="prompt templates, one per line, '{}' where the class name goes (default: OpenAI's 80)")
-    a("--model", default="ViT-B-16", choices=list(M.PRESETS), help="preset for OpenCLIP checkpoints")
+    a("--model", default="ViT-B-16", choices=list(M.PRESETS), help="preset for state dicts and OpenCLIP checkpoints")
     a("--tokenizer", help="vocabulary for OpenCLIP checkpoints (CLIP's bpe_simple_vocab_16e6.txt.gz or tokenizer.json)")
     a("--mask", default="none", choices=["none", *masking.MODES], help="masked inference: none = every patch")
     a("--ratio", type=float, default=0.5, help="fraction of patches dropped with --mask random or gaussian")
     a("--sigma", type=float, default=0.2, help="Gaussian masking's sigma (a variance, as in training)")
+    a("--image-size", type=int, help="evaluate at this resolution, positional embeddings resized (RECLIP); "
+                                     "default: the checkpoint's, else the preset's")
     a("--batch-size", type=int, default=256, help="images (and prompts) per batch")
     a("--workers", type=int, default=None, help="dataloader workers (default: the cores less one on GPU, 1 on CPU)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
@@ -327,6 +434,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.classnames or args.templates) and not (args.dataset or args.imagenet_val):
         p.error("--classnames and --templates go with --dataset or --imagenet-val")
+    for flag, value, least in [("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                               ("--image-size", args.image_size, 1)]:
+        if value is not None and value < least:
+            p.error(f"{flag} must be at least {least}, got {value}")
     try:
         check_mask(args.mask, args.ratio, args.sigma)
     except ValueError as e:
@@ -337,7 +448,7 @@ def parse_args(argv=None):
 
 
 def run(args):
-    model, tokenizer = load_checkpoint(args.checkpoint, args.model, args.tokenizer, args.device)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.model, args.tokenizer, args.device, args.image_size)
     settings = dict(device=args.device, mask=args.mask, ratio=args.ratio, sigma=args.sigma, precision=args.precision)
     if args.retrieval:
         dataset = data.image_text_dataset(args.retrieval, data.eval_crop(model.config.image_size))
@@ -351,7 +462,9 @@ def run(args):
         task = "zeroshot_classification"
     dataset_name = "imagenet1k" if args.imagenet_val else (args.dataset or args.retrieval)
     mask = {"mask": args.mask} | ({"ratio": args.ratio, "sigma": args.sigma} if args.mask != "none" else {})
-    return {"dataset": dataset_name, "checkpoint": args.checkpoint, "task": task, **mask, "metrics": metrics}
+    counts = {k: metrics.pop(k) for k in ("images", "unreadable") if k in metrics}  # beside the metrics, not among
+    return {"dataset": dataset_name, "checkpoint": args.checkpoint, "task": task, "image_size": model.config.image_size,
+            **mask, **counts, "metrics": metrics}
 
 
 def main(argv=None):

@@ -55,8 +55,9 @@ class FeatureModel(nn.Module):
         return self.text_table[tokens[:, 0]]
 
 
-def classify(features, labels, classifier):
-    loader = DataLoader(TensorDataset(features, labels), batch_size=4)
+def classify(features, labels, classifier, readable=None):
+    readable = torch.ones(len(labels), dtype=torch.bool) if readable is None else readable
+    loader = DataLoader(TensorDataset(features, labels, readable), batch_size=4)  # as data.ImageFolder yields
     return zeroshot.zero_shot_classification(FeatureModel(None), classifier, loader, "cpu", quiet=True)
 
 
@@ -75,7 +76,8 @@ def test_features_equal_to_their_class_embedding_score_100_percent():
     classifier = F.normalize(torch.randn(16, 10), dim=0)  # (E, C)
     labels = torch.arange(10).repeat(2)
     features = 3.0 * classifier.T[labels]  # (20, E), exactly on the class direction (any length)
-    assert classify(features, labels, classifier) == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
+    assert classify(features, labels, classifier) == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0,
+                                                      "images": 20, "unreadable": 0}
 
 
 def test_a_permuted_classifier_is_right_only_on_its_fixed_points():
@@ -87,23 +89,24 @@ def test_a_permuted_classifier_is_right_only_on_its_fixed_points():
 
 
 def test_top_k_accuracy_by_hand_and_top5_at_least_top1():
-    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0],   # label 0: rank 1
-                           [5.0, 4, 3, 2, 1, 0],   # label 4: rank 5
-                           [5.0, 4, 3, 2, 1, 0]])  # label 5: rank 6
-    labels = torch.tensor([0, 4, 5])
-    assert zeroshot.accuracy(logits, labels, 1) == pytest.approx(1 / 3)
-    assert zeroshot.accuracy(logits, labels, 5) == pytest.approx(2 / 3)
-    assert zeroshot.accuracy(logits[:, :3], torch.tensor([0, 1, 2]), 5) == 1.0  # k is capped at the 3 classes
+    ranked = torch.tensor([[2, 0, 1, 5, 4],   # label 2: first
+                           [2, 0, 1, 5, 4],   # label 4: fifth
+                           [2, 0, 1, 5, 4]])  # label 3: not among the five
+    labels = torch.tensor([2, 4, 3])
+    assert zeroshot.accuracy(ranked, labels, 1) == pytest.approx(1 / 3)
+    assert zeroshot.accuracy(ranked, labels, 5) == pytest.approx(2 / 3)
+    assert zeroshot.accuracy(ranked[:, :3], torch.tensor([2, 0, 1]), 5) == 1.0  # 3 classes: all of them count
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(200, 20, generator=g), torch.randint(20, (200,), generator=g)
-    assert zeroshot.accuracy(logits, labels, 5) >= zeroshot.accuracy(logits, labels, 1)
+    ranked = logits.topk(5, dim=1).indices
+    assert zeroshot.accuracy(ranked, labels, 5) >= zeroshot.accuracy(ranked, labels, 1)
 
 
 def test_mean_per_class_recall_on_an_imbalanced_case():
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])
     predictions = torch.tensor([0, 0, 0, 3, 1, 0, 2])  # recalls 3/4, 1/2, 1/1; class 3 has no samples: not counted
     assert zeroshot.mean_per_class_recall(predictions, labels, 4) == pytest.approx((0.75 + 0.5 + 1) / 3)
-    assert zeroshot.accuracy(F.one_hot(predictions, 4).float(), labels, 1) == pytest.approx(5 / 7)  # top-1 differs
+    assert zeroshot.accuracy(predictions[:, None], labels, 1) == pytest.approx(5 / 7)  # top-1 differs
 
 
 def test_retrieval_recall_on_a_constructed_case():
@@ -176,6 +179,24 @@ def folder(tmp_path_factory):
     return root
 
 
+def write_folder(root, counts, unreadable=()):
+    """counts {colour: images}: class folders <colour>_square of JPEGs 0.jpg, 1.jpg, ..., each shifted a little; a
+    file named in `unreadable` ("green_square/1.jpg") holds bytes no decoder reads."""
+    for name, count in counts.items():
+        os.makedirs(root / f"{name}_square")
+        for i in range(count):
+            colour_image(name, offset=4 * i).save(root / f"{name}_square" / f"{i}.jpg")
+    for file in unreadable:
+        (root / file).write_bytes(b"not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """Seven images, classes of three, two and two, one of them unreadable: shares of two ranks differ in size."""
+    return write_folder(tmp_path_factory.mktemp("mixed"), {"red": 3, "green": 2, "blue": 2}, ["green_square/1.jpg"])
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(model, tokenizer, path of a checkpoint in train.py's format)."""
@@ -226,15 +247,62 @@ def test_openclip_checkpoints_load(tiny, tmp_path, wrapped):
         zeroshot.load_checkpoint(str(tmp_path / "openclip.pt"), "ViT-Ti-16", tokenizer=tok.to_json())
 
 
-def test_bad_checkpoints_are_one_line_errors(tmp_path):
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod."])
+def test_a_state_dict_of_our_model_loads(tiny, tmp_path, prefix):
+    model, tok, _ = tiny  # a trained tokenizer's few hundred ids, not the preset's 1024: read off the weights
+    torch.save({prefix + k: v for k, v in model.state_dict().items()}, tmp_path / "state_dict.pt")
+    loaded, _ = zeroshot.load_checkpoint(str(tmp_path / "state_dict.pt"), "tiny", tokenizer=tok.to_json())
+    assert loaded.config == model.config
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert model.config.vocab_size == tok.vocab_size < M.PRESETS["tiny"].vocab_size
+    torch.save(M.create_model("tiny", vocab_size=tok.vocab_size - 10).state_dict(), tmp_path / "fewer_ids.pt")
+    with pytest.raises(ValueError, match=f"the tokenizer has {tok.vocab_size} ids, .* {tok.vocab_size - 10}$"):
+        zeroshot.load_checkpoint(str(tmp_path / "fewer_ids.pt"), "tiny", tokenizer=tok.to_json())
+
+
+def test_a_checkpoint_from_another_resolution_gets_its_positions_resized(tiny, tmp_path):
+    model, tok, path = tiny  # 64 px, 8 px patches: an 8 x 8 grid
+    positions = model.state_dict()["visual.positional_embedding"]  # (1 + 64, D)
+    loaded, _ = zeroshot.load_checkpoint(str(path), image_size=96)  # RECLIP: evaluated on a 12 x 12 grid
+    assert loaded.config.image_size == 96 and loaded.visual.grid_size == 12
+    assert torch.equal(loaded.visual.positional_embedding, M.resize_pos_embed(positions, 12))
+    assert loaded.visual.positional_embedding.shape == (1 + 144, positions.shape[1])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items() if "positional" not in k
+               or k.startswith("text."))
+    with pytest.raises(ValueError, match="multiple of the model's 8 px patches"):
+        zeroshot.load_checkpoint(str(path), image_size=100)
+    torch.manual_seed(2)
+    small = M.create_model("tiny", image_size=32, vocab_size=tok.vocab_size)  # a plain state dict trained at 32 px
+    torch.save(small.state_dict(), tmp_path / "small.pt")
+    loaded, _ = zeroshot.load_checkpoint(str(tmp_path / "small.pt"), "tiny", tokenizer=tok.to_json())  # the preset's
+    assert loaded.config.image_size == 64 and torch.equal(  # 64 px
+        loaded.visual.positional_embedding, M.resize_pos_embed(small.visual.positional_embedding.detach(), 8))
+
+
+def truncated_torch_file(path):
+    torch.save({"a": torch.zeros(100)}, path)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: p.write_bytes(b""), "is an empty file"),
+    (lambda p: p.write_text("epoch 3, loss 0.1\n"), "is not a torch file .*b'epoch 3, los'"),
+    (truncated_torch_file, "torch.load cannot read it as weights"),
+    (lambda p: torch.save([torch.zeros(3)], p), "holds a list, not a dict"),
+    (lambda p: torch.save({"epoch": 3, "name": "run"}, p), "a dict without weights .*'epoch', 'name'"),
+    (lambda p: torch.save({"state_dict": 3}, p), "a dict without weights"),
+    (lambda p: torch.save({"weights": torch.zeros(3)}, p), "not a CLIP ViT's .*'weights'"),
+])
+def test_files_that_are_not_checkpoints_are_one_line_value_errors(tmp_path, write, message):
+    write(tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=message) as e:
+        zeroshot.load_checkpoint(str(tmp_path / "bad.pt"))
+    assert "\n" not in str(e.value) and "expected" in str(e.value)  # what it is and what was expected
+
+
+def test_a_missing_checkpoint_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         zeroshot.load_checkpoint(str(tmp_path / "missing.pt"))
-    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="unknown checkpoint format"):
-        zeroshot.load_checkpoint(str(tmp_path / "other.pt"))
-    (tmp_path / "text.pt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a checkpoint"):
-        zeroshot.load_checkpoint(str(tmp_path / "text.pt"))
 
 
 def test_masked_inference_changes_features_reproducibly_and_leaves_the_global_rng_alone(tiny, folder):
@@ -245,13 +313,16 @@ def test_masked_inference_changes_features_reproducibly_and_leaves_the_global_rn
         assert torch.allclose(unmasked, F.normalize(model.encode_image(images), dim=-1))
         pixels = torch.stack([data.eval_crop(64)(colour_image(c)) for c in COLOURS])  # uint8, as the loaders yield
         assert pixels.dtype == torch.uint8 and torch.equal(zeroshot.encode_images(model, pixels), unmasked)
-        masked = zeroshot.encode_images(model, images, "gaussian", 0.5, 0.2, zeroshot.seeded_generator("cpu"))
+        keep = zeroshot.draw_masks(3, 8, "gaussian", 0.5, 0.2, "cpu", zeroshot.seeded_generator("cpu"))  # (3, 32)
+        masked = zeroshot.encode_images(model, images, keep)
+    assert keep.shape == (3, 32) and zeroshot.draw_masks(3, 8, "none", 0.5, 0.2, "cpu", None) is None
     assert masked.shape == unmasked.shape and not torch.allclose(masked, unmasked, atol=1e-3)
     rng = torch.get_rng_state()
-    runs = [zeroshot.evaluate_folder(model, tok, str(folder), batch_size=4, workers=0, mask="gaussian", ratio=0.75,
-                                     quiet=True) for _ in range(2)]
+    runs = [zeroshot.evaluate_folder(model, tok, str(folder), batch_size=b, workers=0, mask="gaussian", ratio=0.75,
+                                     quiet=True) for b in (4, 4, 1)]
     assert runs[0] == runs[1] and torch.equal(torch.get_rng_state(), rng)
-    assert set(runs[0]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert runs[2] == runs[0]  # image i keeps row i of one draw for the whole set, whatever the batches
+    assert set(runs[0]) == {"acc1", "acc5", "mean_per_class_recall", "images", "unreadable"}
     assert 0 <= runs[0]["acc1"] <= runs[0]["acc5"] == 1.0  # 3 classes: top-5 covers them all
 
 
@@ -261,6 +332,57 @@ def test_evaluate_folder_checks_class_names(tiny, folder):
         zeroshot.evaluate_folder(model, tok, str(folder), workers=0, imagenet=True, quiet=True)
     with pytest.raises(ValueError, match="2 class names for 3 class folders"):
         zeroshot.evaluate_folder(model, tok, str(folder), ["red", "green"], workers=0, quiet=True)
+
+
+def test_every_rank_of_a_process_group_returns_the_single_process_figures(tiny, mixed_folder, tmp_path):
+    import eval_ranks  # tests/eval_ranks.py: what each of the two ranks runs
+    model, tok, path = tiny
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "tests", "eval_ranks.py"), str(path), str(mixed_folder),
+                           str(tmp_path / "result")], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = {name: zeroshot.evaluate_folder(model, tok, str(mixed_folder), batch_size=7, workers=0, quiet=True,
+                                             **settings) for name, settings in eval_ranks.PASSES.items()}
+    assert single["unmasked"]["images"] == 7 and single["unmasked"]["unreadable"] == 1
+    for rank in range(2):  # a skipped or doubled image changes the counts, and likely the accuracies
+        assert json.loads((tmp_path / f"result.{rank}.json").read_text()) == single
+    assert proc.stderr.count("images (unmasked): 7 in ") == 1  # rank 0 alone prints, the count of the whole set
+
+
+def test_unreadable_images_are_counted_and_each_pass_says_how_it_masked(tiny, mixed_folder, capsys):
+    model, tok, _ = tiny
+    for workers, settings, name in [(1, {}, "unmasked"), (0, {"mask": "random", "ratio": 0.5}, "masked random 0.5"),
+                                    (0, {"mask": "gaussian", "ratio": 0.25, "sigma": 0.1},
+                                     "masked gaussian 0.25 sigma 0.1")]:
+        result = zeroshot.evaluate_folder(model, tok, str(mixed_folder), workers=workers, **settings)
+        assert result["images"] == 7 and result["unreadable"] == 1  # the flag comes back from a worker process too
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith(f"images ({name}): 7 in ") and last.endswith("waiting for data, 1 unreadable"), last
+
+
+def test_a_mostly_unreadable_folder_is_an_error_not_an_accuracy(tiny, tmp_path):
+    model, tok, path = tiny
+    root = write_folder(tmp_path / "half", {"red": 2, "green": 1, "blue": 1}, ["red_square/1.jpg", "blue_square/0.jpg"])
+    assert zeroshot.evaluate_folder(model, tok, str(root), workers=0, quiet=True)["unreadable"] == 2  # 2 of 4: reported
+    (root / "red_square" / "0.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="^3 of 4 images could not be read: no accuracy to report$"):
+        zeroshot.evaluate_folder(model, tok, str(root), workers=0, quiet=True)
+    output = tmp_path / "result.json"
+    with pytest.raises(SystemExit, match="^eval.py: error: 3 of 4 images could not be read"):
+        zeroshot.main(["--checkpoint", str(path), "--dataset", str(root), "--workers", "0", "--device", "cpu",
+                       "--output", str(output)])
+    assert not output.exists()
+
+
+def test_cli_reports_unreadable_images_and_the_resolution_beside_the_metrics(tiny, mixed_folder, tmp_path, capsys):
+    _, _, path = tiny
+    zeroshot.main(["--checkpoint", str(path), "--dataset", str(mixed_folder), "--workers", "0", "--device", "cpu",
+                   "--image-size", "72", "--output", str(tmp_path / "result.json")])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["images"], result["unreadable"], result["image_size"]) == (7, 1, 72)
+    assert set(result["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert json.loads(capsys.readouterr().out) == result
 
 
 def run_eval(*args):
@@ -309,7 +431,11 @@ def test_cli_retrieval_writes_clip_benchmark_json(tiny, tmp_path):
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="eval.py: error: no checkpoint at"):
         zeroshot.main(["--checkpoint", str(tmp_path / "missing.pt"), "--dataset", str(tmp_path)])
-    for argv, message in [(["--dataset", str(tmp_path), "--mask", "gaussian", "--ratio", "1.5"], "masking ratio"),
+    folder = ["--dataset", str(tmp_path)]
+    for argv, message in [(folder + ["--mask", "gaussian", "--ratio", "1.5"], "masking ratio"),
+                          (folder + ["--workers", "-1"], "--workers must be at least 0, got -1"),
+                          (folder + ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+                          (folder + ["--image-size", "0"], "--image-size must be at least 1, got 0"),
                           ([], "one of the arguments")]:  # flags: argparse's status 2, one line on stderr
         with pytest.raises(SystemExit) as e:
             zeroshot.main(["--checkpoint", "x.pt", *argv])

@@ -1,0 +1,27 @@
+"""Run under `torchrun --nproc_per_node=2`: every gloo rank evaluates its share of a class folder with eval.py's
+evaluate_folder, unmasked and masked, and writes what it returns to ARGV[3].RANK.json; test_eval.py compares each with
+one process's pass over the same folder.
+
+    torchrun --standalone --nproc_per_node=2 tests/eval_ranks.py CHECKPOINT FOLDER OUT
+"""
+
+import json
+import sys
+
+import torch.distributed as dist
+
+import eval as zeroshot  # `eval` would shadow the builtin
+
+PASSES = {"unmasked": {}, "masked": {"mask": "gaussian", "ratio": 0.5}}
+BATCH_SIZE = 2  # several batches per rank, the last one short
+
+if __name__ == "__main__":
+    checkpoint, folder, out = sys.argv[1:4]
+    dist.init_process_group("gloo")
+    model, tokenizer = zeroshot.load_checkpoint(checkpoint)
+    results = {name: zeroshot.evaluate_folder(model, tokenizer, folder, batch_size=BATCH_SIZE, workers=0, **settings)
+               for name, settings in PASSES.items()}
+    with open(f"{out}.{dist.get_rank()}.json", "w") as f:
+        json.dump(results, f)
+    dist.barrier()  # a rank that tears down gloo while its peer still works can abort the run
+    dist.destroy_process_group()
