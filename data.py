@@ -16,6 +16,7 @@ counted and reported in a rate-limited warning: it never stops a run.
 
 import argparse
 import functools
+import hashlib
 import io
 import math
 import multiprocessing
@@ -41,9 +42,10 @@ CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of torchvision's RandomResized
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
 FOLDER_IMAGE_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")  # also read from image folders
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (1024 ** 3 // 4 // 3); larger is a bad sample
-SHUFFLE_BUFFER = 2_000  # raw samples per worker (OpenCLIP: 5000); holds encoded bytes, ~100 MB for CC12M-sized JPEGs
+SHUFFLE_BUFFER = 5_000  # samples per worker, OpenCLIP's; encoded bytes: at ~70 kB (400-500 px JPEGs) ~350 MB per worker
 PREFETCH_BATCHES = 2  # per worker
 WARN_FIRST, WARN_EVERY_S = 5, 60  # bad-sample warnings: the first few, then at most one a minute per process
+NAMING = f"(a sample is tar members KEY.{'|'.join(IMAGE_EXTS)} + KEY.txt)"  # for errors about data without samples
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -247,9 +249,9 @@ def warn_bad(what, error):
 
 
 def read_captions(pattern, max_captions=100_000):
-    """Up to max_captions captions from the shards, in order (to train a tokenizer on)."""
-    captions = []
-    for url in expand_urls(pattern):
+    """Up to max_captions captions from the shards, in order (to train a tokenizer on); ValueError if there are none."""
+    captions, urls = [], expand_urls(pattern)
+    for url in urls:
         for sample in read_shard(url):
             try:
                 caption = sample["txt"].decode("utf-8").strip()
@@ -259,20 +261,34 @@ def read_captions(pattern, max_captions=100_000):
                 captions.append(caption)
             if len(captions) >= max_captions:
                 return captions
+    if not captions:
+        raise ValueError(f"training data {pattern}: no captions in its {len(urls)} shards {NAMING}")
     return captions
 
 
 # ----------------------------------------------------------------------------------------------------- train loader
+def derived_seed(*parts):
+    """A 63-bit seed from any values, e.g. (seed, "masks", epoch, rank): the same in every process, on every machine
+    (unlike hash() of a str), and unrelated for neighbouring inputs (unlike seed + epoch)."""
+    digest = hashlib.sha256("/".join(map(repr, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def worker_split():
     """(this dataloader worker's index, number of workers); (0, 1) in the main process."""
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def resampled_samples(urls, rng):
-    """Shards drawn with replacement, forever (OpenCLIP's --dataset-resampled), read one after another."""
-    while True:
-        yield from read_shard(rng.choice(urls))
+def split_samples(urls, part, parts):
+    """The samples of `urls`, in order, that belong to part `part` of `parts` (one dataloader worker of one rank), none
+    in two parts: whole shards (part, part + parts, ...) when there are enough, else every parts-th sample (each part
+    then reads every shard and keeps its own)."""
+    by_shard = len(urls) >= parts
+    samples = (sample for url in (urls[part::parts] if by_shard else urls) for sample in read_shard(url))
+    for index, sample in enumerate(samples):
+        if by_shard or index % parts == part:
+            yield sample
 
 
 def shuffled(samples, buffer_size, rng):
@@ -291,22 +307,63 @@ def shuffled(samples, buffer_size, rng):
     yield from buffer
 
 
-class TrainStream(IterableDataset):
-    """Yields this rank's batches of one epoch: (images (B, 3, S, S) uint8, tokens (B, T), skipped), skipped (a 0-d long
-    tensor) counts the bad samples this worker passed over since its previous batch. The stream (shard draws, shuffle,
-    crops) is a function of (seed, epoch, rank, worker) only, so a run resumed at an epoch boundary sees what an
-    uninterrupted one saw; each worker makes whole batches, so batches differ with the number of workers."""
+def shuffled_passes(urls, part, parts, rng):
+    """This part's samples of `urls` (split_samples), shuffled, pass after pass: a part whose share runs out before its
+    quota of batches reads it again, through a fresh shuffle (OpenCLIP's with_epoch does the same)."""
+    while True:
+        found = 0
+        for sample in shuffled(split_samples(urls, part, parts), SHUFFLE_BUFFER, rng):
+            found += sample is not None
+            yield sample
+        if not found:  # reading the same nothing again would spin forever
+            raise ValueError(f"data.py: no sample in part {part} of {parts} (one per rank and worker) of the {len(urls)} "
+                             f"training shards, e.g. {urls[part % len(urls)]} {NAMING}; --dataset-resampled reads all")
 
-    def __init__(self, urls, batch_size, num_batches, image_size, tokenizer, scale, seed, rank):
+
+def resampled_samples(urls, rng):
+    """Shards drawn with replacement, forever (OpenCLIP's --dataset-resampled), read one after another."""
+    draws_since_sample = 0
+    while draws_since_sample <= 20 * len(urls):  # 20n draws missing the one good shard of n: probability e^-20
+        draws_since_sample += 1
+        for sample in read_shard(rng.choice(urls)):
+            if sample is not None:
+                draws_since_sample = 0
+            yield sample
+    raise ValueError(f"data.py: {draws_since_sample} shards drawn from {urls[0]} ... without a sample {NAMING}")
+
+
+class TrainStream(IterableDataset):
+    """One rank's batches of an epoch: (images (B, 3, S, S) uint8, tokens (B, T), skipped), skipped (a 0-d long tensor)
+    counting the bad samples this worker passed over since its previous batch.
+
+    Each epoch reads the shards in a fresh order, a permutation drawn from (seed, epoch) and so the same on every rank,
+    split between all ranks' dataloader workers without overlap (split_samples); resampled: each worker draws shards
+    with replacement instead. Every worker makes a fixed number of whole batches (DDP needs as many steps on every
+    rank), so batches differ with the number of workers. The stream (shards, shuffle, crops) is a function of
+    (seed, epoch, rank, worker) only: a run resumed at an epoch boundary sees what an uninterrupted one saw."""
+
+    def __init__(self, urls, batch_size, num_batches, image_size, tokenizer, scale, seed, rank, world_size, resampled):
         self.urls, self.batch_size, self.num_batches = urls, batch_size, num_batches
-        self.image_size, self.tokenizer, self.scale, self.seed, self.rank = image_size, tokenizer, scale, seed, rank
+        self.image_size, self.tokenizer, self.scale, self.seed = image_size, tokenizer, scale, seed
+        self.rank, self.world_size, self.resampled = rank, world_size, resampled
         self.epoch = multiprocessing.Value("i", 0)  # shared memory: persistent workers see set_epoch
+
+    def set_epoch(self, epoch):
+        self.epoch.value = epoch
+
+    def __len__(self):
+        return self.num_batches
 
     def __iter__(self):
         worker, num_workers = worker_split()
-        rng = random.Random(f"{self.seed}/{self.epoch.value}/{self.rank}/{worker}")  # str seeds hash the same anywhere
+        epoch = self.epoch.value
+        rng = random.Random(derived_seed(self.seed, epoch, self.rank, worker))
         transform = train_transform(self.image_size, self.scale, generator=rng)
-        samples = shuffled(resampled_samples(self.urls, rng), SHUFFLE_BUFFER, rng)
+        if self.resampled:
+            samples = shuffled(resampled_samples(self.urls, rng), SHUFFLE_BUFFER, rng)
+        else:
+            order = random.Random(derived_seed(self.seed, "shards", epoch)).sample(self.urls, len(self.urls))
+            samples = shuffled_passes(order, self.rank * num_workers + worker, self.world_size * num_workers, rng)
         my_batches = self.num_batches // num_workers + (worker < self.num_batches % num_workers)  # sums to num_batches
         for _ in range(my_batches):
             yield self.next_batch(samples, transform)
@@ -327,25 +384,6 @@ class TrainStream(IterableDataset):
         return torch.stack(images), self.tokenizer(captions), torch.tensor(skipped)
 
 
-class TrainLoader:
-    """A DataLoader over TrainStream: `for images, tokens, skipped in loader`, `num_batches` per epoch, `set_epoch`."""
-
-    def __init__(self, stream, workers):
-        self.stream, self.num_batches = stream, stream.num_batches
-        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                                 pin_memory=torch.cuda.is_available(),
-                                 prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
-
-    def set_epoch(self, epoch):
-        self.stream.epoch.value = epoch
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self):
-        return self.num_batches
-
-
 def default_workers(on_gpu):
     """Dataloader workers per rank (training) or process (evaluation). On GPUs, every core but one per rank: at FLIP's
     step rates, and in an ImageNet pass, JPEG decoding is the bottleneck (a worker makes ~400 images/s; a masked
@@ -356,14 +394,28 @@ def default_workers(on_gpu):
     return max(1, len(os.sched_getaffinity(0)) // ranks_here - 1)
 
 
-def make_train_loader(pattern, batch_size, num_samples, image_size, tokenizer, workers=4, seed=0, rank=0,
-                      world_size=1, scale=(0.9, 1.0)):
-    """The training batches of one rank: num_samples // (batch_size * world_size) per epoch, shards resampled with
-    replacement (OpenCLIP's resampled mode), so every epoch is the same length on every rank."""
+def check_train_data(pattern):
+    """The shard paths of `pattern`, once one of their samples decodes (shards are read in order up to the first good
+    sample: a moment on good data); a one-line ValueError when none does, before any worker starts."""
     urls = expand_urls(pattern)
-    num_batches = num_samples // (batch_size * world_size)
-    stream = TrainStream(urls, batch_size, num_batches, image_size, tokenizer, tuple(scale), seed, rank)
-    return TrainLoader(stream, workers)
+    for url in urls:
+        for sample in read_shard(url):
+            if sample is not None and decode_sample(sample, lambda img: img.load()) is not None:
+                return urls
+    raise ValueError(f"training data {pattern}: no readable sample in its {len(urls)} shards {NAMING}")
+
+
+def make_train_loader(pattern, batch_size, num_samples, image_size, tokenizer, workers=4, seed=0, rank=0,
+                      world_size=1, scale=(0.9, 1.0), resampled=False):
+    """A DataLoader over this rank's TrainStream, with `num_batches` per epoch (num_samples // (batch_size *
+    world_size), the same on every rank) and `set_epoch(epoch)`, to call before each epoch."""
+    urls = check_train_data(pattern)
+    stream = TrainStream(urls, batch_size, num_samples // (batch_size * world_size), image_size, tokenizer,
+                         tuple(scale), seed, rank, world_size, resampled)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=torch.cuda.is_available(), prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
+    loader.num_batches, loader.set_epoch = stream.num_batches, stream.set_epoch
+    return loader
 
 
 # -------------------------------------------------------------------------------------------------- evaluation data
@@ -401,9 +453,8 @@ class ImageFolder(Dataset):
 
 
 class ImageTextDataset(IterableDataset):
-    """(image tensor, caption) from shards, one ordered pass, no resampling (for retrieval). Split without duplicates
-    across ranks and dataloader workers: by shard when there are enough shards, else by sample (each part then reads
-    every shard but decodes only its own samples). `skipped` counts bad samples (workers=0; workers print theirs)."""
+    """(image tensor, caption) from shards, one ordered pass, no resampling (for retrieval), split without duplicates
+    across ranks and dataloader workers (split_samples). `skipped` counts bad samples (workers=0; workers print theirs)."""
 
     def __init__(self, urls, transform, rank=0, world_size=1):
         self.urls, self.transform, self.rank, self.world_size = urls, transform, rank, world_size
@@ -412,20 +463,13 @@ class ImageTextDataset(IterableDataset):
     def __iter__(self):
         worker, num_workers = worker_split()
         part, parts = self.rank * num_workers + worker, self.world_size * num_workers
-        by_shard = len(self.urls) >= parts
-        self.skipped, index = 0, -1
-        for i, url in enumerate(self.urls):
-            if by_shard and i % parts != part:
-                continue
-            for sample in read_shard(url):
-                index += 1
-                if not by_shard and index % parts != part:
-                    continue
-                decoded = None if sample is None else decode_sample(sample, self.transform)
-                if decoded is None:
-                    self.skipped += 1
-                else:
-                    yield decoded
+        self.skipped = 0
+        for sample in split_samples(self.urls, part, parts):
+            decoded = None if sample is None else decode_sample(sample, self.transform)
+            if decoded is None:
+                self.skipped += 1
+            else:
+                yield decoded
         if self.skipped:
             print(f"data.py: {self.skipped} bad samples skipped (part {part} of {parts})", file=sys.stderr)
 

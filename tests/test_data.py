@@ -5,6 +5,7 @@ import io
 import math
 import os
 import random
+import signal
 import struct
 import tarfile
 import zlib
@@ -174,6 +175,65 @@ def test_train_loader_keeps_going_over_bad_samples(tmp_path, tok):
     assert sum(int(skipped) for _, _, skipped in batches) > 0
 
 
+class Spinning(BaseException):
+    """Not an Exception: the loader's handlers for bad files must not take it for one."""
+
+
+@pytest.fixture
+def deadline():
+    """Fails a test that runs past 20 s (a spinning loader) instead of letting it hang."""
+    def too_slow(signum, frame):
+        raise Spinning("over 20 s: the loader spins")
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def shards_without_samples(tmp_path, kind):
+    """Two shards of `kind` data: tars with no members, members with no extension, or bytes that are no tar."""
+    for k in range(2):
+        path = tmp_path / f"s-{k}.tar"
+        if kind == "corrupt":
+            path.write_bytes(np.random.default_rng(k).bytes(3000))
+            continue
+        with tarfile.open(path, "w") as tar:
+            for key in (["000001", "000002"] if kind == "no extension" else []):
+                info = tarfile.TarInfo(key)
+                info.size = 5
+                tar.addfile(info, io.BytesIO(b"hello"))
+    return f"{tmp_path}/s-{{0..1}}.tar"
+
+
+@pytest.mark.parametrize("kind", ["empty", "no extension", "corrupt"])
+def test_data_without_samples_is_a_one_line_error_before_training(tmp_path, tok, kind):
+    pattern = shards_without_samples(tmp_path, kind)
+    with pytest.raises(ValueError, match="no readable sample in its 2 shards") as error:
+        data.make_train_loader(pattern, 4, 16, 8, tok, workers=2)  # in this process, before any worker starts
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="no captions in its 2 shards"):
+        data.read_captions(pattern)  # the tokenizer is never trained on nothing
+
+
+def test_a_worker_whose_shards_hold_no_sample_raises_instead_of_spinning(tmp_path, tok, deadline, monkeypatch):
+    write_shard(tmp_path / "s-0.tar", [good(i) for i in range(8)])
+    write_shard(tmp_path / "s-1.tar", [])  # the other worker's share: a valid tar, empty
+    loader = data.make_train_loader(f"{tmp_path}/s-{{0..1}}.tar", 4, 16, 8, tok, workers=0)  # s-0 passes the check
+    errors = []
+    for w in range(2):
+        monkeypatch.setattr(data, "worker_split", lambda w=w: (w, 2))
+        try:
+            assert len(list(loader)) == 2
+        except ValueError as e:
+            errors.append(str(e))
+    assert len(errors) == 1 and "no sample in part" in errors[0]
+    for resampled, error in [(False, "no sample in part"), (True, "without a sample")]:  # past the check: only s-1
+        stream = data.TrainStream([str(tmp_path / "s-1.tar")], 4, 2, 8, tok, (0.9, 1), 0, 0, 1, resampled)
+        with pytest.raises(ValueError, match=error):
+            next(iter(stream))
+
+
 # ------------------------------------------------------------------------------------------------------ train loader
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -226,13 +286,62 @@ def test_worker_processes_draw_distinct_streams_and_resume_matches(shards, tok):
 
 
 def test_worker_split_sums_to_the_epoch_and_streams_differ(shards, tok, monkeypatch):
-    s = data.TrainStream(data.expand_urls(shards), 4, 7, 8, tok, (0.9, 1.0), seed=0, rank=0)
+    loader = data.make_train_loader(shards, 4, 28, 8, tok, workers=0)
     per_worker = []
     for w in range(3):
         monkeypatch.setattr(data, "worker_split", lambda w=w: (w, 3))
-        per_worker.append([sample_ids(tok, tokens) for _, tokens, _ in s])
-    assert [len(b) for b in per_worker] == [3, 2, 2]
+        per_worker.append([sample_ids(tok, tokens) for _, tokens, _ in loader])
+    assert [len(b) for b in per_worker] == [3, 2, 2]  # 7 batches
     assert len({str(b[0]) for b in per_worker}) == 3
+
+
+def epoch_parts(shards, tok, monkeypatch, epoch=0, batch_size=5, num_samples=100, world_size=2, workers=2, seed=0,
+                resampled=False):
+    """{(rank, worker): the sample ids it yields in `epoch`}, each worker run in this process."""
+    parts = {}
+    for rank in range(world_size):
+        loader = data.make_train_loader(shards, batch_size, num_samples, 8, tok, workers=0, seed=seed, rank=rank,
+                                        world_size=world_size, resampled=resampled)
+        loader.set_epoch(epoch)
+        for w in range(workers):
+            monkeypatch.setattr(data, "worker_split", lambda w=w: (w, workers))
+            parts[rank, w] = [i for _, tokens, _ in loader for i in sample_ids(tok, tokens)]
+    return parts
+
+
+def test_an_epoch_reads_every_shard_once_across_ranks_and_workers(shards, tok, monkeypatch):
+    # 4 shards of 25 samples (shard k holds 25k .. 25k + 24), 2 ranks x 2 workers, 100 samples an epoch
+    epochs = [epoch_parts(shards, tok, monkeypatch, epoch) for epoch in range(3)]
+    for parts in epochs:
+        assert sorted(i for ids in parts.values() for i in ids) == list(range(100))  # each sample exactly once
+        for ids in parts.values():
+            assert len({i // 25 for i in ids}) == 1  # split by shard: each part reads one whole shard
+    shard_of = [{part: ids[0] // 25 for part, ids in parts.items()} for parts in epochs]
+    assert shard_of[0] != shard_of[1] != shard_of[2]  # a fresh permutation of the shards each epoch
+    assert epoch_parts(shards, tok, monkeypatch, 1) == epochs[1]  # a function of (seed, epoch): resumes exactly
+    assert epoch_parts(shards, tok, monkeypatch, 1, seed=1) != epochs[1]
+
+
+def test_a_part_whose_shards_run_out_reads_them_again_in_a_new_order(shards, tok, monkeypatch):
+    for ids in epoch_parts(shards, tok, monkeypatch, num_samples=200).values():  # twice what the shards hold
+        shard = ids[0] // 25
+        assert sorted(ids) == sorted(2 * list(range(25 * shard, 25 * shard + 25)))  # its own shard, twice
+        assert ids[:25] != ids[25:]  # through a fresh shuffle
+
+
+def test_fewer_shards_than_parts_splits_by_sample(shards, tok, monkeypatch):
+    parts = epoch_parts(shards, tok, monkeypatch, batch_size=4, num_samples=96, workers=3)  # 6 parts, 4 shards
+    ids = [i for part in parts.values() for i in part]
+    assert len(ids) == 96 and len(set(ids)) == 96  # no sample twice
+    assert all(len({i // 25 for i in part}) > 1 for part in parts.values())  # every part reads from every shard
+
+
+def test_resampled_draws_shards_with_replacement(shards, tok, monkeypatch):
+    parts = epoch_parts(shards, tok, monkeypatch, resampled=True)
+    ids = [i for part in parts.values() for i in part]
+    assert len(ids) == 100 and len(set(ids)) < 100  # some shard read twice, another not at all
+    assert epoch_parts(shards, tok, monkeypatch, resampled=True) == parts
+    assert epoch_parts(shards, tok, monkeypatch, 1, resampled=True) != parts
 
 
 # ------------------------------------------------------------------------------------------------------ transforms
@@ -331,8 +440,9 @@ def test_image_folder(tmp_path, capsys):
     (tmp_path / "classnames.txt").write_text("x\ny\n")  # files beside the class folders are ignored
     ds = data.ImageFolder(str(tmp_path), data.eval_transform(8))
     assert ds.classes == ["n01", "n02"] and [label for _, label in ds.samples] == [0, 1, 1]
-    x, label = ds[2]  # broken.jpg: a blank mean-colour image, with its label, and a warning
-    assert label == 1 and x.shape == (3, 8, 8) and x.abs().max() < 0.01
+    assert ds[0][1:] == (0, True)
+    x, label, readable = ds[2]  # broken.jpg: a blank mean-colour image, with its label, flagged, and a warning
+    assert label == 1 and not readable and x.shape == (3, 8, 8) and x.abs().max() < 0.01
     assert "broken.jpg" in capsys.readouterr().err
 
 
