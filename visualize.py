@@ -176,7 +176,7 @@ def read_run(run_dir):
 def flops_per_step(args):
     """Training FLOPs of one optimizer step of a run: 3 x forward of the tokens it encodes, over the global batch."""
     cfg = M.CLIPConfig(**args["config"])
-    kept = masking.num_kept(cfg.image_size // cfg.patch_size, args["ratio"])
+    kept = masking.num_kept(cfg.grid_size, args["ratio"])
     return 3 * M.flops_per_sample(cfg, kept) * args["batch_size"] * args["accum_freq"] * args.get("world_size", 1)
 
 

@@ -4,15 +4,19 @@ import io
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import time
 from contextlib import nullcontext
 
 import pytest
 import torch
 from PIL import Image
 
+import bench
 import masking
 import model as M
 import train
@@ -62,16 +66,13 @@ def read_metrics(run_dir):
 
 
 def fixed_batch(n=16):
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, 1023, (n, 32), generator=g)
-    tokens[:, 12] = 1023
-    return torch.randn(n, 3, 64, 64, generator=g), tokens
+    return bench.synthetic_batch(M.PRESETS["tiny"], n, "cpu", torch.Generator().manual_seed(0))
 
 
 def test_one_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = M.create_model("tiny")
-    opt = torch.optim.AdamW(train.param_groups(model, 0.2), lr=1e-3)
+    opt = torch.optim.AdamW(train.param_groups(model, 0.2), lr=1e-4)  # small: one step must not overshoot
     images, tokens = fixed_batch()
     keep = masking.keep_indices(16, 8, 0.5, "gaussian", generator=torch.Generator().manual_seed(0))
     before = train.forward_backward(model, [(images, tokens)], [keep], nullcontext(), 1)
@@ -94,15 +95,40 @@ def test_gradient_accumulation_equals_the_full_batch():
     assert torch.allclose(grads[0], grads[1], atol=1e-5), (grads[0] - grads[1]).abs().max()
 
 
-def test_weight_decay_skips_biases_norms_scale_and_embeddings():
+def test_text_masking_trains_on_the_kept_tokens_at_their_own_positions():
+    torch.manual_seed(0)
+    model = M.create_model("tiny")
+    images, tokens = fixed_batch()
+    positions = masking.text_keep_indices(tokens, 8, "prioritized", generator=torch.Generator().manual_seed(0))
+    short = tokens.gather(1, positions)  # (16, 8)
+    loss = train.forward_backward(model, [(images, short)], [None], nullcontext(), 1, [positions])
+    with torch.no_grad():
+        assert loss == pytest.approx(M.clip_loss(*model(images, short, None, positions)).item(), abs=1e-6)
+        assert loss != pytest.approx(M.clip_loss(*model(images, short)).item(), abs=1e-4)  # not positions 0..7
+
+
+def test_weight_decay_follows_openclips_rule_by_name():
     model = M.create_model("tiny")
     decay, no_decay = train.param_groups(model, 0.2)
     names = {id(p): n for n, p in model.named_parameters()}
-    skipped = {names[id(p)] for p in no_decay["params"]}
-    assert {"logit_scale", "visual.class_embedding", "visual.positional_embedding", "text.positional_embedding",
-            "visual.ln_pre.weight", "visual.blocks.0.attn.in_proj.bias"} <= skipped
-    assert "visual.blocks.0.attn.in_proj.weight" in {names[id(p)] for p in decay["params"]}
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    decayed, skipped = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+    # OpenCLIP decays both positional embeddings, the token embedding and the projections ...
+    assert {"visual.positional_embedding", "text.positional_embedding", "text.token_embedding.weight", "visual.proj",
+            "text.proj", "visual.conv1.weight", "visual.blocks.0.attn.in_proj.weight",
+            "text.blocks.3.mlp.c_proj.weight"} <= decayed
+    # ... and not the 1-D class embedding, LayerNorms, biases or the logit scale
+    assert {"logit_scale", "visual.class_embedding", "visual.ln_pre.weight", "visual.ln_post.bias",
+            "text.ln_final.weight", "visual.blocks.0.ln_1.weight", "visual.blocks.0.attn.in_proj.bias",
+            "text.blocks.0.mlp.c_fc.bias"} <= skipped
+    rule = {n for n, p in model.named_parameters()
+            if p.ndim >= 2 and not any(s in n for s in ("bn", "ln", "bias", "logit_scale"))}
+    assert decayed == rule and skipped == set(names.values()) - rule
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+
+
+def test_warmup_is_openclips_for_long_runs_and_5_percent_of_short_ones():
+    assert train.default_warmup(257_000) == train.default_warmup(200_000) == 10_000  # the paper's run: OpenCLIP's
+    assert train.default_warmup(199_999) == 9_999 and train.default_warmup(500) == 25 and train.default_warmup(10) == 1
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -167,30 +193,182 @@ def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
     assert os.path.exists(tmp_path / "corrupt" / "checkpoints" / "epoch_1.pt")
 
 
-def test_zeroshot_on_a_class_folder_of_ones_own(shards, tmp_path):
+def test_a_run_with_text_masking_reports_the_tokens_it_encodes(shards, tmp_path):
+    proc = run_train("--train-data", shards / "train-{0..1}.tar", "--train-num-samples", "32", "--epochs", "1",
+                     "--mask", "random", "--ratio", "0.75", "--text-length", "8", "--text-mask", "random",
+                     "--log-dir", tmp_path, "--name", "text")
+    assert "16 of 64 patches encoded, 8 of 32 text tokens (random)" in proc.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "text") if "loss" in r] == [2]
+
+
+@pytest.fixture(scope="module")
+def class_folder(tmp_path_factory):
+    """A zero-shot test split of one's own: 3 images of each colour's square, one folder per class."""
+    root = tmp_path_factory.mktemp("test")
     for name, colour in COLOURS.items():
-        os.makedirs(tmp_path / "test" / name)
+        os.makedirs(root / name)
         for i in range(3):
             img = Image.new("RGB", (80, 72), (128, 128, 128))
             img.paste(colour, (20 + i, 16, 60 + i, 56))
-            img.save(tmp_path / "test" / name / f"{i}.png")
-    (tmp_path / "test" / "templates.txt").write_text("a photo of a {} square\n")
+            img.save(root / name / f"{i}.png")
+    (root / "templates.txt").write_text("a photo of a {} square\n")
+    return root
+
+
+def test_zeroshot_on_a_class_folder_of_ones_own(shards, class_folder, tmp_path):
     run_train("--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "32", "--epochs", "1",
-              "--mask", "gaussian", "--zeroshot-data", tmp_path / "test", "--log-dir", tmp_path, "--name", "own")
+              "--mask", "gaussian", "--zeroshot-data", class_folder, "--log-dir", tmp_path, "--name", "own")
     record = [r for r in read_metrics(tmp_path / "own") if "zeroshot_top1" in r][-1]
     assert record["epoch"] == 1 and 0 <= record["zeroshot_masked_top1"] <= record["zeroshot_top5"] == 1.0  # 4 classes
+    assert record["zeroshot_unreadable"] == 0
+
+
+def test_two_ranks_share_one_run_folder_and_tokenizer_when_their_clocks_differ(shards, class_folder, tmp_path):
+    # rank 1's clock runs 1.5 s ahead: the run name and the trained tokenizer must still be rank 0's; both ranks
+    # evaluate, each on a slice of the class folder
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "tests", "skewed_clock.py"), "--model", "tiny", "--batch-size", "8",
+                           "--workers", "0", "--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples",
+                           "32", "--epochs", "1", "--zeroshot-data", str(class_folder), "--log-dir", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = os.listdir(tmp_path)
+    assert len(runs) == 1, runs
+    assert sorted(os.listdir(tmp_path / runs[0] / "checkpoints")) == ["epoch_1.pt", "epoch_latest.pt"]
+    record = [r for r in read_metrics(tmp_path / runs[0]) if "zeroshot_top1" in r]
+    assert len(record) == 1 and record[0]["zeroshot_top5"] == 1.0  # the whole folder, 4 classes, written once
+
+
+def test_kill_9_then_resume_logs_every_step_exactly_once(shards, tmp_path):
+    common = ["--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "128", "--epochs", "3",
+              "--mask", "random", "--log-every", "1", "--log-dir", tmp_path, "--name", "killed"]  # 8 steps an epoch
+    run = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--batch-size", "16", "--workers", "0",
+           *map(str, common)]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while first.poll() is None and time.time() < deadline:  # kill it in epoch 2, after epoch_1.pt and a few steps
+        if (run / "checkpoints" / "epoch_1.pt").exists() and max(logged_steps(run), default=0) >= 10:
+            break
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    latest = torch.load(run / "checkpoints" / "epoch_latest.pt", weights_only=True)["step"]
+    assert max(logged_steps(run)) > latest and not (run / "checkpoints" / "epoch_3.pt").exists()
+    assert (run / "lock").exists()  # left behind by the killed run
+    resumed = run_train(*common, "--resume", "latest")
+    assert "taking over" in resumed.stdout
+    records = read_metrics(run)
+    assert logged_steps(run) == list(range(1, 25))  # each step once, in order
+    assert [r["time"] for r in records] == sorted(r["time"] for r in records)  # wall time never jumps back
+    assert not (run / "lock").exists()
+
+
+def logged_steps(run_dir):
+    try:
+        return [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line half-written as we read
+        return []
+
+
+def start_args(shards, tmp_path, *extra):
+    return ["--model", "tiny", "--batch-size", "16", "--workers", "0", "--train-data", str(shards / "train-{0..1}.tar"),
+            "--train-num-samples", "32", "--epochs", "1", "--log-dir", str(tmp_path), *map(str, extra)]
+
+
+def test_a_run_folder_is_held_by_one_live_run(shards, tmp_path):
+    os.makedirs(tmp_path / "busy" / "checkpoints")
+    lock = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})  # this test process: alive
+    (tmp_path / "busy" / "lock").write_text(lock)
+    with pytest.raises(SystemExit) as e:
+        train.main(start_args(shards, tmp_path, "--name", "busy"))
+    assert "in use by pid" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert (tmp_path / "busy" / "lock").read_text() == lock and os.listdir(tmp_path / "busy" / "checkpoints") == []
+
+
+@pytest.mark.parametrize("flag", ["--pretrained", "--resume"])
+@pytest.mark.parametrize("content", [b"", b"a text file, not a checkpoint\n", None])
+def test_files_that_are_not_checkpoints_are_one_line(flag, content, shards, tmp_path):
+    path = tmp_path / "bad.pt"
+    if content is None:  # a torch file, but not a checkpoint
+        torch.save({"hello": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        train.main(start_args(shards, tmp_path, flag, path, "--name", "x"))
+    message = str(e.value.code)
+    assert message.startswith("train.py: error:") and "bad.pt" in message and "\n" not in message
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_fails_before_training(shards, tmp_path):
+    os.makedirs(tmp_path / "ro")
+    (tmp_path / "ro" / "checkpoints").write_text("a file where the checkpoint folder goes")
+    with pytest.raises(SystemExit) as e:
+        train.main(start_args(shards, tmp_path, "--name", "ro"))
+    assert "checkpoints" in str(e.value.code) and not (tmp_path / "ro" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags, kept", [
+    ([], ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "epoch_latest.pt"]),
+    (["--delete-previous-checkpoint", "--save-most-recent"], ["epoch_3.pt", "epoch_latest.pt"]),
+    (["--save-frequency", "2"], ["epoch_2.pt", "epoch_3.pt", "epoch_latest.pt"]),  # and always the last epoch
+    (["--save-frequency", "0"], ["epoch_latest.pt"]),
+])
+def test_which_checkpoints_are_kept(flags, kept, shards, tmp_path):
+    run_train("--train-data", shards / "train-{0..1}.tar", "--train-num-samples", "32", "--epochs", "3", "--log-dir",
+              tmp_path, "--name", "run", *flags)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == kept
+    latest = torch.load(tmp_path / "run" / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert latest["epoch"] == 3 and latest["step"] == 6  # epoch_latest.pt is always the newest, loadable
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--mask", "gaussian", "--ratio", "1.5"], "ratio"),
+    (["--mask", "gaussian", "--ratio", "1.5"], "--ratio must be in [0, 1)"),
+    (["--mask", "gaussian", "--sigma", "0"], "--sigma must be > 0"),
     (["--mask", "centre"], "--mask"),
-    (["--train-data", "/nonexistent/shard-{0..3}.tar", "--train-num-samples", "10"], "/nonexistent"),
+    (["--text-length", "1"], "--text-length must be in [2, 32]"),
+    (["--text-length", "33"], "--text-length must be in [2, 32]"),
+    (["--text-mask", "block"], "--text-mask"),
+    (["--image-size", "60"], "--image-size must be a multiple of tiny's patch size 8"),
+    (["--save-frequency", "-1"], "--save-frequency must be >= 0"),
     (["--train-data", "x.tar"], "--train-num-samples"),
     (["--zeroshot-data", "/nonexistent/val"], "/nonexistent/val"),
     (["--imagenet-val", "a", "--zeroshot-data", "b"], "not both"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "-4"], "--batch-size must be >= 1"),
+    (["--log-every", "0"], "--log-every must be >= 1"),
+    (["--accum-freq", "0"], "--accum-freq must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--zeroshot-frequency", "0"], "--zeroshot-frequency must be >= 1"),
+    (["--lr", "-1"], "--lr must be >= 0"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--crop-scale", "0", "0"], "--crop-scale must be"),
+    (["--train-data", "x.tar", "--train-num-samples", "8", "--batch-size", "16"], "smaller than one global batch"),
+    (["--pretrained", "/nonexistent/epoch_1.pt"], "no such file"),
+    (["--resume", "latest"], "--name"),
 ])
-def test_bad_flags_exit_at_once_with_one_line(args, words, tmp_path):
-    proc = run_train(*args, "--log-dir", tmp_path, check=False)
-    assert proc.returncode != 0
+def test_bad_flags_exit_2_with_one_line_before_anything_is_made(args, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--log-dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_log_dir_that_is_a_file_or_under_one_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for log_dir in (tmp_path / "file", tmp_path / "file" / "under"):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--log-dir", str(log_dir)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "is a file" in err, err
+
+
+def test_missing_shards_are_one_line_before_any_folder(tmp_path):
+    proc = run_train("--train-data", "/nonexistent/shard-{0..3}.tar", "--train-num-samples", "32", "--log-dir",
+                     tmp_path / "logs", check=False)
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0], proc.stderr
+    assert proc.returncode == 1 and len(lines) == 1 and "/nonexistent" in lines[0], proc.stderr
+    assert not (tmp_path / "logs").exists()
