@@ -310,7 +310,8 @@ def shard_loader_factory(photos, tmp, image_size, batch_size):
         for i, photo in enumerate(photos):
             tar.write({"__key__": f"{i:06d}", "jpg": photo, "txt": captions[i % len(captions)].encode()})
     tokenizer, num_samples = train_tokenizer(captions, 1024, 77), 3 * len(photos) // batch_size * batch_size
-    return lambda w: data.make_train_loader(shard, batch_size, num_samples, image_size, tokenizer, workers=w)
+    return lambda w: data.make_train_loader(shard, batch_size, num_samples, image_size, tokenizer, workers=w,
+                                            resampled=True)
 
 
 def folder_loader_factory(photos, tmp, image_size, batch_size):

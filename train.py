@@ -269,8 +269,8 @@ def forward_backward(model, micro_batches, keeps, autocast, world_size, text_kee
 
 
 def prepare_data(args, local_rank, world_size, say):
-    """(shard pattern, test folder or None). The built-in dataset is generated once per machine (cached); the shard
-    patterns are checked here, before anything is written."""
+    """(shard pattern, test folder or None). The built-in dataset is generated once per machine (cached); the shards
+    are checked here, before anything is written: missing, empty or unreadable data is one line, never a hang."""
     test_dir = None
     if args.train_data is None:
         say("no --train-data: training on the built-in 'photographer' dataset (python photographer.py --help);")
@@ -285,7 +285,7 @@ def prepare_data(args, local_rank, world_size, say):
         args.train_num_samples = args.train_num_samples or args.builtin_samples
         say(f"  built-in training shards {args.train_data}\n  built-in test split {test_dir}")
     try:
-        data.expand_urls(args.train_data)
+        data.check_train_data(args.train_data)  # shards that exist and hold a readable sample, or one line now
     except (FileNotFoundError, ValueError) as e:
         fail(e)
     return args.train_data, test_dir

@@ -366,9 +366,13 @@ def test_a_log_dir_that_is_a_file_or_under_one_is_refused(tmp_path, capsys):
         assert e.value.code == 2 and "is a file" in err, err
 
 
-def test_missing_shards_are_one_line_before_any_folder(tmp_path):
-    proc = run_train("--train-data", "/nonexistent/shard-{0..3}.tar", "--train-num-samples", "32", "--log-dir",
-                     tmp_path / "logs", check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1 and "/nonexistent" in lines[0], proc.stderr
+@pytest.mark.parametrize("what", ["missing", "empty", "corrupt"])
+def test_missing_empty_or_unreadable_shards_are_one_line_before_any_folder(what, tmp_path):
+    pattern = str(tmp_path / "shard-{0..1}.tar")
+    for i in range(2) if what != "missing" else []:
+        write_shard(tmp_path / f"shard-{i}.tar", 0 if what == "empty" else 8, corrupt=8)  # a valid empty tar, or all bad
+    proc = run_train("--train-data", pattern, "--train-num-samples", "32", "--log-dir", tmp_path / "logs", check=False)
+    *warnings, error = proc.stderr.strip().splitlines()  # bad samples are warned about, at most 5 lines, then limited
+    assert proc.returncode == 1 and error.startswith("train.py: error:") and str(tmp_path) in error, proc.stderr
+    assert len(warnings) <= 5 and all("warning: skipped" in w for w in warnings), proc.stderr
     assert not (tmp_path / "logs").exists()
