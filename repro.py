@@ -6,6 +6,13 @@ preset, then each masked model tuned unmasked, reported as masked inference / un
     python repro.py --jobs 2                              # built-in dataset, subjects centred (~1 h on 2 CPU cores)
     python repro.py --jobs 2 --dataset uniform            # the control: subjects anywhere in the frame
     apt-get install dataset-fashion-mnist && python repro.py --jobs 2 --dataset fashion-mnist
+    python repro.py --jobs 2 --reclip                     # RECLIP beside FLIP and GDM-FLIP at equal token budgets
+
+RECLIP (the paper's equal-budget baseline) pre-trains CLIP on smaller images with as many patches as a masked run keeps:
+`tiny` has 64 patches at 64 px, so 48, 32 and 24 px (36, 16 and 9 patches) face 43.75%, 75% and 85.9% masking, as the
+paper's 160, 112 and 64 px (100, 49 and 16 of 196 patches) face 50%, 75% and 91.8%. Its "unmasked inference" column is
+the low-resolution model evaluated at 64 px (positional embeddings resized), and it is tuned at 64 px as the masked
+models are tuned unmasked.
 
 Every run lives in <log-dir>/<dataset>-<method>-<ratio>-s<seed> (its output in train.log there); a finished run is not
 trained again and an interrupted one resumes from its last checkpoint, so the command can simply be started again.
@@ -93,6 +100,13 @@ def subject_kept(layout, ratio, sigma=0.2, n=2000, image_size=64, grid=8, seed=0
 
 
 # ----------------------------------------------------------------------------- runs
+FULL_SIZE, PATCH = 64, 8  # the tiny preset: an 8 x 8 grid of patches
+RECLIP_SIZES = (48, 32, 24)  # 36, 16 and 9 patches
+
+
+def budget_ratio(size):
+    """The masking ratio that keeps as many patches of a 64 px image as a `size` px image has."""
+    return 1 - (size // PATCH) ** 2 / (FULL_SIZE // PATCH) ** 2
 
 
 def evals(run_dir):
@@ -149,6 +163,36 @@ def run_one(args, data_flags, env, method, mask, ratio, seed):
     return result
 
 
+def run_reclip(args, data_flags, test_dir, env, size, seed):
+    """(None, unmasked, tuned) zero-shot top-1 of RECLIP: pre-trained at `size` px, evaluated and tuned at 64 px."""
+    run_dir = os.path.join(args.log_dir, f"{args.dataset}-reclip-{size}px-s{seed}")
+    steps = SAMPLES // args.batch_size * args.epochs
+    common = ["--model", "tiny", "--batch-size", args.batch_size, "--seed", seed, *data_flags]
+    train(run_dir, common + ["--mask", "none", "--image-size", size, "--epochs", args.epochs, "--lr", args.lr,
+                             "--warmup", max(1, steps // 20), "--train-num-samples", SAMPLES], env)
+    pretrained = os.path.join(run_dir, "checkpoints", "epoch_latest.pt")
+    full = evaluate_at(run_dir, pretrained, test_dir, FULL_SIZE, env)
+    tuned = train(run_dir + "-tuned", common + ["--pretrained", pretrained, "--image-size", FULL_SIZE, "--mask", "none",
+                                                "--epochs", 1, "--lr", args.tune_lr, "--warmup", 3,
+                                                "--train-num-samples", TUNE_SAMPLES], env)
+    print(f"{os.path.basename(run_dir)}: unmasked at {FULL_SIZE} px / tuned = {full}, {tuned['zeroshot_top1']}",
+          flush=True)
+    return None, full, tuned["zeroshot_top1"]
+
+
+def evaluate_at(run_dir, checkpoint, test_dir, size, env):
+    """Zero-shot top-1 of a checkpoint at `size` px (eval.py in a subprocess; kept in run_dir/eval-<size>px.json)."""
+    out = os.path.join(run_dir, f"eval-{size}px.json")
+    if not os.path.isfile(out):
+        cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", checkpoint, "--dataset", test_dir,
+               "--image-size", str(size), "--device", "cpu", "--workers", "1", "--output", out]
+        with open(os.path.join(run_dir, "eval.log"), "a") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                raise RuntimeError(f"evaluating {checkpoint} at {size} px failed: see {run_dir}/eval.log")
+    with open(out) as f:
+        return json.load(f)["metrics"]["acc1"]
+
+
 def mean_std(values):
     """'mean +- std' in percent over seeds, '-' where a column does not apply."""
     values = [100 * v for v in values if v is not None]
@@ -176,6 +220,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of pre-training")
     p.add_argument("--tune-lr", type=float, default=1e-4, help="peak learning rate of the unmasked tuning")
+    p.add_argument("--reclip", action="store_true", help="RECLIP at 48, 32, 24 px beside FLIP and GDM-FLIP at the "
+                   "same patch budgets (43.75%%, 75%%, 85.9%% masking) instead of --ratios")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores/jobs threads")
     p.add_argument("--log-dir", default="logs/repro", help="where the runs go")
     args = p.parse_args(argv)
@@ -185,28 +231,35 @@ def main(argv=None):
             fmnist = prepare_fashion_mnist()
         except FileNotFoundError as e:
             sys.exit(f"repro.py: error: {e}")
-        data_flags = ["--train-data", fmnist["train"], "--zeroshot-data", fmnist["test"]]
+        data_flags, test_dir = ["--train-data", fmnist["train"], "--zeroshot-data", fmnist["test"]], fmnist["test"]
     else:
-        data_flags = ["--builtin-layout", args.dataset]
+        data_flags, test_dir = ["--builtin-layout", args.dataset], photographer.builtin_dataset(args.dataset)["test"]
     env = dict(os.environ)
     if args.jobs > 1:  # share the cores; a small model gains more from parallel runs than from threads
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
     t0 = time.time()
-    runs = [("CLIP", "clip", "none", 0.0)] + [(f"{label} {ratio:.0%}", method, mask, ratio) for ratio in args.ratios
-                                              for label, method, mask in [("FLIP", "flip", "random"),
-                                                                          ("GDM-FLIP", "gdmflip", "gaussian")]]
+    masked = [("FLIP", "flip", "random"), ("GDM-FLIP", "gdmflip", "gaussian")]
+    if args.reclip:  # per budget: RECLIP at that size, then masking that keeps as many patches
+        runs = [("CLIP", "clip", "none", 0.0)] + [
+            row for size in RECLIP_SIZES for row in [(f"RECLIP {size} px", "reclip", "none", size)] + [
+                (f"{label} {budget_ratio(size):.2%}", method, mask, budget_ratio(size)) for label, method, mask in masked]]
+    else:
+        runs = [("CLIP", "clip", "none", 0.0)] + [(f"{label} {ratio:.0%}", method, mask, ratio)
+                                                  for ratio in args.ratios for label, method, mask in masked]
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {label: [pool.submit(run_one, args, data_flags, env, method, mask, ratio, s) for s in args.seeds]
-                   for label, method, mask, ratio in runs}
+        futures = {label: [pool.submit(run_reclip, args, data_flags, test_dir, env, value, s) if method == "reclip"
+                           else pool.submit(run_one, args, data_flags, env, method, mask, value, s) for s in args.seeds]
+                   for label, method, mask, value in runs}
         rows = {label: [f.result() for f in fs] for label, fs in futures.items()}
     result = (f"zero-shot top-1 (%) on the {args.dataset} test split, seeds {args.seeds}, {args.epochs} epochs of "
               f"{SAMPLES} samples, {(time.time() - t0) / 60:.0f} min:\n\n{table(rows)}\n")
+    ratios = [budget_ratio(size) for size in RECLIP_SIZES] if args.reclip else args.ratios
     if args.dataset in photographer.LAYOUTS:
-        kept = [f"{r:.0%} masking {subject_kept(args.dataset, r):.2f} vs {1 - r:.2f}" for r in args.ratios]
+        kept = [f"{r:.0%} masking {subject_kept(args.dataset, r):.2f} vs {1 - r:.2f}" for r in ratios]
         result += "\nshare of the subject's area kept, GDM-FLIP against FLIP: " + ", ".join(kept) + "\n"
     print("\n" + result)
-    with open(os.path.join(args.log_dir, f"{args.dataset}-table.md"), "w") as f:
+    with open(os.path.join(args.log_dir, f"{args.dataset}{'-reclip' if args.reclip else ''}-table.md"), "w") as f:
         f.write(result)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import data
 import photographer
 import eval as zeroshot
+import masking
 import repro
 
 
@@ -68,3 +69,11 @@ def test_centring_keeps_more_of_the_subject_the_more_central_the_layout():
     kept = {layout: repro.subject_kept(layout, 0.5, n=300) for layout in photographer.LAYOUTS}
     assert kept["centered"] > kept["uniform"] > kept["edge"] > 0.5  # random masking keeps 0.5 of anything
     assert repro.subject_kept("centered", 0.9, n=300) < kept["centered"]
+
+
+def test_reclip_sizes_have_as_many_patches_as_the_masking_they_face():
+    ratios = [repro.budget_ratio(size) for size in repro.RECLIP_SIZES]
+    assert ratios == [0.4375, 0.75, 0.859375]  # exact in binary: no off-by-one in num_kept
+    for size, ratio in zip(repro.RECLIP_SIZES, ratios):
+        assert masking.num_kept(8, ratio) == (size // 8) ** 2  # 36, 16, 9 of tiny's 64 patches
+    assert masking.num_kept(14, 0.918) == 16  # the paper's 91.8%: 16 of ViT-B/16's 196, a 64 px image's patches

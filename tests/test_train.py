@@ -193,6 +193,22 @@ def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
     assert os.path.exists(tmp_path / "corrupt" / "checkpoints" / "epoch_1.pt")
 
 
+def test_reclip_pretrained_at_32_px_is_tuned_at_64_px(shards, class_folder, tmp_path):
+    data_args = ["--train-data", shards / "train-{0..1}.tar", "--train-num-samples", "128", "--zeroshot-data",
+                 class_folder, "--log-dir", tmp_path]
+    low = run_train(*data_args, "--image-size", "32", "--epochs", "2", "--name", "low")
+    assert "16 of 16 patches encoded" in low.stdout  # a 4 x 4 grid at 32 px
+    checkpoint = tmp_path / "low" / "checkpoints" / "epoch_latest.pt"
+    resume = run_train(*data_args, "--resume", checkpoint, "--image-size", "64", "--name", "other", check=False)
+    assert resume.returncode == 1 and "--pretrained" in resume.stderr.strip().splitlines()[-1]
+    run_train(*data_args, "--pretrained", checkpoint, "--image-size", "64", "--epochs", "1", "--lr", "1e-4",
+              "--name", "tuned")
+    tuned = torch.load(tmp_path / "tuned" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    assert tuned["config"]["image_size"] == 64 and tuned["state_dict"]["visual.positional_embedding"].shape[0] == 65
+    record = [r for r in read_metrics(tmp_path / "tuned") if "zeroshot_top1" in r][-1]
+    assert record["zeroshot_top1"] > 0.25  # above chance on the 4 colours
+
+
 def test_a_run_with_text_masking_reports_the_tokens_it_encodes(shards, tmp_path):
     proc = run_train("--train-data", shards / "train-{0..1}.tar", "--train-num-samples", "32", "--epochs", "1",
                      "--mask", "random", "--ratio", "0.75", "--text-length", "8", "--text-mask", "random",
