@@ -413,8 +413,15 @@ def continue_metrics(path, step):
     last checkpoint is trained again and would otherwise appear twice."""
     if not os.path.exists(path):
         return
+    kept = []
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # blank, or the line a kill cut short
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(json.dumps(record) + "\n")
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)

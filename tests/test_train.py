@@ -281,6 +281,14 @@ def test_kill_9_then_resume_logs_every_step_exactly_once(shards, tmp_path):
     assert not (run / "lock").exists()
 
 
+def test_resume_drops_what_was_logged_after_the_checkpoint_and_a_line_cut_short(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 4, "loss": 1.0}, {"step": 4, "epoch": 1, "zeroshot_top1": 0.5}, {"step": 6, "loss": 0.9}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 8, "lo')  # killed mid-write
+    train.continue_metrics(str(path), 4)
+    assert read_metrics(tmp_path) == lines[:2]
+
+
 def logged_steps(run_dir):
     try:
         return [r["step"] for r in read_metrics(run_dir) if "loss" in r]
