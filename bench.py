@@ -288,9 +288,11 @@ def fake_photo(rng, short_side):
     draw = ImageDraw.Draw(img)
     for _ in range(8):
         x, y, r = rng.uniform(0, size[0]), rng.uniform(0, size[1]), rng.uniform(10, short_side / 4)
-        draw.polygon(photographer.shape_points(photographer.SHAPES[rng.integers(6)], x, y, r, 0), fill=tuple(rng.integers(0, 256, 3).tolist()))
+        shape = photographer.SHAPES[rng.integers(6)]
+        draw.polygon(photographer.shape_points(shape, x, y, r, 0), fill=tuple(rng.integers(0, 256, 3).tolist()))
     grain = rng.normal(0, 4, (size[1], size[0], 1))  # texture, so the JPEG is photo-sized (~60-70 kB), not flat
-    return photographer.jpeg_bytes(Image.fromarray(np.clip(np.asarray(img) + grain, 0, 255).astype(np.uint8)), quality=90)
+    pixels = np.clip(np.asarray(img) + grain, 0, 255).astype(np.uint8)
+    return photographer.jpeg_bytes(Image.fromarray(pixels), quality=90)
 
 
 def images_per_s(loader):

@@ -316,8 +316,9 @@ def shuffled_passes(urls, part, parts, rng):
             found += sample is not None
             yield sample
         if not found:  # reading the same nothing again would spin forever
-            raise ValueError(f"data.py: no sample in part {part} of {parts} (one per rank and worker) of the {len(urls)} "
-                             f"training shards, e.g. {urls[part % len(urls)]} {NAMING}; --dataset-resampled reads all")
+            raise ValueError(f"data.py: no sample in part {part} of {parts} (one per rank and worker) of the "
+                             f"{len(urls)} training shards, e.g. {urls[part % len(urls)]} {NAMING}; "
+                             "--dataset-resampled reads all")
 
 
 def resampled_samples(urls, rng):
@@ -454,7 +455,8 @@ class ImageFolder(Dataset):
 
 class ImageTextDataset(IterableDataset):
     """(image tensor, caption) from shards, one ordered pass, no resampling (for retrieval), split without duplicates
-    across ranks and dataloader workers (split_samples). `skipped` counts bad samples (workers=0; workers print theirs)."""
+    across ranks and dataloader workers (split_samples). `skipped` counts bad samples (workers=0; workers print
+    theirs)."""
 
     def __init__(self, urls, transform, rank=0, world_size=1):
         self.urls, self.transform, self.rank, self.world_size = urls, transform, rank, world_size

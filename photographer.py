@@ -206,8 +206,8 @@ def builtin_dataset(layout="centered", root=None, num_train=NUM_TRAIN, num_test=
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"photographer.py: generated the built-in dataset ({num_train} train, {num_test} test images, {layout}) in {out} "
-          f"in {time.time() - t0:.1f} s", file=sys.stderr)
+    print(f"photographer.py: generated the built-in dataset ({num_train} train, {num_test} test images, {layout}) "
+          f"in {out} in {time.time() - t0:.1f} s", file=sys.stderr)
     return result
 
 

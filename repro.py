@@ -19,7 +19,6 @@ trained again and an interrupted one resumes from its last checkpoint, so the co
 Curves: python visualize.py curves logs/repro/centered-*-0.5-s0/metrics.jsonl
 """
 
-import argparse
 import gzip
 import json
 import os
@@ -210,7 +209,7 @@ def table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = data.OneLineParser(prog="repro.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="centered", choices=[*photographer.LAYOUTS, "fashion-mnist"],
                    help="built-in dataset with centred subjects, its uniform or edge layout (controls), or "
                    "Fashion-MNIST")
@@ -243,7 +242,8 @@ def main(argv=None):
     if args.reclip:  # per budget: RECLIP at that size, then masking that keeps as many patches
         runs = [("CLIP", "clip", "none", 0.0)] + [
             row for size in RECLIP_SIZES for row in [(f"RECLIP {size} px", "reclip", "none", size)] + [
-                (f"{label} {budget_ratio(size):.2%}", method, mask, budget_ratio(size)) for label, method, mask in masked]]
+                (f"{label} {budget_ratio(size):.2%}", method, mask, budget_ratio(size))
+                for label, method, mask in masked]]
     else:
         runs = [("CLIP", "clip", "none", 0.0)] + [(f"{label} {ratio:.0%}", method, mask, ratio)
                                                   for ratio in args.ratios for label, method, mask in masked]

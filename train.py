@@ -155,7 +155,8 @@ def check_args(args):
         raise ValueError("use --pretrained (weights only, fresh optimizer) or --resume (the whole state), not both")
     if args.resume == "latest" and not args.name:
         raise ValueError("--resume latest needs the --name of the run to continue")
-    for flag, path in [("--pretrained", args.pretrained), ("--resume", None if args.resume == "latest" else args.resume)]:
+    resume = None if args.resume == "latest" else args.resume  # latest: checked once the run folder is known
+    for flag, path in [("--pretrained", args.pretrained), ("--resume", resume)]:
         if path and not os.path.isfile(path):
             raise ValueError(f"{flag} {path}: no such file")
     for flag, path in [("--imagenet-val", args.imagenet_val), ("--zeroshot-data", args.zeroshot_data)]:
@@ -451,7 +452,8 @@ def save_checkpoint(state, ckpt_dir, epoch, numbered=True, delete_previous=False
         save_atomic(state, latest)
     if delete_previous:
         for name in os.listdir(ckpt_dir):
-            if name.startswith("epoch_") and name not in ("epoch_latest.pt", f"epoch_{epoch}.pt") and name.endswith(".pt"):
+            numbered = name.startswith("epoch_") and name.endswith(".pt") and name != "epoch_latest.pt"
+            if numbered and name != f"epoch_{epoch}.pt":
                 os.remove(os.path.join(ckpt_dir, name))
 
 
@@ -616,7 +618,7 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         model.train()
         loader.set_epoch(epoch)
-        # the masks of an epoch are a function of (seed, epoch, rank): a resumed run draws what the uninterrupted one drew
+        # an epoch's masks are a function of (seed, epoch, rank): a resumed run draws what the uninterrupted one drew
         mask_gen = torch.Generator(device).manual_seed(data.derived_seed(args.seed, "masks", epoch, rank))
         batches = iter(loader)
         for _ in range(steps_per_epoch):

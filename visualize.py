@@ -16,7 +16,6 @@ model.flops_per_sample) and against wall time, one curve per run folder; a run t
 continues its source's curve, so RECLIP and masking are compared over pre-training and tuning together.
 """
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import torch  # noqa: E402
 from matplotlib import cbook  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import data  # noqa: E402
 import masking  # noqa: E402
 import model as M  # noqa: E402
 
@@ -222,16 +222,17 @@ def compute_curves(run_dirs):
 
 def parse_args(argv):
     if argv and argv[0] == "compute":
-        p = argparse.ArgumentParser(prog="visualize.py compute", description=compute_curves.__doc__)
+        p = data.OneLineParser(prog="visualize.py compute", description=compute_curves.__doc__)
         p.add_argument("runs", nargs="+", help="train.py run folders (args.json and metrics.jsonl)")
         p.add_argument("--out", default="compute.png", help="output file; .png, .pdf or .svg, from the name")
         return p.parse_args(argv[1:])
     if argv and argv[0] == "curves":
-        p = argparse.ArgumentParser(prog="visualize.py curves", description="Training curves from metrics.jsonl logs.")
+        p = data.OneLineParser(prog="visualize.py curves", description="Training curves from metrics.jsonl logs.")
         p.add_argument("logs", nargs="+", help="metrics.jsonl files from train.py; the legend is each parent folder")
         p.add_argument("--out", default="curves.png", help="output file; .png, .pdf or .svg, from the name")
         return p.parse_args(argv[1:])
-    p = argparse.ArgumentParser(description="The sigma comparison figure (or `visualize.py curves LOG ...`).")
+    p = data.OneLineParser(prog="visualize.py", description="The sigma comparison figure (or `visualize.py curves LOG "
+                           "...`, `visualize.py compute RUN ...`).")
     p.add_argument("--out", default="docs/sigma_comparison.png", help="output file; .png, .pdf or .svg, from the name")
     p.add_argument("--image", default=None, help=f"photograph to mask (default: matplotlib's sample {DEFAULT_IMAGE})")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of patches masked (paper's figure: 0.5)")
