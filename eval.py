@@ -170,31 +170,53 @@ def read_lines(path):
 # ----------------------------------------------------------------------------- features
 
 
-def check_mask(mask, ratio, sigma):
+def check_mask(mask, ratio, sigma, views=1):
     if mask != "none":
         masking.check_args(1, ratio, mask, sigma)  # raises ValueError for an unknown mode or a bad ratio / sigma
     # mask "none" ignores ratio and sigma: every patch is encoded
+    if views < 1 or (views > 1 and mask == "none"):
+        raise ValueError(f"views must be 1, or more with a mask (random or gaussian); got {views} with mask {mask!r}")
 
 
-def pass_name(mask, ratio, sigma):
-    """How a pass sees the images, for its progress lines: unmasked, masked random 0.5, masked gaussian 0.5 sigma 0.2."""
+def pass_name(mask, ratio, sigma, views=1):
+    """How a pass sees the images, for its progress lines: unmasked, masked random 0.5, masked gaussian 0.5 sigma 0.2,
+    masked random 0.75 x 4 views."""
     if mask == "none":
         return "unmasked"
-    return f"masked {mask} {ratio:g}" + (f" sigma {sigma:g}" if mask == "gaussian" else "")
+    return (f"masked {mask} {ratio:g}" + (f" sigma {sigma:g}" if mask == "gaussian" else "")
+            + (f" x {views} views" if views > 1 else ""))
 
 
-def draw_masks(count, grid_size, mask, ratio, sigma, device, generator):
-    """(count, K) patch indices each of `count` images keeps, training's keep_indices; None for mask "none"."""
+def complementary(grid_size, mask, ratio, views):
+    """Whether `views` masks can split the G*G patches among them, K each, every patch in exactly one: random masking
+    with views = 1 / (1 - ratio) (2 at 0.5, 4 at 0.75), FLIP's ensemble of complementary views (Table 1d)."""
+    return mask == "random" and views > 1 and views * masking.num_kept(grid_size, ratio) == grid_size * grid_size
+
+
+def draw_masks(count, grid_size, mask, ratio, sigma, device, generator, views=1):
+    """Patch indices each of `count` images keeps: (count, K), training's keep_indices; (count, V, K) for V views,
+    each sorted; None for mask "none". Complementary views (see above) are one random order of the G*G patches cut in V
+    parts of K; other views are V independent draws. Either way view 0 is the single view the same generator gives."""
     if mask == "none":
         return None
-    return masking.keep_indices(count, grid_size, ratio, mask, sigma, device=device, generator=generator)
+    if complementary(grid_size, mask, ratio, views):
+        scores = torch.rand(count, grid_size * grid_size, device=device, generator=generator)  # keep_indices' scores
+        order = scores.argsort(dim=1, descending=True)  # (count, G*G): the first K are keep_indices' K highest
+        return order.view(count, views, -1).sort(dim=-1).values  # (count, V, K)
+    keep = [masking.keep_indices(count, grid_size, ratio, mask, sigma, device=device, generator=generator)
+            for _ in range(views)]  # V x (count, K)
+    return keep[0] if views == 1 else torch.stack(keep, dim=1)
 
 
 def encode_images(model, images, keep=None):
-    """(B, 3, S, S) -> (B, E) normalised fp32 features; with keep (B, K), only the kept patches go through the ViT.
+    """(B, 3, S, S) -> (B, E) normalised fp32 features; with keep (B, K), only the kept patches go through the ViT;
+    with keep (B, V, K), the normalised mean of the V views' normalised features, as a prompt ensemble averages prompts.
     `images`: normalised floats, or uint8 pixels as the loaders below yield them (normalised here, on their device)."""
     if images.dtype == torch.uint8:
         images = data.normalize(images)
+    if keep is not None and keep.dim() == 3:
+        views = torch.stack([encode_images(model, images, keep[:, v]) for v in range(keep.shape[1])])  # (V, B, E)
+        return F.normalize(views.mean(dim=0), dim=-1)
     return F.normalize(model.encode_image(images, keep).float(), dim=-1)
 
 
@@ -302,12 +324,13 @@ def build_classifier(model, tokenizer, classnames, templates, device, batch_size
 def zero_shot_classification(model, classifier, loader, device, keep=None, precision=None, quiet=False, what="images"):
     """{"acc1", "acc5", "mean_per_class_recall"} (fractions), "images" and "unreadable" (counts) over a loader of
     (images (B, 3, S, S), labels (B,), readable (B,) bool); more than half unreadable (blank stand-ins) is a ValueError.
-    keep: (N, K) patches each image keeps, in the loader's order; None for all. In a process group the loader holds
-    this rank's share and every rank returns the figures over all shares. The top-5 classes of each image are all the
-    metrics read: only they leave the device (at the end, not to wait for it each batch) and cross ranks."""
+    keep: (N, K) patches each image keeps, or (N, V, K) for V views, in the loader's order; None for all. In a process
+    group the loader holds this rank's share and every rank returns the figures over all shares. The top-5 classes of
+    each image are all the metrics read: only they leave the device (at the end, not to wait for it each batch) and
+    cross ranks."""
     progress, ranked, labels, readable = Progress(what, len(loader.dataset), quiet), [], [], []
     for images, target, ok in progress.batches(loader):
-        batch_keep = None if keep is None else keep[progress.count:progress.count + len(target)]  # (B, K)
+        batch_keep = None if keep is None else keep[progress.count:progress.count + len(target)]  # (B, [V,] K)
         with M.autocast(device, precision):
             features = encode_images(model, images.to(device, non_blocking=True), batch_keep)
         logits = LOGIT_SCALE * features @ classifier  # (B, C), in fp32 outside autocast
@@ -340,16 +363,17 @@ def folder_classnames(root, folders, imagenet=False):
 
 
 def evaluate_folder(model, tokenizer, root, classnames=None, templates=None, batch_size=256, workers=4, device="cpu",
-                    mask="none", ratio=0.0, sigma=0.2, imagenet=False, precision=None, quiet=False):
+                    mask="none", ratio=0.0, sigma=0.2, views=1, imagenet=False, precision=None, quiet=False):
     """Zero-shot classification of an image folder (one sub-folder per class, in sorted order); see the metrics above.
-    Templates default to the folder's templates.txt if it has one, else the 80 OpenAI templates.
+    Templates default to the folder's templates.txt if it has one, else the 80 OpenAI templates. views > 1 classifies
+    the mean of that many masked views of each image (see draw_masks).
 
     In a torch.distributed process group every rank calls it: rank r encodes images r, r + world, ... (each image once,
     no padding), only rank 0 prints, and every rank returns the same figures a single process would.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no image folder at {root}")
-    check_mask(mask, ratio, sigma)
+    check_mask(mask, ratio, sigma, views)
     dataset = data.ImageFolder(root, data.eval_crop(model.config.image_size))  # uint8, normalised on the device
     classnames = classnames or folder_classnames(root, dataset.classes, imagenet)
     if len(classnames) != len(dataset.classes):
@@ -361,17 +385,17 @@ def evaluate_folder(model, tokenizer, root, classnames=None, templates=None, bat
     classifier = build_classifier(model, tokenizer, classnames, templates, device, batch_size, precision, quiet)
     # masks are drawn once for the whole set, row i for image i, whichever rank or batch reads it: the masked figure
     # is the same for any batch size and number of ranks (for one device type: CPU and CUDA draw different streams)
-    keep = draw_masks(len(dataset), model.visual.grid_size, mask, ratio, sigma, device, seeded_generator(device))
+    keep = draw_masks(len(dataset), model.visual.grid_size, mask, ratio, sigma, device, seeded_generator(device), views)
     loader = make_loader(Subset(dataset, range(rank, len(dataset), world)), batch_size, workers, device)
     return zero_shot_classification(model, classifier, loader, device, None if keep is None else keep[rank::world],
-                                    precision, quiet, f"images ({pass_name(mask, ratio, sigma)})")
+                                    precision, quiet, f"images ({pass_name(mask, ratio, sigma, views)})")
 
 
 # ----------------------------------------------------------------------------- zero-shot retrieval
 
 
 @torch.no_grad()
-def zero_shot_retrieval(model, tokenizer, loader, device, mask="none", ratio=0.0, sigma=0.2, precision=None,
+def zero_shot_retrieval(model, tokenizer, loader, device, mask="none", ratio=0.0, sigma=0.2, views=1, precision=None,
                         quiet=False):
     """Recall@1/5/10 both ways over a loader of (images (B, 3, S, S), captions: B strings), as CLIP_benchmark:
 
@@ -379,17 +403,17 @@ def zero_shot_retrieval(model, tokenizer, loader, device, mask="none", ratio=0.0
     text_retrieval_recall@k: for each image, is any of its captions among the k captions closest to it.
     A caption with several lines counts as several captions of its image (COCO and Flickr have five per image).
     """
-    check_mask(mask, ratio, sigma)
+    check_mask(mask, ratio, sigma, views)
     generator, image_features, text_features = seeded_generator(device), [], []
     text_image, num_images = [], 0  # the index of each caption's image; images so far
-    progress = Progress(f"image-caption pairs ({pass_name(mask, ratio, sigma)})", quiet=quiet)
+    progress = Progress(f"image-caption pairs ({pass_name(mask, ratio, sigma, views)})", quiet=quiet)
     for images, captions in progress.batches(loader):
         texts = [[line for line in c.splitlines() if line.strip()] or [c] for c in captions]  # B lists of captions
         text_image += [num_images + i for i, lines in enumerate(texts) for _ in lines]
         num_images += len(images)
         with M.autocast(device, precision):
             images = images.to(device, non_blocking=True)
-            keep = draw_masks(len(images), model.visual.grid_size, mask, ratio, sigma, device, generator)  # (B, K)
+            keep = draw_masks(len(images), model.visual.grid_size, mask, ratio, sigma, device, generator, views)
             image_features.append(encode_images(model, images, keep))  # (B, E)
             text_features.append(encode_texts(model, tokenizer, sum(texts, []), device))  # (captions, E)
         progress.update(len(images))
@@ -424,6 +448,8 @@ def parse_args(argv=None):
     a("--mask", default="none", choices=["none", *masking.MODES], help="masked inference: none = every patch")
     a("--ratio", type=float, default=0.5, help="fraction of patches dropped with --mask random or gaussian")
     a("--sigma", type=float, default=0.2, help="Gaussian masking's sigma (a variance, as in training)")
+    a("--views", type=int, default=1, help="classify the mean of this many masked views per image: complementary "
+                                           "(every patch once) for random masking at 1 / (1 - ratio), else independent")
     a("--image-size", type=int, help="evaluate at this resolution, positional embeddings resized (RECLIP); "
                                      "default: the checkpoint's, else the preset's")
     a("--batch-size", type=int, default=256, help="images (and prompts) per batch")
@@ -435,11 +461,11 @@ def parse_args(argv=None):
     if (args.classnames or args.templates) and not (args.dataset or args.imagenet_val):
         p.error("--classnames and --templates go with --dataset or --imagenet-val")
     for flag, value, least in [("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                               ("--image-size", args.image_size, 1)]:
+                               ("--image-size", args.image_size, 1), ("--views", args.views, 1)]:
         if value is not None and value < least:
             p.error(f"{flag} must be at least {least}, got {value}")
     try:
-        check_mask(args.mask, args.ratio, args.sigma)
+        check_mask(args.mask, args.ratio, args.sigma, args.views)
     except ValueError as e:
         p.error(str(e))
     if args.workers is None:  # JPEG decoding bounds an ImageNet pass on a GPU: use the cores
@@ -449,7 +475,8 @@ def parse_args(argv=None):
 
 def run(args):
     model, tokenizer = load_checkpoint(args.checkpoint, args.model, args.tokenizer, args.device, args.image_size)
-    settings = dict(device=args.device, mask=args.mask, ratio=args.ratio, sigma=args.sigma, precision=args.precision)
+    settings = dict(device=args.device, mask=args.mask, ratio=args.ratio, sigma=args.sigma, views=args.views,
+                    precision=args.precision)
     if args.retrieval:
         dataset = data.image_text_dataset(args.retrieval, data.eval_crop(model.config.image_size))
         loader = make_loader(dataset, args.batch_size, args.workers, args.device)
@@ -461,7 +488,8 @@ def run(args):
                                   args.batch_size, args.workers, imagenet=bool(args.imagenet_val), **settings)
         task = "zeroshot_classification"
     dataset_name = "imagenet1k" if args.imagenet_val else (args.dataset or args.retrieval)
-    mask = {"mask": args.mask} | ({"ratio": args.ratio, "sigma": args.sigma} if args.mask != "none" else {})
+    mask = {"mask": args.mask} | ({"ratio": args.ratio, "sigma": args.sigma, "views": args.views}
+                                  if args.mask != "none" else {})
     counts = {k: metrics.pop(k) for k in ("images", "unreadable") if k in metrics}  # beside the metrics, not among
     return {"dataset": dataset_name, "checkpoint": args.checkpoint, "task": task, "image_size": model.config.image_size,
             **mask, **counts, "metrics": metrics}

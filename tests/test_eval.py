@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import data
 from tokenizer import train_tokenizer
 import eval as zeroshot  # `eval` would shadow the builtin
+import masking
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -326,6 +327,57 @@ def test_masked_inference_changes_features_reproducibly_and_leaves_the_global_rn
     assert 0 <= runs[0]["acc1"] <= runs[0]["acc5"] == 1.0  # 3 classes: top-5 covers them all
 
 
+@pytest.mark.parametrize("ratio, views", [(0.5, 2), (0.75, 4)])
+def test_complementary_views_keep_every_patch_exactly_once(ratio, views):
+    keep = zeroshot.draw_masks(5, 8, "random", ratio, 0.2, "cpu", zeroshot.seeded_generator("cpu"), views)
+    assert keep.shape == (5, views, 64 // views)  # (images, V, K): K = 64 (1 - ratio)
+    assert torch.equal(keep, keep.sort(dim=-1).values)  # each view in raster order, as keep_indices gives
+    for image in keep:  # the union is every patch and no two views share one: each patch exactly once
+        assert torch.equal(torch.bincount(image.flatten(), minlength=64), torch.ones(64, dtype=torch.long))
+    assert not torch.equal(keep[0], keep[1])  # a fresh split per image
+    single = zeroshot.draw_masks(5, 8, "random", ratio, 0.2, "cpu", zeroshot.seeded_generator("cpu"))
+    assert torch.equal(keep[:, 0], single)  # view 0 is the one masked view the same seed gives
+
+
+@pytest.mark.parametrize("mask, ratio, views", [("random", 0.75, 2), ("random", 0.5, 3), ("gaussian", 0.5, 2)])
+def test_other_views_are_independent_draws(mask, ratio, views):
+    keep = zeroshot.draw_masks(5, 8, mask, ratio, 0.2, "cpu", zeroshot.seeded_generator("cpu"), views)
+    generator = zeroshot.seeded_generator("cpu")
+    draws = [masking.keep_indices(5, 8, ratio, mask, 0.2, generator=generator) for _ in range(views)]  # (5, K) each
+    assert torch.equal(keep, torch.stack(draws, dim=1))  # (5, V, K): view v is the generator's draw v
+    assert not zeroshot.complementary(8, mask, ratio, views)
+    assert zeroshot.complementary(8, "random", 0.75, 4) and zeroshot.complementary(8, "random", 0.5, 2)
+
+
+def test_views_average_the_normalised_features_of_each_view(tiny):
+    model, _, _ = tiny
+    pixels = torch.stack([data.eval_crop(64)(colour_image(c)) for c in COLOURS])  # (3, 3, 64, 64) uint8
+    keep = zeroshot.draw_masks(3, 8, "random", 0.75, 0.2, "cpu", zeroshot.seeded_generator("cpu"), 4)  # (3, 4, 16)
+    with torch.no_grad():
+        ensemble = zeroshot.encode_images(model, pixels, keep)
+        views = [F.normalize(model.encode_image(data.normalize(pixels), keep[:, v]), dim=-1) for v in range(4)]
+    assert ensemble.shape == (3, model.config.embed_dim)
+    assert torch.allclose(ensemble, F.normalize(sum(views) / 4, dim=-1), atol=1e-6)
+    assert not torch.allclose(ensemble, views[0], atol=1e-3)  # more than the first view
+
+
+def test_one_view_is_the_single_masked_pass(tiny, folder):
+    model, tok, _ = tiny
+    names, templates = ["blue", "green", "red"], ["a photo of a {} square."]
+    classifier = zeroshot.build_classifier(model, tok, names, templates, "cpu", quiet=True)
+    dataset = data.ImageFolder(str(folder), data.eval_crop(64))
+    keep = masking.keep_indices(len(dataset), 8, 0.5, "gaussian", 0.2, generator=torch.Generator().manual_seed(0))
+    loader = zeroshot.make_loader(dataset, 4, 0, "cpu")
+    expected = zeroshot.zero_shot_classification(model, classifier, loader, "cpu", keep, quiet=True)
+    settings = dict(classnames=names, templates=templates, workers=0, mask="gaussian", ratio=0.5, quiet=True)
+    assert zeroshot.evaluate_folder(model, tok, str(folder), views=1, **settings) == expected
+    assert zeroshot.evaluate_folder(model, tok, str(folder), **settings) == expected
+    runs = [zeroshot.evaluate_folder(model, tok, str(folder), views=4, batch_size=b, **settings) for b in (4, 1)]
+    assert runs[0] == runs[1] and set(runs[0]) == set(expected)  # image i keeps row i of the views, any batches
+    with pytest.raises(ValueError, match="views must be 1, or more with a mask"):
+        zeroshot.evaluate_folder(model, tok, str(folder), views=2, workers=0, quiet=True)
+
+
 def test_evaluate_folder_checks_class_names(tiny, folder):
     model, tok, _ = tiny
     with pytest.raises(ValueError, match="1000"):
@@ -396,11 +448,13 @@ def test_cli_classification_writes_clip_benchmark_json(tiny, folder, tmp_path):
     (tmp_path / "names.txt").write_text("blue square\ngreen square\nred square\n")  # the folders' sorted order
     (tmp_path / "templates.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
     proc = run_eval("--checkpoint", path, "--dataset", folder, "--classnames", tmp_path / "names.txt",
-                    "--templates", tmp_path / "templates.txt", "--mask", "random", "--ratio", "0.5",
+                    "--templates", tmp_path / "templates.txt", "--mask", "random", "--ratio", "0.5", "--views", "2",
                     "--output", tmp_path / "result.json")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "images (masked random 0.5 x 2 views): 6 in " in proc.stderr
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["task"] == "zeroshot_classification" and result["mask"] == "random" and result["ratio"] == 0.5
+    assert result["views"] == 2
     assert set(result["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
     assert all(0 <= v <= 1 for v in result["metrics"].values())
 
@@ -436,6 +490,8 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
                           (folder + ["--workers", "-1"], "--workers must be at least 0, got -1"),
                           (folder + ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
                           (folder + ["--image-size", "0"], "--image-size must be at least 1, got 0"),
+                          (folder + ["--views", "0"], "--views must be at least 1, got 0"),
+                          (folder + ["--views", "2"], "views must be 1, or more with a mask"),
                           ([], "one of the arguments")]:  # flags: argparse's status 2, one line on stderr
         with pytest.raises(SystemExit) as e:
             zeroshot.main(["--checkpoint", "x.pt", *argv])
