@@ -19,6 +19,7 @@ from PIL import Image
 import bench
 import masking
 import model as M
+import photographer
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -388,6 +389,18 @@ def test_a_log_dir_that_is_a_file_or_under_one_is_refused(tmp_path, capsys):
             train.main(["--log-dir", str(log_dir)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and "is a file" in err, err
+
+
+def test_the_built_in_dataset_is_the_same_whichever_command_makes_it_and_its_paths_are_printed(
+        tmp_path, monkeypatch, capsys):
+    assert train.parse_args([]).builtin_samples == photographer.NUM_TRAIN  # train.py, photographer.py and repro.py
+    monkeypatch.setenv("GDMFLIP_DATA", str(tmp_path))
+    args = train.parse_args(["--builtin-samples", "64", "--batch-size", "16"])
+    train_data, test_dir = train.prepare_data(args, 0, 1, print)
+    made = photographer.builtin_dataset(num_train=64)  # what `python photographer.py --num-train 64` makes
+    assert (train_data, test_dir) == (made["train"], made["test"]) and len(os.listdir(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert f"built-in training shards {train_data}" in out and f"built-in test split {test_dir}" in out
 
 
 @pytest.mark.parametrize("what", ["missing", "empty", "corrupt"])
