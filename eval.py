@@ -1,15 +1,19 @@
 """
-Zero-shot evaluation of a CLIP checkpoint, measured as CLIP_benchmark measures it.
+Zero-shot evaluation and linear probing of a CLIP checkpoint, measured as CLIP_benchmark measures them.
 
 Classification: every class gets an embedding, the normalised mean of the normalised text embeddings of its prompts
 ("a photo of a {}.", ... 80 OpenAI templates); an image is assigned to the class whose embedding is closest. Retrieval:
 images and captions rank each other by cosine similarity. `--mask` repeats either with training-style patch masking,
-the paper's "masked inference" column (the default is inference unmasking: every patch).
+the paper's "masked inference" column (the default is inference unmasking: every patch); `--views N` classifies the
+mean of N masked views, FLIP's ensemble. `--linear-probe` fits a logistic regression on the frozen image features of a
+training split instead of using prompts.
 
     python eval.py --checkpoint logs/RUN/checkpoints/epoch_latest.pt --dataset TEST   # TEST: `python photographer.py`
     python eval.py --checkpoint open_clip_vit_b16.pt --tokenizer bpe_simple_vocab_16e6.txt.gz \\
         --imagenet-val /data/imagenet/val --mask gaussian --ratio 0.5 --output result.json
     python eval.py --checkpoint logs/RUN/checkpoints/epoch_30.pt --retrieval '/data/mscoco/test-{0000..0004}.tar'
+    python eval.py --checkpoint logs/RUN/checkpoints/epoch_30.pt --dataset TEST --mask random --ratio 0.75 --views 4
+    python eval.py --checkpoint logs/RUN/checkpoints/epoch_30.pt --linear-probe --train-dataset TRAIN --dataset TEST
 
 The ImageNet class names (OpenAI's cleaned names, in WordNet-id order) and the 80 templates ship as plain text files
 next to this one, `imagenet_classnames.txt` and `openai_templates.txt`: one entry per line, `{}` where the class name
@@ -69,6 +73,11 @@ def retrieval_recall(scores, positives, k):
     """Fraction of queries (rows of scores (Q, N)) with at least one positive (bool (Q, N)) among their top k."""
     topk = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (Q, k)
     return positives.gather(1, topk).any(dim=1).double().mean().item()
+
+
+def check_readable(count, unreadable, what="images"):
+    if unreadable > count / 2:  # the figure would measure blank images, not the model
+        raise ValueError(f"{unreadable} of {count} {what} could not be read: no accuracy to report")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -344,8 +353,7 @@ def zero_shot_classification(model, classifier, loader, device, keep=None, preci
     ranked, labels, readable = (torch.cat(column) for column in zip(*shares))  # (N, 5), (N,), (N,): rank by rank
     count, unreadable = len(labels), int((~readable).sum())
     progress.done(count, f", {unreadable} unreadable")
-    if unreadable > count / 2:  # the figure would measure blank images, not the model
-        raise ValueError(f"{unreadable} of {count} images could not be read: no accuracy to report")
+    check_readable(count, unreadable)
     return {"acc1": accuracy(ranked, labels, 1), "acc5": accuracy(ranked, labels, 5),
             "mean_per_class_recall": mean_per_class_recall(ranked[:, 0], labels, classifier.shape[1]),
             "images": count, "unreadable": unreadable}
@@ -430,6 +438,110 @@ def zero_shot_retrieval(model, tokenizer, loader, device, mask="none", ratio=0.0
     return result
 
 
+# ----------------------------------------------------------------------------- linear probe
+
+# CLIP_benchmark's linear probe (clip_benchmark/metrics/linear_probe.py): a logistic regression on the frozen image
+# tower's normalised features, its L2 strength searched on a held-out part of the training split, then refitted on all
+# of it. Where CLIP_benchmark runs AdamW for a set number of epochs, the solver here is the one OpenAI's CLIP paper used
+# (appendix A.3: L-BFGS), full batch: the fit is the optimum of a convex loss, with no learning rate, epochs or batch
+# order to choose, and the same for any batch size.
+PROBE_L2 = torch.logspace(-6, 2, 97, dtype=torch.float64).tolist()  # CLIP_benchmark's grid: 10^-6 .. 10^2, 12/decade
+PROBE_SPANS = (16, 8, 4, 2, 1)  # its search: every 16th value (7 of them), then the best's neighbours 8, 4, 2, 1 away
+PROBE_HELD_OUT = 10  # 1 in 10 training images chooses the L2: CLIP_benchmark's README example (--val_proportion 0.1)
+PROBE_MAX_ITER = 1000  # L-BFGS iterations, as OpenAI's probes (sklearn's LogisticRegression(max_iter=1000))
+
+
+@torch.no_grad()
+def image_features(model, loader, device, precision=None, quiet=False, what="images"):
+    """(features (N, E) normalised fp32, labels (N,), readable (N,) bool), all on `device`, of a loader of (images,
+    labels, readable): every patch, normalised as CLIP_benchmark's probe features are. One process, the whole loader."""
+    progress, features, labels, readable = Progress(what, len(loader.dataset), quiet), [], [], []
+    for images, target, ok in progress.batches(loader):
+        with M.autocast(device, precision):
+            features.append(encode_images(model, images.to(device, non_blocking=True)))  # (B, E)
+        labels, readable = labels + [target], readable + [ok]
+        progress.update(len(target))
+    labels, readable = torch.cat(labels).to(device), torch.cat(readable).to(device)
+    progress.done(note=f", {int((~readable).sum())} unreadable")
+    return torch.cat(features), labels, readable
+
+
+def fit_probe(features, labels, num_classes, l2):
+    """Multinomial logistic regression: the Linear(E, C) minimising the mean cross-entropy on (N, E) features and (N,)
+    labels + l2 / 2 * |weight|^2 (the bias is not penalised; sklearn's LogisticRegression(C) is l2 = 1 / (C N)).
+    Full-batch L-BFGS from zero: the loss is convex, so the result needs no seed."""
+    probe = torch.nn.Linear(features.shape[1], num_classes, device=features.device)
+    torch.nn.init.zeros_(probe.weight), torch.nn.init.zeros_(probe.bias)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=PROBE_MAX_ITER, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        value = F.cross_entropy(probe(features), labels) + l2 / 2 * probe.weight.square().sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(loss)
+    return probe.requires_grad_(False)
+
+
+def choose_l2(features, labels, num_classes, seed=0, quiet=True):
+    """The PROBE_L2 value whose probe, fitted on 9 in 10 of (features, labels), has the best top-1 on the other tenth,
+    searched as CLIP_benchmark searches (PROBE_SPANS; a tie goes to the weaker L2, as there). The tenth is drawn
+    (seeded) class by class, so each class has about a tenth of its samples held out."""
+    order = torch.randperm(len(labels), generator=seeded_generator("cpu", seed)).to(labels.device)
+    order = order[labels[order].argsort(stable=True)]  # (N,) grouped by class, shuffled within each
+    held = torch.zeros_like(labels, dtype=torch.bool)
+    held[order[::PROBE_HELD_OUT]] = True  # every 10th of each class's run, within one
+    top1 = {}  # grid index -> held-out top-1
+
+    def score(i):
+        if i not in top1:
+            probe = fit_probe(features[~held], labels[~held], num_classes, PROBE_L2[i])
+            top1[i] = accuracy(probe(features[held]).argmax(dim=1, keepdim=True), labels[held], 1)
+            if not quiet:
+                print(f"linear probe: l2 {PROBE_L2[i]:.2e}, held-out top-1 {top1[i]:.4f}", file=sys.stderr,
+                      flush=True)
+        return top1[i], -i
+
+    best = max(range(0, len(PROBE_L2), PROBE_SPANS[0]), key=score)
+    for span in PROBE_SPANS[1:]:
+        best = max([max(best - span, 0), best, min(best + span, len(PROBE_L2) - 1)], key=score)
+    return PROBE_L2[best]
+
+
+def linear_probe(train, test, num_classes, seed=0, quiet=True):
+    """CLIP_benchmark's {"acc1", "acc5", "mean_per_class_recall"} on the test split of a probe with the L2 choose_l2
+    picks, refitted on the whole training split; train and test are image_features' (features, labels, readable).
+    Unreadable training images are left out of the fit; unreadable test images count, as in zero-shot classification.
+    Beside the metrics: "l2", "images", "unreadable", "train_images", "train_unreadable"."""
+    (x, y, ok), (test_x, test_y, test_ok) = train, test
+    counts = {"images": len(test_y), "unreadable": int((~test_ok).sum()),
+              "train_images": len(y), "train_unreadable": int((~ok).sum())}
+    check_readable(counts["train_images"], counts["train_unreadable"], "training images")
+    check_readable(counts["images"], counts["unreadable"])
+    if int(ok.sum()) < 2:  # one to fit on and one to hold out, at the least
+        raise ValueError(f"a linear probe needs 2 readable training images or more, got {int(ok.sum())}")
+    l2 = choose_l2(x[ok], y[ok], num_classes, seed, quiet)
+    logits = fit_probe(x[ok], y[ok], num_classes, l2)(test_x)  # (N, C)
+    ranked, test_y = logits.topk(min(max(ACCURACY_KS), num_classes), dim=1).indices.cpu(), test_y.cpu()  # (N, 5)
+    return {"acc1": accuracy(ranked, test_y, 1), "acc5": accuracy(ranked, test_y, 5),
+            "mean_per_class_recall": mean_per_class_recall(ranked[:, 0], test_y, num_classes), "l2": l2, **counts}
+
+
+def probe_folders(model, train_root, test_root, batch_size=256, workers=4, device="cpu", precision=None, quiet=False):
+    """linear_probe on the features of two image folders with the same class sub-folders: training and test split."""
+    transform = data.eval_crop(model.config.image_size)
+    train, test = data.ImageFolder(train_root, transform), data.ImageFolder(test_root, transform)
+    if train.classes != test.classes:
+        raise ValueError(f"{train_root} and {test_root} have different class folders "
+                         f"({len(train.classes)} and {len(test.classes)}); a probe needs the same classes in both")
+    splits = [(train, "training images (unmasked)"), (test, "test images (unmasked)")]
+    features = [image_features(model, make_loader(dataset, batch_size, workers, device), device, precision, quiet, what)
+                for dataset, what in splits]
+    return linear_probe(*features, len(train.classes), quiet=quiet)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -441,6 +553,9 @@ def parse_args(argv=None):
     task.add_argument("--imagenet-val", help="ImageNet validation folder, one sub-folder per WordNet id")
     task.add_argument("--dataset", help="image folder, one sub-folder per class (e.g. the built-in test split)")
     task.add_argument("--retrieval", help="image-caption webdataset shards, brace patterns joined with '::'")
+    a("--linear-probe", action="store_true", help="fit a logistic-regression probe on the frozen image features of "
+                                                  "--train-dataset, test it on --dataset or --imagenet-val")
+    a("--train-dataset", help="with --linear-probe: the probe's training split, one sub-folder per class")
     a("--classnames", help="with --dataset: one class name per line, in the sorted order of the class folders")
     a("--templates", help="prompt templates, one per line, '{}' where the class name goes (default: OpenAI's 80)")
     a("--model", default="ViT-B-16", choices=list(M.PRESETS), help="preset for state dicts and OpenCLIP checkpoints")
@@ -460,6 +575,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.classnames or args.templates) and not (args.dataset or args.imagenet_val):
         p.error("--classnames and --templates go with --dataset or --imagenet-val")
+    if args.linear_probe != bool(args.train_dataset):
+        p.error("--linear-probe and --train-dataset go together")
+    if args.linear_probe and (args.retrieval or args.mask != "none" or args.classnames or args.templates):
+        p.error("--linear-probe tests on --dataset or --imagenet-val, every patch: no --mask, prompts or --retrieval")
     for flag, value, least in [("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
                                ("--image-size", args.image_size, 1), ("--views", args.views, 1)]:
         if value is not None and value < least:
@@ -477,7 +596,11 @@ def run(args):
     model, tokenizer = load_checkpoint(args.checkpoint, args.model, args.tokenizer, args.device, args.image_size)
     settings = dict(device=args.device, mask=args.mask, ratio=args.ratio, sigma=args.sigma, views=args.views,
                     precision=args.precision)
-    if args.retrieval:
+    if args.linear_probe:
+        metrics = probe_folders(model, args.train_dataset, args.imagenet_val or args.dataset, args.batch_size,
+                                args.workers, args.device, args.precision)
+        task = "linear_probe"
+    elif args.retrieval:
         dataset = data.image_text_dataset(args.retrieval, data.eval_crop(model.config.image_size))
         loader = make_loader(dataset, args.batch_size, args.workers, args.device)
         task, metrics = "zeroshot_retrieval", zero_shot_retrieval(model, tokenizer, loader, **settings)
@@ -490,9 +613,11 @@ def run(args):
     dataset_name = "imagenet1k" if args.imagenet_val else (args.dataset or args.retrieval)
     mask = {"mask": args.mask} | ({"ratio": args.ratio, "sigma": args.sigma, "views": args.views}
                                   if args.mask != "none" else {})
-    counts = {k: metrics.pop(k) for k in ("images", "unreadable") if k in metrics}  # beside the metrics, not among
-    return {"dataset": dataset_name, "checkpoint": args.checkpoint, "task": task, "image_size": model.config.image_size,
-            **mask, **counts, "metrics": metrics}
+    beside = ("images", "unreadable", "train_images", "train_unreadable", "l2")  # beside the metrics, not among them
+    counts = {k: metrics.pop(k) for k in beside if k in metrics}
+    train = {"train_dataset": args.train_dataset} if args.linear_probe else {}
+    return {"dataset": dataset_name, **train, "checkpoint": args.checkpoint, "task": task,
+            "image_size": model.config.image_size, **mask, **counts, "metrics": metrics}
 
 
 def main(argv=None):
