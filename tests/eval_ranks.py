@@ -1,5 +1,5 @@
 """Run under `torchrun --nproc_per_node=2`: every gloo rank evaluates its share of a class folder with eval.py's
-evaluate_folder, unmasked and masked, and writes what it returns to ARGV[3].RANK.json; test_eval.py compares each with
+evaluate_folder, unmasked, masked and with two masked views, and writes what it returns to ARGV[3].RANK.json; test_eval.py compares each with
 one process's pass over the same folder.
 
     torchrun --standalone --nproc_per_node=2 tests/eval_ranks.py CHECKPOINT FOLDER OUT
@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 import eval as zeroshot  # `eval` would shadow the builtin
 
-PASSES = {"unmasked": {}, "masked": {"mask": "gaussian", "ratio": 0.5}}
+PASSES = {"unmasked": {}, "masked": {"mask": "gaussian", "ratio": 0.5},
+          "views": {"mask": "random", "ratio": 0.5, "views": 2}}  # two complementary masked views
 BATCH_SIZE = 2  # several batches per rank, the last one short
 
 if __name__ == "__main__":
