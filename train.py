@@ -607,7 +607,8 @@ def main(argv=None):
     ckpt_dir, metrics_path = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "metrics.jsonl")
     if master:
         atexit.register(release_lock, run_dir)
-    optimizer, start_epoch, step, t0 = make_optimizer(args, orig_model.to(device), checkpoint, metrics_path, say)
+    orig_model.to(device)
+    optimizer, start_epoch, step, t0 = make_optimizer(args, orig_model, checkpoint, metrics_path, say)
     model = torch.compile(orig_model) if args.compile else orig_model  # orig_model stays for saving and evaluation
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if on_gpu else None)

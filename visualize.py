@@ -174,10 +174,13 @@ def read_run(run_dir):
 
 
 def flops_per_step(args):
-    """Training FLOPs of one optimizer step of a run: 3 x forward of the tokens it encodes, over the global batch."""
+    """Training FLOPs of one optimizer step of a run: 3 x forward of the tokens it encodes (patches kept, text tokens
+    kept with --text-length), over the global batch, as train.py counts them for MFU."""
     cfg = M.CLIPConfig(**args["config"])
     kept = masking.num_kept(cfg.grid_size, args["ratio"])
-    return 3 * M.flops_per_sample(cfg, kept) * args["batch_size"] * args["accum_freq"] * args.get("world_size", 1)
+    text = min(args.get("text_length") or cfg.context_length, cfg.context_length)
+    return (3 * M.flops_per_sample(cfg, kept, text) * args["batch_size"] * args["accum_freq"]
+            * args.get("world_size", 1))
 
 
 def run_label(args):

@@ -183,3 +183,11 @@ def test_compute_figure_counts_the_tokens_each_run_encodes(tmp_path):
     visualize.main(["compute", reclip, flip, "--out", str(out)])
     check_image_file(out, b"\x89PNG\r\n\x1a\n")
 
+
+def test_compute_counts_the_text_tokens_a_run_encodes():
+    args = {"model": "tiny", "batch_size": 16, "accum_freq": 2, "world_size": 1, "mask": "random", "ratio": 0.75,
+            "config": asdict(M.PRESETS["tiny"])}
+    assert visualize.flops_per_step(args) == 3 * M.flops_per_sample(M.PRESETS["tiny"], 16) * 32
+    shorter = visualize.flops_per_step(args | {"text_length": 8})  # train.py --text-length 8
+    assert shorter == 3 * M.flops_per_sample(M.PRESETS["tiny"], 16, 8) * 32 and shorter < visualize.flops_per_step(args)
+
