@@ -71,17 +71,40 @@ def prepare_fashion_mnist(src=FASHION_MNIST, root=None):
     for split, prefix in [("train", "train"), ("test", "t10k")]:
         images = read_idx(os.path.join(src, f"{prefix}-images-idx3-ubyte.gz"))
         labels = read_idx(os.path.join(src, f"{prefix}-labels-idx1-ubyte.gz"))
-        folder = os.path.join(tmp, "train-images" if split == "train" else "test")
-        for name in FASHION_CLASSES:
-            os.makedirs(os.path.join(folder, name.replace(" ", "_")))
-        for i, (image, label) in enumerate(zip(images, labels)):
-            Image.fromarray(image).save(os.path.join(folder, FASHION_CLASSES[label].replace(" ", "_"), f"{i:05d}.png"))
+        write_class_folder(images, labels, os.path.join(tmp, "train-images" if split == "train" else "test"))
     data.convert(os.path.join(tmp, "train-images"), os.path.join(tmp, "train"), template=CAPTION)
     shutil.rmtree(os.path.join(tmp, "train-images"))
     with open(os.path.join(tmp, "test", "templates.txt"), "w") as f:
         f.write(CAPTION + "\n")
     os.replace(tmp, out)  # all or nothing: a half-written dataset never looks finished
     return prepare_fashion_mnist(src, root)
+
+
+def write_class_folder(images, labels, folder, per_class=None):
+    """Fashion-MNIST images as PNGs in one folder per class ("ankle_boot" for "ankle boot"), named by their index in
+    the file; the first `per_class` of each class, or all."""
+    count = [0] * len(FASHION_CLASSES)
+    for name in FASHION_CLASSES:
+        os.makedirs(os.path.join(folder, name.replace(" ", "_")))
+    for i, (image, label) in enumerate(zip(images, labels)):
+        if per_class is None or count[label] < per_class:
+            Image.fromarray(image).save(os.path.join(folder, FASHION_CLASSES[label].replace(" ", "_"), f"{i:05d}.png"))
+            count[label] += 1
+
+
+def fashion_mnist_probe_split(per_class=1000, src=FASHION_MNIST, root=None):
+    """The linear probe's training split for Fashion-MNIST (eval.py --linear-probe --train-dataset): the first
+    `per_class` training images of each class as a class folder. Done once, cached beside the dataset."""
+    out = os.path.join(root or photographer.cache_root(), f"fashion-mnist-v1-probe-{per_class}")
+    if not os.path.isdir(out):
+        if not os.path.isfile(os.path.join(src, "train-images-idx3-ubyte.gz")):
+            raise FileNotFoundError(f"no Fashion-MNIST in {src}: apt-get install dataset-fashion-mnist")
+        tmp = out + f".tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_class_folder(read_idx(os.path.join(src, "train-images-idx3-ubyte.gz")),
+                           read_idx(os.path.join(src, "train-labels-idx1-ubyte.gz")), tmp, per_class)
+        os.replace(tmp, out)
+    return out
 
 
 def subject_kept(layout, ratio, sigma=0.2, n=2000, image_size=64, grid=8, seed=0):

@@ -3,6 +3,7 @@ that centred masking keeps per layout."""
 
 import gzip
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -53,6 +54,11 @@ def test_fashion_mnist_becomes_captioned_shards_and_a_test_folder(tmp_path):
     assert len(test) == 20 and len(test.classes) == 10
     assert zeroshot.folder_classnames(out["test"], test.classes) == sorted(repro.FASHION_CLASSES)
     assert repro.prepare_fashion_mnist(str(tmp_path), str(tmp_path / "cache")) == out  # cached
+
+    probe = repro.fashion_mnist_probe_split(2, str(tmp_path), str(tmp_path / "cache"))
+    train = data.ImageFolder(probe, data.eval_transform(64))
+    assert len(train) == 20 and len(train.classes) == 10  # 3 images of each class in the file, the first 2 kept
+    assert sorted(os.listdir(os.path.join(probe, "bag"))) == ["00008.png", "00018.png"]
 
 
 def test_a_run_is_finished_only_after_its_last_epoch_is_evaluated(tmp_path):
