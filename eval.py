@@ -58,6 +58,18 @@ def accuracy(ranked, labels, k):
     return (ranked[:, :k] == labels[:, None]).any(dim=1).double().mean().item()
 
 
+def top_classes(logits):
+    """(N, 5) class indices of each row's highest logits, best first (all of them with fewer than 5 classes): all that
+    the classification metrics below read, as CLIP_benchmark ranks."""
+    return logits.topk(min(max(ACCURACY_KS), logits.shape[1]), dim=1).indices
+
+
+def classification_metrics(ranked, labels, num_classes):
+    """CLIP_benchmark's {"acc1", "acc5", "mean_per_class_recall"} from top_classes' (N, 5) ranks and (N,) labels."""
+    return {f"acc{k}": accuracy(ranked, labels, k) for k in ACCURACY_KS} | {
+        "mean_per_class_recall": mean_per_class_recall(ranked[:, 0], labels, num_classes)}
+
+
 def mean_per_class_recall(predictions, labels, num_classes):
     """Recall of each class (correct / samples of that class), averaged over the classes that have samples.
 
@@ -146,7 +158,8 @@ def load_checkpoint(path, model_name="ViT-B-16", tokenizer=None, device="cpu", i
         if model_name not in M.PRESETS:
             raise ValueError(f"unknown model {model_name!r}; presets are {', '.join(M.PRESETS)}")
         rows = {"vocab_size": "text.token_embedding.weight", "context_length": "text.positional_embedding"}
-        config = replace(M.PRESETS[model_name], **{f: state_dict[k].shape[0] for f, k in rows.items() if k in state_dict})
+        config = replace(M.PRESETS[model_name],
+                         **{f: state_dict[k].shape[0] for f, k in rows.items() if k in state_dict})
     if tokenizer is None:
         raise ValueError(f"{path} carries no tokenizer: pass one (e.g. --tokenizer bpe_simple_vocab_16e6.txt.gz)")
     if image_size is not None:
@@ -343,7 +356,7 @@ def zero_shot_classification(model, classifier, loader, device, keep=None, preci
         with M.autocast(device, precision):
             features = encode_images(model, images.to(device, non_blocking=True), batch_keep)
         logits = LOGIT_SCALE * features @ classifier  # (B, C), in fp32 outside autocast
-        ranked.append(logits.topk(min(max(ACCURACY_KS), logits.shape[1]), dim=1).indices)  # (B, 5) best first
+        ranked.append(top_classes(logits))  # (B, 5) best first
         labels, readable = labels + [target], readable + [ok]
         progress.update(len(target))
     local = [torch.cat(column).cpu() for column in (ranked, labels, readable)] if labels else None
@@ -354,9 +367,7 @@ def zero_shot_classification(model, classifier, loader, device, keep=None, preci
     count, unreadable = len(labels), int((~readable).sum())
     progress.done(count, f", {unreadable} unreadable")
     check_readable(count, unreadable)
-    return {"acc1": accuracy(ranked, labels, 1), "acc5": accuracy(ranked, labels, 5),
-            "mean_per_class_recall": mean_per_class_recall(ranked[:, 0], labels, classifier.shape[1]),
-            "images": count, "unreadable": unreadable}
+    return classification_metrics(ranked, labels, classifier.shape[1]) | {"images": count, "unreadable": unreadable}
 
 
 def folder_classnames(root, folders, imagenet=False):
@@ -524,9 +535,7 @@ def linear_probe(train, test, num_classes, seed=0, quiet=True):
         raise ValueError(f"a linear probe needs 2 readable training images or more, got {int(ok.sum())}")
     l2 = choose_l2(x[ok], y[ok], num_classes, seed, quiet)
     logits = fit_probe(x[ok], y[ok], num_classes, l2)(test_x)  # (N, C)
-    ranked, test_y = logits.topk(min(max(ACCURACY_KS), num_classes), dim=1).indices.cpu(), test_y.cpu()  # (N, 5)
-    return {"acc1": accuracy(ranked, test_y, 1), "acc5": accuracy(ranked, test_y, 5),
-            "mean_per_class_recall": mean_per_class_recall(ranked[:, 0], test_y, num_classes), "l2": l2, **counts}
+    return classification_metrics(top_classes(logits).cpu(), test_y.cpu(), num_classes) | {"l2": l2, **counts}
 
 
 def probe_folders(model, train_root, test_root, batch_size=256, workers=4, device="cpu", precision=None, quiet=False):
