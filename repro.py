@@ -64,20 +64,25 @@ def prepare_fashion_mnist(src=FASHION_MNIST, root=None):
         shards = len([f for f in os.listdir(os.path.join(out, "train")) if f.endswith(".tar")])
         return {"train": os.path.join(out, "train", f"shard-{{00000..{shards - 1:05d}}}.tar"),
                 "test": os.path.join(out, "test")}
-    if not os.path.isfile(os.path.join(src, "train-images-idx3-ubyte.gz")):
-        raise FileNotFoundError(f"no Fashion-MNIST in {src}: apt-get install dataset-fashion-mnist")
+    splits = {"train-images": read_fashion_mnist(src, "train"), "test": read_fashion_mnist(src, "t10k")}
     tmp = out + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    for split, prefix in [("train", "train"), ("test", "t10k")]:
-        images = read_idx(os.path.join(src, f"{prefix}-images-idx3-ubyte.gz"))
-        labels = read_idx(os.path.join(src, f"{prefix}-labels-idx1-ubyte.gz"))
-        write_class_folder(images, labels, os.path.join(tmp, "train-images" if split == "train" else "test"))
+    for folder, (images, labels) in splits.items():
+        write_class_folder(images, labels, os.path.join(tmp, folder))
     data.convert(os.path.join(tmp, "train-images"), os.path.join(tmp, "train"), template=CAPTION)
     shutil.rmtree(os.path.join(tmp, "train-images"))
     with open(os.path.join(tmp, "test", "templates.txt"), "w") as f:
         f.write(CAPTION + "\n")
     os.replace(tmp, out)  # all or nothing: a half-written dataset never looks finished
     return prepare_fashion_mnist(src, root)
+
+
+def read_fashion_mnist(src, prefix):
+    """(images (N, 28, 28) uint8, labels (N,)) of Fashion-MNIST's "train" or "t10k" (test) split in src."""
+    path = os.path.join(src, f"{prefix}-images-idx3-ubyte.gz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no Fashion-MNIST in {src}: apt-get install dataset-fashion-mnist")
+    return read_idx(path), read_idx(os.path.join(src, f"{prefix}-labels-idx1-ubyte.gz"))
 
 
 def write_class_folder(images, labels, folder, per_class=None):
@@ -97,12 +102,10 @@ def fashion_mnist_probe_split(per_class=1000, src=FASHION_MNIST, root=None):
     `per_class` training images of each class as a class folder. Done once, cached beside the dataset."""
     out = os.path.join(root or photographer.cache_root(), f"fashion-mnist-v1-probe-{per_class}")
     if not os.path.isdir(out):
-        if not os.path.isfile(os.path.join(src, "train-images-idx3-ubyte.gz")):
-            raise FileNotFoundError(f"no Fashion-MNIST in {src}: apt-get install dataset-fashion-mnist")
+        images, labels = read_fashion_mnist(src, "train")
         tmp = out + f".tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        write_class_folder(read_idx(os.path.join(src, "train-images-idx3-ubyte.gz")),
-                           read_idx(os.path.join(src, "train-labels-idx1-ubyte.gz")), tmp, per_class)
+        write_class_folder(images, labels, tmp, per_class)
         os.replace(tmp, out)
     return out
 
@@ -166,13 +169,24 @@ def train(run_dir, flags, env):
     return evals(run_dir)[-1]
 
 
+def common_flags(args, data_flags, seed):
+    """The train.py flags a run and its tuning share: model, batch size, seed and data."""
+    return ["--model", "tiny", "--batch-size", args.batch_size, "--seed", seed, *data_flags]
+
+
+def pretrain(args, run_dir, common, flags, env):
+    """A pre-training run with `flags` (its masking or image size): args.epochs of SAMPLES samples at args.lr, warmed
+    up over 5% of its steps."""
+    steps = SAMPLES // args.batch_size * args.epochs
+    return train(run_dir, common + flags + ["--epochs", args.epochs, "--lr", args.lr, "--warmup", max(1, steps // 20),
+                                            "--train-num-samples", SAMPLES], env)
+
+
 def run_one(args, data_flags, env, method, mask, ratio, seed):
     """(masked, unmasked, tuned) zero-shot top-1 of one pre-training run and its unmasked tuning."""
     run_dir = os.path.join(args.log_dir, f"{args.dataset}-{method}-{ratio:g}-s{seed}")
-    steps = SAMPLES // args.batch_size * args.epochs
-    common = ["--model", "tiny", "--batch-size", args.batch_size, "--seed", seed, *data_flags]
-    pre = train(run_dir, common + ["--mask", mask, "--ratio", ratio, "--epochs", args.epochs, "--lr", args.lr,
-                                   "--warmup", max(1, steps // 20), "--train-num-samples", SAMPLES], env)
+    common = common_flags(args, data_flags, seed)
+    pre = pretrain(args, run_dir, common, ["--mask", mask, "--ratio", ratio], env)
     if mask == "none":
         result = None, pre["zeroshot_top1"], None
     else:
@@ -192,10 +206,8 @@ def tune(args, run_dir, common, pretrained, env):
 def run_reclip(args, data_flags, test_dir, env, size, seed):
     """(None, unmasked, tuned) zero-shot top-1 of RECLIP: pre-trained at `size` px, evaluated and tuned at 64 px."""
     run_dir = os.path.join(args.log_dir, f"{args.dataset}-reclip-{size}px-s{seed}")
-    steps = SAMPLES // args.batch_size * args.epochs
-    common = ["--model", "tiny", "--batch-size", args.batch_size, "--seed", seed, *data_flags]
-    train(run_dir, common + ["--mask", "none", "--image-size", size, "--epochs", args.epochs, "--lr", args.lr,
-                             "--warmup", max(1, steps // 20), "--train-num-samples", SAMPLES], env)
+    common = common_flags(args, data_flags, seed)
+    pretrain(args, run_dir, common, ["--mask", "none", "--image-size", size], env)
     pretrained = os.path.join(run_dir, "checkpoints", "epoch_latest.pt")
     full = evaluate_at(run_dir, pretrained, test_dir, FULL_SIZE, env)
     tuned = tune(args, run_dir, common + ["--image-size", FULL_SIZE], pretrained, env)
