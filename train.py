@@ -451,9 +451,9 @@ def save_checkpoint(state, ckpt_dir, epoch, numbered=True, delete_previous=False
     except OSError:
         save_atomic(state, latest)
     if delete_previous:
+        keep = ("epoch_latest.pt", f"epoch_{epoch}.pt")
         for name in os.listdir(ckpt_dir):
-            numbered = name.startswith("epoch_") and name.endswith(".pt") and name != "epoch_latest.pt"
-            if numbered and name != f"epoch_{epoch}.pt":
+            if name.startswith("epoch_") and name.endswith(".pt") and name not in keep:
                 os.remove(os.path.join(ckpt_dir, name))
 
 
