@@ -527,6 +527,18 @@ def make_optimizer(args, model, checkpoint, metrics_path, say):
     return optimizer, checkpoint["epoch"], checkpoint["step"], time.time() - checkpoint.get("time", 0.0)
 
 
+def encoded_tokens(cfg, ratio, text_length):
+    """(image patches, text tokens) one training sample encodes: the patches kept at `ratio` (every one at 0) and the
+    --text-length tokens (the whole context without it)."""
+    return masking.num_kept(cfg.grid_size, ratio), min(text_length or cfg.context_length, cfg.context_length)
+
+
+def train_flops_per_sample(cfg, ratio, text_length):
+    """Training FLOPs per image-text pair, as MFU and visualize.py's compute curves count them: forward + backward
+    (2x forward) of the tokens it encodes."""
+    return 3 * M.flops_per_sample(cfg, *encoded_tokens(cfg, ratio, text_length))
+
+
 def plan_run(args, model, tokenizer, loader, world_size, device, run_dir, checkpoint, say):
     """(steps per epoch, total steps, warmup, LogWindow); prints the arithmetic and writes args.json (rank 0)."""
     cfg = model.config
@@ -534,9 +546,8 @@ def plan_run(args, model, tokenizer, loader, world_size, device, run_dir, checkp
     total_steps = steps_per_epoch * args.epochs
     warmup = args.warmup if args.warmup is not None else default_warmup(total_steps)
     grid = cfg.grid_size
-    kept = masking.num_kept(grid, args.ratio)  # every patch when the ratio is 0
-    text = min(args.text_length or cfg.context_length, cfg.context_length)
-    train_flops = 3 * M.flops_per_sample(cfg, kept, text)  # per image-text pair: forward + backward (2x forward)
+    kept, text = encoded_tokens(cfg, args.ratio, args.text_length)
+    train_flops = train_flops_per_sample(cfg, args.ratio, args.text_length)
     global_batch = args.batch_size * args.accum_freq * world_size
     log = LogWindow(global_batch, train_flops * args.batch_size * args.accum_freq, M.peak_flops(device), total_steps,
                     steps_per_epoch)

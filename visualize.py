@@ -33,6 +33,7 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import masking  # noqa: E402
 import model as M  # noqa: E402
+import train  # noqa: E402
 
 PATCH_PX = 16  # pixels per patch, as in ViT-B/16: grid 14 -> a 224 px image
 MASKED_GREY = 0.5  # what a dropped patch looks like (RGB in [0, 1])
@@ -176,11 +177,8 @@ def read_run(run_dir):
 def flops_per_step(args):
     """Training FLOPs of one optimizer step of a run: 3 x forward of the tokens it encodes (patches kept, text tokens
     kept with --text-length), over the global batch, as train.py counts them for MFU."""
-    cfg = M.CLIPConfig(**args["config"])
-    kept = masking.num_kept(cfg.grid_size, args["ratio"])
-    text = min(args.get("text_length") or cfg.context_length, cfg.context_length)
-    return (3 * M.flops_per_sample(cfg, kept, text) * args["batch_size"] * args["accum_freq"]
-            * args.get("world_size", 1))
+    per_sample = train.train_flops_per_sample(M.CLIPConfig(**args["config"]), args["ratio"], args.get("text_length"))
+    return per_sample * args["batch_size"] * args["accum_freq"] * args.get("world_size", 1)
 
 
 def run_label(args):
