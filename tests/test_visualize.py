@@ -190,4 +190,3 @@ def test_compute_counts_the_text_tokens_a_run_encodes():
     assert visualize.flops_per_step(args) == 3 * M.flops_per_sample(M.PRESETS["tiny"], 16) * 32
     shorter = visualize.flops_per_step(args | {"text_length": 8})  # train.py --text-length 8
     assert shorter == 3 * M.flops_per_sample(M.PRESETS["tiny"], 16, 8) * 32 and shorter < visualize.flops_per_step(args)
-
