@@ -35,7 +35,6 @@ there repeat it and read smaller differences as noise; on a GPU step times repea
 
 import io
 import json
-import math
 import os
 import resource
 import sys
@@ -52,7 +51,10 @@ import data
 import masking
 import model as M
 import photographer
+import train
 from tokenizer import train_tokenizer
+
+LR = 5e-4  # OpenCLIP's default; the value does not change the time of a step
 
 
 def parse_args(argv=None):
@@ -122,21 +124,16 @@ def synthetic_batch(cfg, batch_size, device, generator):
 
 
 def make_step(model, orig_model, optimizer, autocast):
-    """One training step as train.py takes it (no gradient accumulation, one rank); returns nothing, so no sync.
+    """train.py's own step (train.train_step: one rank, no accumulation) on a batch whose text is
+    gathered at `positions` as train.py gathers it; returns nothing, so nothing syncs.
 
-    model(images, tokens, keep, positions) -> normalised image and text features and the logit scale; orig_model is the
-    uncompiled module, whose logit scale is clamped after the step."""
+    model(images, tokens, keep, positions) -> normalised features and the logit scale; orig_model is
+    the uncompiled module, whose logit scale the step clamps."""
     def step(images, tokens, keep, positions):
-        if positions is not None:  # the text tokens kept, (B, T) -> (B, L), as train.py gathers them
+        if positions is not None:  # the text tokens kept, (B, T) -> (B, L)
             tokens = tokens.gather(1, positions)
-        with autocast:
-            image_features, text_features, scale = model(images, tokens, keep, positions)
-        loss = M.clip_loss(image_features.float(), text_features.float(), scale)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            orig_model.logit_scale.clamp_(0, math.log(100))  # temperature no lower than 0.01, as CLIP
+        train.train_step(model, orig_model, optimizer, [(images, tokens)], [keep], [positions],
+                         autocast, LR)
     return step
 
 
@@ -196,11 +193,11 @@ def bench_ratio(ratio, text_length, step, cfg, args, device, generator, own_mask
     sync_free = step_is_sync_free(step, images, tokens, make_masks) if on_gpu_check else None
     kept = masking.num_kept(cfg.grid_size, ratio)  # every patch at ratio 0
     samples_per_s = B / step_s
-    flops = M.flops_per_sample(cfg, kept, text_length)
-    tflops = 3 * flops * samples_per_s / 1e12  # training = 3 x forward
+    flops = M.train_flops_per_sample(cfg, ratio, text_length)  # as train.py counts them for MFU
+    tflops = flops * samples_per_s / 1e12
     peak = M.peak_flops(device)
     return dict(ratio=ratio, kept=kept, text_tokens=text_length, samples_per_s=samples_per_s, step_ms=1e3 * step_s,
-                ideal_speedup=M.flops_per_sample(cfg) / flops, tflops=tflops,
+                ideal_speedup=M.train_flops_per_sample(cfg, 0.0) / flops, tflops=tflops,
                 mfu=None if peak is None else tflops * 1e12 / peak, peak_mem_mib=peak_memory_mib(device),
                 mask_fraction=None if masks_s is None else masks_s / step_s, sync_free=sync_free)
 
@@ -249,11 +246,8 @@ def bench_model(orig_model, cfg, args, device, openclip=False):
     whole text and then each shorter text length (OpenCLIP's model: the whole text only).
 
     cfg: our preset's config, for the shapes and FLOPs (an OpenCLIP model of the same name has the same shapes)."""
-    on_gpu = device.type == "cuda"
     autocast = M.autocast(device, args.precision)
-    # train.py's AdamW settings; decaying every parameter here instead of matrices only costs the same time
-    optimizer = torch.optim.AdamW(orig_model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
-                                  fused=on_gpu)
+    optimizer = M.configure_optimizer(orig_model, LR, weight_decay=0.2)  # train.py's, as it runs
     model = orig_model
     if args.compile:
         # Each row keeps a different number K of patches and L of text tokens: a new static-shape graph per (K, L)

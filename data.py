@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import sys
 import tarfile
 import time
@@ -49,11 +50,26 @@ NAMING = f"(a sample is tar members KEY.{'|'.join(IMAGE_EXTS)} + KEY.txt)"  # fo
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse for every script here: a wrong flag is one clear line and exit status 2, not a usage wall."""
+    """argparse for every script here: a wrong flag is one clear line and exit status 2, not a usage
+    wall. A `checked` type's complaint reads "--flag must be ..."."""
 
     def error(self, message):
+        message = re.sub(r"^argument ([\w/-]+): must be", r"\1 must be", message)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def checked(kind, ok, allowed):
+    """An argparse type: kind(text) where ok(value), else the error "must be {allowed}, got {text}".
+    E.g. checked(int, lambda v: v >= 1, ">= 1") for a count."""
+    def parse(text):
+        value = kind(text)  # a ValueError here is argparse's own "invalid int value"
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 # ------------------------------------------------------------------------------------------------------ transforms

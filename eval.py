@@ -23,20 +23,17 @@ every rank of its process group: each rank encodes a share of the prompts and im
 
 import json
 import os
-import re
 import sys
 import time
-from dataclasses import replace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import data
 import masking
 import model as M
-from tokenizer import load_tokenizer
+from checkpoint import load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGENET_CLASSNAMES = os.path.join(HERE, "imagenet_classnames.txt")
@@ -46,7 +43,6 @@ LOGIT_SCALE = 100.0  # CLIP / CLIP_benchmark score images with a fixed 100 * cos
 ACCURACY_KS = (1, 5)  # CLIP_benchmark's top-k accuracies
 RECALL_KS = (1, 5, 10)  # CLIP_benchmark's recall@k
 PROGRESS_EVERY_S = 10.0
-TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a pickle (torch.save before PyTorch 1.6)
 
 
 # ----------------------------------------------------------------------------- metrics (pure functions)
@@ -92,93 +88,7 @@ def check_readable(count, unreadable, what="images"):
         raise ValueError(f"{unreadable} of {count} {what} could not be read: no accuracy to report")
 
 
-# ----------------------------------------------------------------------------- loading
-
-
-def read_checkpoint(path):
-    """The dict a checkpoint file holds, read as data only (weights_only: a checkpoint is never code to run).
-    A file that is not one is a one-line ValueError saying what it is."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    expected = "expected a torch.save file: a train.py checkpoint, an OpenCLIP checkpoint or a state dict"
-    with open(path, "rb") as f:
-        start = f.read(16)
-    if not start:
-        raise ValueError(f"{path} is an empty file; {expected}")
-    if not start.startswith(TORCH_FILE_STARTS):
-        raise ValueError(f"{path} is not a torch file (it starts {start[:12]!r}); {expected}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated archive, a pickle of code rather than tensors, ...
-        reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]  # torch's own words
-        reason = " ".join(reason.split())[:160] or type(e).__name__
-        raise ValueError(f"{path}: torch.load cannot read it as weights ({reason}); {expected}") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a dict; {expected}")
-    return ckpt
-
-
-def checkpoint_weights(ckpt, path):
-    """A checkpoint's tensors in this model's keys: wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`)
-    dropped, OpenCLIP's / OpenAI's names converted unless the keys are already ours (`text.token_embedding.weight`)."""
-    weights = ckpt.get("state_dict", ckpt)
-    tensors = {k: v for k, v in weights.items() if torch.is_tensor(v)} if isinstance(weights, dict) else {}
-    if not tensors:
-        raise ValueError(f"{path} holds a dict without weights (keys {sorted(map(str, ckpt))[:5]}); expected a "
-                         "state dict or a checkpoint with one under 'state_dict'")
-    state_dict = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in tensors.items()}  # DDP's, compile's
-    if "text.token_embedding.weight" not in state_dict:
-        state_dict = M.convert_openclip_state_dict(state_dict)
-    if "visual.conv1.weight" not in state_dict:
-        raise ValueError(f"{path} holds tensors, but not a CLIP ViT's (keys {sorted(tensors)[:3]}); expected "
-                         "this project's, OpenCLIP's or OpenAI's CLIP weights")
-    return state_dict
-
-
-def load_checkpoint(path, model_name="ViT-B-16", tokenizer=None, device="cpu", image_size=None):
-    """(model in eval mode on `device`, tokenizer) from one of these files (see checkpoint_weights for their keys):
-
-    - this project's checkpoint (train.py): {"state_dict", "config", "tokenizer", ...}, self-contained;
-    - a state dict of this project's model, an OpenCLIP training checkpoint {"state_dict": ...}, or a plain OpenCLIP
-      / OpenAI state dict. These need `model_name` and a `tokenizer` spec (e.g. CLIP's BPE vocab); the vocabulary
-      size and context length are read off the weights.
-
-    image_size: build the model for this resolution (default: the checkpoint's config, else the preset's). A checkpoint
-    trained on another grid of patches (RECLIP) gets its positional embedding resized to the model's grid.
-    """
-    ckpt = read_checkpoint(path)
-    state_dict = checkpoint_weights(ckpt, path)
-    if "config" in ckpt:  # ours
-        try:
-            config, model_name = M.CLIPConfig(**ckpt["config"]), ckpt.get("model", "from the config")
-        except TypeError as e:  # a config field this model.py does not know
-            raise ValueError(f"{path}: config does not fit this model.py ({e})") from None
-        tokenizer = ckpt.get("tokenizer") or tokenizer  # the model was trained with this vocabulary
-    else:
-        if model_name not in M.PRESETS:
-            raise ValueError(f"unknown model {model_name!r}; presets are {', '.join(M.PRESETS)}")
-        rows = {"vocab_size": "text.token_embedding.weight", "context_length": "text.positional_embedding"}
-        config = replace(M.PRESETS[model_name],
-                         **{f: state_dict[k].shape[0] for f, k in rows.items() if k in state_dict})
-    if tokenizer is None:
-        raise ValueError(f"{path} carries no tokenizer: pass one (e.g. --tokenizer bpe_simple_vocab_16e6.txt.gz)")
-    if image_size is not None:
-        if image_size < config.patch_size or image_size % config.patch_size:
-            raise ValueError(f"image size {image_size} is not a multiple of the model's {config.patch_size} px patches")
-        config = replace(config, image_size=image_size)
-    model = M.CLIP(config)
-    missing, unexpected = (set(model.state_dict()) - set(state_dict)), (set(state_dict) - set(model.state_dict()))
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit model {model_name!r}: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}")
-    try:
-        model.load_state_dict(M.fit_state_dict_to(model, state_dict))
-    except (RuntimeError, ValueError) as e:  # shapes differ: a different preset or vocabulary
-        raise ValueError(f"{path} does not fit model {model_name!r}: {str(e).splitlines()[-1].strip()}") from None
-    tokenizer = load_tokenizer(tokenizer, config.context_length)
-    if tokenizer.vocab_size > config.vocab_size:  # its highest ids would index past the token embedding
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, {path}'s token embedding {config.vocab_size}")
-    return model.to(device).eval(), tokenizer
+# ----------------------------------------------------------------------------- files
 
 
 def read_lines(path):
@@ -253,23 +163,6 @@ def seeded_generator(device, seed=0):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def rank_and_world():
-    """(this process's rank, number of ranks) in an initialised torch.distributed process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_ranks(obj):
-    """[rank 0's obj, rank 1's, ...]: every rank's obj (small, picklable: CPU tensors) on every rank; [obj] alone.
-    all_gather_object works on gloo and NCCL alike (with NCCL, after torch.cuda.set_device as train.py does)."""
-    if rank_and_world()[1] == 1:
-        return [obj]
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
 def make_loader(dataset, batch_size, workers, device):
     # a DataLoader draws its workers' base seed from the global generator unless it is given one
     return DataLoader(dataset, batch_size, num_workers=workers, pin_memory=torch.device(device).type == "cuda",
@@ -324,7 +217,7 @@ def build_classifier(model, tokenizer, classnames, templates, device, batch_size
         raise ValueError("zero-shot classification needs at least one class name and one template")
     if bad := [t for t in templates if "{}" not in t]:
         raise ValueError(f"template {bad[0]!r} has no '{{}}' where the class name goes")
-    rank, world = rank_and_world()
+    rank, world = M.rank_and_world()
     mine = classnames[rank::world]
     prompts = [t.replace("{}", name) for name in mine for t in templates]  # class-major: C_r * P prompts
     progress, features = Progress("class prompts", len(prompts), quiet), []
@@ -334,7 +227,7 @@ def build_classifier(model, tokenizer, classnames, templates, device, batch_size
             progress.update(len(features[-1]))
     # (C_r, E) this rank's rows; None from a rank without classes (fewer classes than ranks)
     rows = F.normalize(torch.cat(features).view(len(mine), len(templates), -1).mean(dim=1), dim=-1) if mine else None
-    shares = all_ranks(None if rows is None else rows.cpu())
+    shares = M.all_ranks(None if rows is None else rows.cpu())
     classifier = torch.empty(len(classnames), shares[0].shape[1])  # (C, E); rank 0 always has class 0
     for r, share in enumerate(shares):
         if share is not None:
@@ -360,7 +253,7 @@ def zero_shot_classification(model, classifier, loader, device, keep=None, preci
         labels, readable = labels + [target], readable + [ok]
         progress.update(len(target))
     local = [torch.cat(column).cpu() for column in (ranked, labels, readable)] if labels else None
-    shares = [share for share in all_ranks(local) if share is not None]
+    shares = [share for share in M.all_ranks(local) if share is not None]
     if not shares:
         raise ValueError("no images to evaluate")
     ranked, labels, readable = (torch.cat(column) for column in zip(*shares))  # (N, 5), (N,), (N,): rank by rank
@@ -399,7 +292,7 @@ def evaluate_folder(model, tokenizer, root, classnames=None, templates=None, bat
         raise ValueError(f"{len(classnames)} class names for {len(dataset.classes)} class folders in {root}")
     listed = os.path.join(root, "templates.txt")
     templates = templates or read_lines(listed if os.path.isfile(listed) else OPENAI_TEMPLATES)
-    rank, world = rank_and_world()
+    rank, world = M.rank_and_world()
     quiet = quiet or rank > 0
     classifier = build_classifier(model, tokenizer, classnames, templates, device, batch_size, precision, quiet)
     # masks are drawn once for the whole set, row i for image i, whichever rank or batch reads it: the masked figure

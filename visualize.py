@@ -33,7 +33,6 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import masking  # noqa: E402
 import model as M  # noqa: E402
-import train  # noqa: E402
 
 PATCH_PX = 16  # pixels per patch, as in ViT-B/16: grid 14 -> a 224 px image
 MASKED_GREY = 0.5  # what a dropped patch looks like (RGB in [0, 1])
@@ -177,7 +176,7 @@ def read_run(run_dir):
 def flops_per_step(args):
     """Training FLOPs of one optimizer step of a run: 3 x forward of the tokens it encodes (patches kept, text tokens
     kept with --text-length), over the global batch, as train.py counts them for MFU."""
-    per_sample = train.train_flops_per_sample(M.CLIPConfig(**args["config"]), args["ratio"], args.get("text_length"))
+    per_sample = M.train_flops_per_sample(M.CLIPConfig(**args["config"]), args["ratio"], args.get("text_length"))
     return per_sample * args["batch_size"] * args["accum_freq"] * args.get("world_size", 1)
 
 

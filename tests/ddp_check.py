@@ -9,15 +9,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import bench
 import masking
 import model as M
 import train
+from conftest import synthetic_batch
 
 
 def batch(n=8):
     g = torch.Generator().manual_seed(0)
-    images, tokens = bench.synthetic_batch(M.PRESETS["tiny"], n, "cpu", g)
+    images, tokens = synthetic_batch(M.PRESETS["tiny"], n, g)
     keep = masking.keep_indices(n, 8, 0.5, "gaussian", generator=g)
     return images, tokens, keep
 
@@ -27,7 +27,7 @@ def grads_of(model):
 
 
 if __name__ == "__main__":
-    rank, _, world, _ = train.setup_distributed()
+    rank, _, world, _ = M.setup_distributed()
     images, tokens, keep = batch()
     torch.manual_seed(0)
     ddp = DDP(M.create_model("tiny"))

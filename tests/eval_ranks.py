@@ -11,6 +11,7 @@ import sys
 import torch.distributed as dist
 
 import eval as zeroshot  # `eval` would shadow the builtin
+from checkpoint import load_checkpoint
 
 PASSES = {"unmasked": {}, "masked": {"mask": "gaussian", "ratio": 0.5},
           "views": {"mask": "random", "ratio": 0.5, "views": 2}}  # two complementary masked views
@@ -19,7 +20,7 @@ BATCH_SIZE = 2  # several batches per rank, the last one short
 if __name__ == "__main__":
     checkpoint, folder, out = sys.argv[1:4]
     dist.init_process_group("gloo")
-    model, tokenizer = zeroshot.load_checkpoint(checkpoint)
+    model, tokenizer = load_checkpoint(checkpoint)
     results = {name: zeroshot.evaluate_folder(model, tokenizer, folder, batch_size=BATCH_SIZE, workers=0, **settings)
                for name, settings in PASSES.items()}
     with open(f"{out}.{dist.get_rank()}.json", "w") as f:

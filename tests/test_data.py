@@ -282,6 +282,7 @@ def test_worker_processes_draw_distinct_streams_and_resume_matches(shards, tok):
     for epoch in range(4):
         loader.set_epoch(epoch)
         got = [(images, sample_ids(tok, tokens)) for images, tokens, _ in loader]
+    assert len(got) == len(a) == 8  # every epoch's workers still make all their batches
     assert all(torch.equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, got))
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -18,10 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import data
-from tokenizer import train_tokenizer
 import eval as zeroshot  # `eval` would shadow the builtin
 import masking
-import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
@@ -196,114 +193,6 @@ def write_folder(root, counts, unreadable=()):
 def mixed_folder(tmp_path_factory):
     """Seven images, classes of three, two and two, one of them unreadable: shares of two ranks differ in size."""
     return write_folder(tmp_path_factory.mktemp("mixed"), {"red": 3, "green": 2, "blue": 2}, ["green_square/1.jpg"])
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model, tokenizer, path of a checkpoint in train.py's format)."""
-    tok = train_tokenizer([f"a photo of a {c} square" for c in COLOURS] * 4, vocab_size=600, context_length=32)
-    torch.manual_seed(0)
-    model = M.create_model("tiny", vocab_size=tok.vocab_size).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "epoch_1.pt"
-    torch.save({"state_dict": model.state_dict(), "config": asdict(model.config), "model": "tiny",
-                "tokenizer": tok.to_json(), "epoch": 1, "step": 10, "args": {"lr": 5e-4, "crop_scale": (0.9, 1.0)},
-                "rng_state": torch.get_rng_state()}, path)
-    return model, tok, path
-
-
-def test_our_checkpoint_loads_with_its_config_and_tokenizer(tiny):
-    model, tok, path = tiny
-    loaded, loaded_tok = zeroshot.load_checkpoint(str(path))  # no model name or tokenizer needed
-    assert not loaded.training and loaded.config == model.config
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
-    assert torch.equal(loaded_tok(["a photo of a red square"]), tok(["a photo of a red square"]))
-
-
-def to_openclip(state_dict, prefix="module."):
-    """The inverse of model.convert_openclip_state_dict: our keys -> OpenCLIP's, as a DDP-wrapped model saves them."""
-    out = {}
-    for key, value in state_dict.items():
-        key = key.replace("blocks.", "transformer.resblocks.")
-        key = key.replace("attn.in_proj.weight", "attn.in_proj_weight")
-        key = key.replace("attn.in_proj.bias", "attn.in_proj_bias")
-        key = "text_projection" if key == "text.proj" else key.removeprefix("text.")
-        out[prefix + key] = value
-    return out
-
-
-@pytest.mark.parametrize("wrapped", [True, False])
-def test_openclip_checkpoints_load(tiny, tmp_path, wrapped):
-    _, tok, _ = tiny
-    torch.manual_seed(1)
-    model = M.create_model("tiny")  # the preset's own vocabulary size, as an OpenCLIP checkpoint would have
-    prefix = "module." if wrapped else ""
-    state = to_openclip(model.state_dict(), prefix)
-    assert {prefix + "transformer.resblocks.0.attn.in_proj_weight", prefix + "text_projection"} <= set(state)
-    torch.save({"epoch": 32, "state_dict": state} if wrapped else state, tmp_path / "openclip.pt")
-    loaded, _ = zeroshot.load_checkpoint(str(tmp_path / "openclip.pt"), "tiny", tokenizer=tok.to_json())
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
-    with pytest.raises(ValueError, match="tokenizer"):
-        zeroshot.load_checkpoint(str(tmp_path / "openclip.pt"), "tiny")
-    with pytest.raises(ValueError, match="does not fit"):
-        zeroshot.load_checkpoint(str(tmp_path / "openclip.pt"), "ViT-Ti-16", tokenizer=tok.to_json())
-
-
-@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod."])
-def test_a_state_dict_of_our_model_loads(tiny, tmp_path, prefix):
-    model, tok, _ = tiny  # a trained tokenizer's few hundred ids, not the preset's 1024: read off the weights
-    torch.save({prefix + k: v for k, v in model.state_dict().items()}, tmp_path / "state_dict.pt")
-    loaded, _ = zeroshot.load_checkpoint(str(tmp_path / "state_dict.pt"), "tiny", tokenizer=tok.to_json())
-    assert loaded.config == model.config
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
-    assert model.config.vocab_size == tok.vocab_size < M.PRESETS["tiny"].vocab_size
-    torch.save(M.create_model("tiny", vocab_size=tok.vocab_size - 10).state_dict(), tmp_path / "fewer_ids.pt")
-    with pytest.raises(ValueError, match=f"the tokenizer has {tok.vocab_size} ids, .* {tok.vocab_size - 10}$"):
-        zeroshot.load_checkpoint(str(tmp_path / "fewer_ids.pt"), "tiny", tokenizer=tok.to_json())
-
-
-def test_a_checkpoint_from_another_resolution_gets_its_positions_resized(tiny, tmp_path):
-    model, tok, path = tiny  # 64 px, 8 px patches: an 8 x 8 grid
-    positions = model.state_dict()["visual.positional_embedding"]  # (1 + 64, D)
-    loaded, _ = zeroshot.load_checkpoint(str(path), image_size=96)  # RECLIP: evaluated on a 12 x 12 grid
-    assert loaded.config.image_size == 96 and loaded.visual.grid_size == 12
-    assert torch.equal(loaded.visual.positional_embedding, M.resize_pos_embed(positions, 12))
-    assert loaded.visual.positional_embedding.shape == (1 + 144, positions.shape[1])
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items() if "positional" not in k
-               or k.startswith("text."))
-    with pytest.raises(ValueError, match="multiple of the model's 8 px patches"):
-        zeroshot.load_checkpoint(str(path), image_size=100)
-    torch.manual_seed(2)
-    small = M.create_model("tiny", image_size=32, vocab_size=tok.vocab_size)  # a plain state dict trained at 32 px
-    torch.save(small.state_dict(), tmp_path / "small.pt")
-    loaded, _ = zeroshot.load_checkpoint(str(tmp_path / "small.pt"), "tiny", tokenizer=tok.to_json())  # the preset's
-    assert loaded.config.image_size == 64 and torch.equal(  # 64 px
-        loaded.visual.positional_embedding, M.resize_pos_embed(small.visual.positional_embedding.detach(), 8))
-
-
-def truncated_torch_file(path):
-    torch.save({"a": torch.zeros(100)}, path)
-    path.write_bytes(path.read_bytes()[:200])
-
-
-@pytest.mark.parametrize("write, message", [
-    (lambda p: p.write_bytes(b""), "is an empty file"),
-    (lambda p: p.write_text("epoch 3, loss 0.1\n"), "is not a torch file .*b'epoch 3, los'"),
-    (truncated_torch_file, "torch.load cannot read it as weights"),
-    (lambda p: torch.save([torch.zeros(3)], p), "holds a list, not a dict"),
-    (lambda p: torch.save({"epoch": 3, "name": "run"}, p), "a dict without weights .*'epoch', 'name'"),
-    (lambda p: torch.save({"state_dict": 3}, p), "a dict without weights"),
-    (lambda p: torch.save({"weights": torch.zeros(3)}, p), "not a CLIP ViT's .*'weights'"),
-])
-def test_files_that_are_not_checkpoints_are_one_line_value_errors(tmp_path, write, message):
-    write(tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=message) as e:
-        zeroshot.load_checkpoint(str(tmp_path / "bad.pt"))
-    assert "\n" not in str(e.value) and "expected" in str(e.value)  # what it is and what was expected
-
-
-def test_a_missing_checkpoint_is_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        zeroshot.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
 def test_masked_inference_changes_features_reproducibly_and_leaves_the_global_rng_alone(tiny, folder):

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
 import masking
 import model as M
+from conftest import synthetic_batch
 
 
 def tiny(**overrides):
@@ -21,8 +21,8 @@ def tiny(**overrides):
 
 
 def batch(model, n, seed=0):
-    """(n, 3, S, S) images and (n, T) token ids for `model`: bench.synthetic_batch, end-of-text at varied positions."""
-    return bench.synthetic_batch(model.config, n, torch.device("cpu"), torch.Generator().manual_seed(seed))
+    """(n, 3, S, S) images and (n, T) token ids for `model`: conftest.synthetic_batch, end-of-text at varied positions."""
+    return synthetic_batch(model.config, n, torch.Generator().manual_seed(seed))
 
 
 def test_vit_b16_has_openclip_shapes():
@@ -64,6 +64,27 @@ def test_dropped_patches_do_not_matter_and_kept_ones_do():
         # keeping every patch is the same as not masking at all
         all_patches = torch.arange(grid * grid).unsqueeze(0)
         assert torch.allclose(model.encode_image(images, all_patches), model.encode_image(images), atol=1e-6)
+
+
+def test_kept_patches_carry_their_own_positions():
+    # two kept patches swap their pixels: with positions added before the gather, the image tower
+    # sees where each patch came from, so the features change; without them (or with the positions
+    # of the kept slots instead of the patches') a swap inside the kept set would go unnoticed
+    model, g = tiny(), torch.Generator().manual_seed(0)
+    grid, patch = model.visual.grid_size, model.config.patch_size
+    images = torch.randn(1, 3, 64, 64, generator=g)
+    keep = masking.keep_indices(1, grid, 0.5, "random", generator=g)  # (1, 32)
+    (r1, c1), (r2, c2) = divmod(keep[0, 0].item(), grid), divmod(keep[0, -1].item(), grid)
+    a = (..., slice(r1 * patch, (r1 + 1) * patch), slice(c1 * patch, (c1 + 1) * patch))
+    b = (..., slice(r2 * patch, (r2 + 1) * patch), slice(c2 * patch, (c2 + 1) * patch))
+    swapped = images.clone()
+    swapped[a], swapped[b] = images[b], images[a]
+    with torch.no_grad():
+        base, moved = model.encode_image(images, keep), model.encode_image(swapped, keep)
+        # the same patch set in another order of tokens is the same image: attention has no order
+        reordered = model.encode_image(images, keep.flip(1))
+    assert not torch.allclose(moved, base, atol=1e-4)
+    assert torch.allclose(reordered, base, atol=1e-5)
 
 
 def test_text_is_causal_and_pooled_at_end_of_text():
@@ -144,43 +165,6 @@ def test_unknown_preset_is_a_clear_error():
         M.create_model("ViT-X-99")
 
 
-def openclip_vit_b16_state_dict(prefix=""):
-    """A state dict with the key names and shapes OpenCLIP's ViT-B-16 publishes (values: distinct random numbers)."""
-    shapes = {"logit_scale": (), "visual.class_embedding": (768,), "visual.positional_embedding": (197, 768),
-              "visual.proj": (768, 512), "visual.conv1.weight": (768, 3, 16, 16), "token_embedding.weight": (49408, 512),
-              "positional_embedding": (77, 512), "text_projection": (512, 512)}
-    for ln in ["visual.ln_pre", "visual.ln_post", "ln_final"]:
-        width = 512 if ln == "ln_final" else 768
-        shapes |= {f"{ln}.weight": (width,), f"{ln}.bias": (width,)}
-    for tower, width in [("visual.transformer", 768), ("transformer", 512)]:
-        for i in range(12):
-            b = f"{tower}.resblocks.{i}"
-            shapes |= {f"{b}.ln_1.weight": (width,), f"{b}.ln_1.bias": (width,),
-                       f"{b}.attn.in_proj_weight": (3 * width, width), f"{b}.attn.in_proj_bias": (3 * width,),
-                       f"{b}.attn.out_proj.weight": (width, width), f"{b}.attn.out_proj.bias": (width,),
-                       f"{b}.ln_2.weight": (width,), f"{b}.ln_2.bias": (width,),
-                       f"{b}.mlp.c_fc.weight": (4 * width, width), f"{b}.mlp.c_fc.bias": (4 * width,),
-                       f"{b}.mlp.c_proj.weight": (width, 4 * width), f"{b}.mlp.c_proj.bias": (width,)}
-    g = torch.Generator().manual_seed(0)
-    return {prefix + k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
-
-
-@pytest.mark.parametrize("prefix", ["", "module."])
-def test_openclip_state_dict_maps_every_key(prefix):
-    openclip = openclip_vit_b16_state_dict(prefix)
-    openclip[prefix + "attn_mask"] = torch.empty(77, 77)  # a buffer some exports carry; we use is_causal instead
-    openclip[prefix + "context_length"] = torch.tensor(77)  # OpenAI archives carry config entries too
-    converted = M.convert_openclip_state_dict(openclip)
-    model = M.create_model("ViT-B-16")
-    model.load_state_dict(converted, strict=True)  # every key present, none left over, shapes equal
-    params = dict(model.named_parameters())
-    assert torch.equal(params["text.proj"], openclip[prefix + "text_projection"])
-    assert torch.equal(params["visual.blocks.11.attn.in_proj.weight"],
-                       openclip[prefix + "visual.transformer.resblocks.11.attn.in_proj_weight"])
-    assert torch.equal(params["text.blocks.0.mlp.c_fc.bias"], openclip[prefix + "transformer.resblocks.0.mlp.c_fc.bias"])
-    assert torch.equal(params["text.token_embedding.weight"], openclip[prefix + "token_embedding.weight"])
-
-
 def openclip_init(name, cfg):
     """OpenCLIP's init of one tensor of a fresh CLIP: ("normal", std), ("uniform", bound) or ("constant", value).
 
@@ -240,48 +224,24 @@ def test_grid_size_follows_image_size():
     assert model.visual.positional_embedding.shape == (1 + 6 * 6, 128)
 
 
-def test_resize_pos_embed_same_grid_is_identity():
-    pe = torch.randn(1 + 14 * 14, 16)
-    assert torch.equal(M.resize_pos_embed(pe, 14), pe)
-
-
-@pytest.mark.parametrize("old, new", [(10, 14), (14, 10), (2, 7)])
-def test_resize_pos_embed_shapes_and_class_row(old, new):
-    pe = torch.randn(1 + old * old, 16)
-    out = M.resize_pos_embed(pe, new)
-    assert out.shape == (1 + new * new, 16)
-    assert torch.equal(out[0], pe[0])  # the class token has no place on the grid
-
-
-def test_resize_pos_embed_known_values():
-    # a 2x2 grid whose value is its column index (0, 1), the same in every channel; resized to 4x4, each row is the
-    # 1-D resampling of [0, 1] by the antialiased bicubic kernel (Keys, a = -0.5), with taps falling outside the grid
-    # dropped and the rest renormalised. Output column i sits at input coordinate (i + 0.5) / 2 - 0.5; its taps are
-    # the two input columns, with k(0.25) = 111/128, k(1.25) = -9/128, k(0.75) = 29/128, giving:
-    expected_row = torch.tensor([-9 / 102, 29 / 140, 111 / 140, 1 + 9 / 102])
-    grid = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).reshape(4, 1).expand(4, 3)  # (G0*G0, D), row-major
-    pe = torch.cat([torch.full((1, 3), 5.0), grid])
-    out = M.resize_pos_embed(pe, 4)[1:].reshape(4, 4, 3)
-    assert torch.allclose(out, expected_row.view(1, 4, 1).expand(4, 4, 3), atol=1e-6)
-    constant = torch.full((1 + 5 * 5, 3), 0.25)
-    assert torch.allclose(M.resize_pos_embed(constant, 9), torch.full((1 + 9 * 9, 3), 0.25), atol=1e-6)
-
-
-def test_resize_pos_embed_rejects_a_non_square_grid():
-    with pytest.raises(ValueError, match="1 \\+ G\\*G"):
-        M.resize_pos_embed(torch.randn(1 + 12, 8), 4)
-
-
-def test_fit_state_dict_to_loads_a_lower_resolution_checkpoint():
-    low, high = tiny(image_size=48), tiny()  # RECLIP: trained on a 6x6 grid, evaluated on 8x8
-    state_dict = low.state_dict()
-    fitted = M.fit_state_dict_to(high, state_dict)
-    high.load_state_dict(fitted, strict=True)
-    assert torch.equal(high.visual.positional_embedding,
-                       M.resize_pos_embed(state_dict["visual.positional_embedding"], 8))
-    assert torch.equal(high.text.proj, state_dict["text.proj"])
-    same = M.fit_state_dict_to(low, state_dict)  # same grid: nothing resized
-    assert same["visual.positional_embedding"] is state_dict["visual.positional_embedding"]
+def test_weight_decay_follows_openclips_rule_by_name():
+    model = M.create_model("tiny")
+    decay, no_decay = M.param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, skipped = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+    # OpenCLIP decays both positional embeddings, the token embedding and the projections ...
+    assert {"visual.positional_embedding", "text.positional_embedding", "text.token_embedding.weight", "visual.proj",
+            "text.proj", "visual.conv1.weight", "visual.blocks.0.attn.in_proj.weight",
+            "text.blocks.3.mlp.c_proj.weight"} <= decayed
+    # ... and not the 1-D class embedding, LayerNorms, biases or the logit scale
+    assert {"logit_scale", "visual.class_embedding", "visual.ln_pre.weight", "visual.ln_post.bias",
+            "text.ln_final.weight", "visual.blocks.0.ln_1.weight", "visual.blocks.0.attn.in_proj.bias",
+            "text.blocks.0.mlp.c_fc.bias"} <= skipped
+    # every tensor in exactly one group; tiny has 4 + 4 blocks of 4 weight matrices, and per tower
+    # 3 more decayed tensors (image: conv1, positions, proj; text: token embedding, positions, proj)
+    assert decayed | skipped == set(names.values()) and not decayed & skipped
+    assert len(decayed) == 2 * (4 * 4 + 3) == 38
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
 
 
 def test_flops_count_masked_tokens():

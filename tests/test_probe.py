@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import eval as zeroshot  # `eval` would shadow the builtin
-from test_eval import FeatureModel, folder, tiny, write_folder  # noqa: F401 (fixtures)
+from test_eval import FeatureModel, folder, write_folder  # noqa: F401 (fixtures)
 
 METRICS = {"acc1", "acc5", "mean_per_class_recall"}
 

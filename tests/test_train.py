@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -16,11 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-import bench
+import checkpoint as ckpt
 import masking
 import model as M
 import photographer
 import train
+from eval import evaluate_folder
+from conftest import synthetic_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -67,13 +70,13 @@ def read_metrics(run_dir):
 
 
 def fixed_batch(n=16):
-    return bench.synthetic_batch(M.PRESETS["tiny"], n, "cpu", torch.Generator().manual_seed(0))
+    return synthetic_batch(M.PRESETS["tiny"], n, torch.Generator().manual_seed(0))
 
 
 def test_one_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = M.create_model("tiny")
-    opt = torch.optim.AdamW(train.param_groups(model, 0.2), lr=1e-4)  # small: one step must not overshoot
+    opt = torch.optim.AdamW(M.param_groups(model, 0.2), lr=1e-4)  # small: one step must not overshoot
     images, tokens = fixed_batch()
     keep = masking.keep_indices(16, 8, 0.5, "gaussian", generator=torch.Generator().manual_seed(0))
     before = train.forward_backward(model, [(images, tokens)], [keep], nullcontext(), 1)
@@ -108,23 +111,19 @@ def test_text_masking_trains_on_the_kept_tokens_at_their_own_positions():
         assert loss != pytest.approx(M.clip_loss(*model(images, short)).item(), abs=1e-4)  # not positions 0..7
 
 
-def test_weight_decay_follows_openclips_rule_by_name():
+def test_the_step_clamps_the_temperature_at_a_hundredth():
+    torch.manual_seed(0)
     model = M.create_model("tiny")
-    decay, no_decay = train.param_groups(model, 0.2)
-    names = {id(p): n for n, p in model.named_parameters()}
-    decayed, skipped = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
-    # OpenCLIP decays both positional embeddings, the token embedding and the projections ...
-    assert {"visual.positional_embedding", "text.positional_embedding", "text.token_embedding.weight", "visual.proj",
-            "text.proj", "visual.conv1.weight", "visual.blocks.0.attn.in_proj.weight",
-            "text.blocks.3.mlp.c_proj.weight"} <= decayed
-    # ... and not the 1-D class embedding, LayerNorms, biases or the logit scale
-    assert {"logit_scale", "visual.class_embedding", "visual.ln_pre.weight", "visual.ln_post.bias",
-            "text.ln_final.weight", "visual.blocks.0.ln_1.weight", "visual.blocks.0.attn.in_proj.bias",
-            "text.blocks.0.mlp.c_fc.bias"} <= skipped
-    rule = {n for n, p in model.named_parameters()
-            if p.ndim >= 2 and not any(s in n for s in ("bn", "ln", "bias", "logit_scale"))}
-    assert decayed == rule and skipped == set(names.values()) - rule
-    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    optimizer = M.configure_optimizer(model, lr=1e-3, weight_decay=0.2)
+    images, tokens = fixed_batch()
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)  # exp(5) = 148: above CLIP's ceiling of 100
+    train.train_step(model, model, optimizer, [(images, tokens)], [None], [None], nullcontext(), 1e-3)
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+    with torch.no_grad():
+        model.logit_scale.fill_(-1.0)  # and no negative scale (a temperature above 1)
+    train.train_step(model, model, optimizer, [(images, tokens)], [None], [None], nullcontext(), 1e-3)
+    assert model.logit_scale.item() == 0.0
 
 
 def test_warmup_is_openclips_for_long_runs_and_5_percent_of_short_ones():
@@ -167,8 +166,7 @@ def test_resume_follows_the_uninterrupted_run(shards, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
 
     # the checkpoint carries what evaluation needs: it loads in eval.py and embeds
-    import eval as zeroshot
-    model, tokenizer = zeroshot.load_checkpoint(str(tmp_path / "full" / "checkpoints" / "epoch_2.pt"))
+    model, tokenizer = ckpt.load_checkpoint(str(tmp_path / "full" / "checkpoints" / "epoch_2.pt"))
     with torch.no_grad():
         features = model.encode_text(tokenizer(["a photo of a red square"]))
     assert features.shape == (1, model.config.embed_dim)
@@ -183,6 +181,19 @@ def test_resume_follows_the_uninterrupted_run(shards, tmp_path):
     assert tuned["optimizer"]["state"][0]["step"].item() == 4  # 4 steps of its own, not 8 + 4
     for key, value in source["state_dict"].items():
         assert torch.equal(tuned["state_dict"][key], value), key
+
+
+def test_the_crop_scale_and_resampling_flags_reach_the_loader(shards, tmp_path, monkeypatch):
+    seen = {}
+
+    def loader_of_nothing(*args, scale, resampled):  # stands in for data.make_train_loader
+        seen.update(scale=scale, resampled=resampled)
+        raise SystemExit("made the loader")
+
+    monkeypatch.setattr(train.data, "make_train_loader", loader_of_nothing)
+    with pytest.raises(SystemExit, match="made the loader"):
+        train.main(start_args(shards, tmp_path, "--crop-scale", "0.5", "1.0", "--dataset-resampled"))
+    assert seen == {"scale": (0.5, 1.0), "resampled": True}
 
 
 def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
@@ -232,12 +243,22 @@ def class_folder(tmp_path_factory):
     return root
 
 
-def test_zeroshot_on_a_class_folder_of_ones_own(shards, class_folder, tmp_path):
-    run_train("--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "32", "--epochs", "1",
-              "--mask", "gaussian", "--zeroshot-data", class_folder, "--log-dir", tmp_path, "--name", "own")
+def test_zeroshot_columns_are_eval_pys_unmasked_and_masked_passes(shards, class_folder, tmp_path):
+    run_train("--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "32", "--epochs",
+              "1", "--mask", "gaussian", "--ratio", "0.9", "--zeroshot-data", class_folder,
+              "--log-dir", tmp_path, "--name", "own")
     record = [r for r in read_metrics(tmp_path / "own") if "zeroshot_top1" in r][-1]
-    assert record["epoch"] == 1 and 0 <= record["zeroshot_masked_top1"] <= record["zeroshot_top5"] == 1.0  # 4 classes
-    assert record["zeroshot_unreadable"] == 0
+    assert record["epoch"] == 1 and record["zeroshot_unreadable"] == 0
+    # the same checkpoint through eval.py: inference unmasking, then the training mask (6 of 64 patches)
+    model, tokenizer = ckpt.load_checkpoint(str(tmp_path / "own" / "checkpoints" / "epoch_1.pt"))
+    passes = {prefix: evaluate_folder(model, tokenizer, str(class_folder), workers=0, quiet=True, **kw)
+              for prefix, kw in [("zeroshot", {}),
+                                 ("zeroshot_masked", {"mask": "gaussian", "ratio": 0.9})]}
+    assert passes["zeroshot"] != passes["zeroshot_masked"]  # 6 of 64 patches: other figures
+    for prefix, result in passes.items():
+        for metric in ("top1", "top5", "mean_per_class_recall"):
+            key = {"top1": "acc1", "top5": "acc5"}.get(metric, metric)
+            assert record[f"{prefix}_{metric}"] == pytest.approx(result[key]), (prefix, metric)
 
 
 def test_two_ranks_share_one_run_folder_and_tokenizer_when_their_clocks_differ(shards, class_folder, tmp_path):
@@ -280,14 +301,6 @@ def test_kill_9_then_resume_logs_every_step_exactly_once(shards, tmp_path):
     assert logged_steps(run) == list(range(1, 25))  # each step once, in order
     assert [r["time"] for r in records] == sorted(r["time"] for r in records)  # wall time never jumps back
     assert not (run / "lock").exists()
-
-
-def test_resume_drops_what_was_logged_after_the_checkpoint_and_a_line_cut_short(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    lines = [{"step": 4, "loss": 1.0}, {"step": 4, "epoch": 1, "zeroshot_top1": 0.5}, {"step": 6, "loss": 0.9}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 8, "lo')  # killed mid-write
-    train.continue_metrics(str(path), 4)
-    assert read_metrics(tmp_path) == lines[:2]
 
 
 def logged_steps(run_dir):
