@@ -2,7 +2,7 @@
 Checkpoints and run folders: everything train.py writes besides the model's output, and everything
 train.py and eval.py read back.
 
-    model, tokenizer = load_checkpoint("logs/RUN/checkpoints/epoch_30.pt")  # ours, OpenCLIP's, OpenAI's
+    model, tokenizer = load_checkpoint("logs/RUN/checkpoints/epoch_30.pt")  # or OpenCLIP's
     open_run_folder("logs/my-run", resuming=False, rank=0)     # made, locked, tested for writing
     save_checkpoint(training_state(...), "logs/my-run/checkpoints", epoch=3)  # epoch_3.pt + latest
 
@@ -29,7 +29,8 @@ from tokenizer import load_tokenizer
 
 # torch.save's zip archive; a pickle (torch.save before PyTorch 1.6)
 TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
-EXPECTED = "expected a torch.save file: a train.py checkpoint, an OpenCLIP checkpoint or a state dict"
+EXPECTED = ("expected a torch.save file: a train.py checkpoint, an OpenCLIP checkpoint or a state "
+            "dict")
 RESUME_KEYS = {"state_dict", "config", "tokenizer", "optimizer", "epoch", "step"}
 
 
@@ -52,7 +53,8 @@ def read_checkpoint(path):
     except Exception as e:  # a truncated archive, a pickle of code rather than tensors, ...
         reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
         reason = " ".join(reason.split())[:160] or type(e).__name__  # torch's own words
-        raise ValueError(f"{path}: torch.load cannot read it as weights ({reason}); {EXPECTED}") from None
+        raise ValueError(f"{path}: torch.load cannot read it as weights ({reason}); "
+                         f"{EXPECTED}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a dict; {EXPECTED}")
     return ckpt
@@ -83,16 +85,19 @@ def checkpoint_weights(ckpt, path):
     torch.compile's `_orig_mod.`) dropped, OpenCLIP's / OpenAI's names converted unless the keys are
     already ours."""
     weights = ckpt.get("state_dict", ckpt)
-    tensors = {k: v for k, v in weights.items() if torch.is_tensor(v)} if isinstance(weights, dict) else {}
+    weights = weights if isinstance(weights, dict) else {}
+    tensors = {k: v for k, v in weights.items() if torch.is_tensor(v)}
     if not tensors:
-        raise ValueError(f"{path} holds a dict without weights (keys {sorted(map(str, ckpt))[:5]}); "
+        keys = sorted(map(str, ckpt))[:5]
+        raise ValueError(f"{path} holds a dict without weights (keys {keys}); "
                          "expected a state dict or a checkpoint with one under 'state_dict'")
     state_dict = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in tensors.items()}
     if "text.token_embedding.weight" not in state_dict:
         state_dict = convert_openclip_state_dict(state_dict)
     if "visual.conv1.weight" not in state_dict:
-        raise ValueError(f"{path} holds tensors, but not a CLIP ViT's (keys {sorted(tensors)[:3]}); "
-                         "expected this project's, OpenCLIP's or OpenAI's CLIP weights")
+        raise ValueError(f"{path} holds tensors, but not a CLIP ViT's (keys "
+                         f"{sorted(tensors)[:3]}); expected this project's, OpenCLIP's or OpenAI's "
+                         "CLIP weights")
     return state_dict
 
 
@@ -104,7 +109,8 @@ def resize_pos_embed(positional_embedding, grid_size):
     n, width = positional_embedding.shape
     old = math.isqrt(n - 1)
     if old * old != n - 1:
-        raise ValueError(f"positional embedding has {n} rows, not 1 + G*G for a square grid of patches")
+        raise ValueError(f"positional embedding has {n} rows, not 1 + G*G for a square grid of "
+                         "patches")
     if old == grid_size:
         return positional_embedding
     cls, grid = positional_embedding[:1], positional_embedding[1:]
@@ -139,7 +145,8 @@ def load_checkpoint(path, model_name="ViT-B-16", tokenizer=None, device="cpu", i
     state_dict = checkpoint_weights(ckpt, path)
     if "config" in ckpt:  # ours
         try:
-            config, model_name = M.CLIPConfig(**ckpt["config"]), ckpt.get("model", "from the config")
+            config = M.CLIPConfig(**ckpt["config"])
+            model_name = ckpt.get("model", "from the config")
         except TypeError as e:  # a config field this model.py does not know
             raise ValueError(f"{path}: config does not fit this model.py ({e})") from None
         tokenizer = ckpt.get("tokenizer") or tokenizer  # the model was trained with this vocabulary
@@ -162,7 +169,8 @@ def load_checkpoint(path, model_name="ViT-B-16", tokenizer=None, device="cpu", i
     missing = set(model.state_dict()) - set(state_dict)
     unexpected = set(state_dict) - set(model.state_dict())
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit model {model_name!r}: missing {sorted(missing)[:3]}, "
+        raise ValueError(f"{path} does not fit model {model_name!r}: missing "
+                         f"{sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
     try:
         model.load_state_dict(fit_state_dict_to(model, state_dict))
@@ -254,13 +262,15 @@ def open_run_folder(run_dir, resuming, rank):
     error = None
     if rank == 0:
         try:
-            if not resuming and os.path.exists(os.path.join(run_dir, "checkpoints", "epoch_latest.pt")):
-                raise ValueError(f"{run_dir} already has checkpoints; pass --resume latest or another "
-                                 "--name")
+            latest = os.path.join(run_dir, "checkpoints", "epoch_latest.pt")
+            if not resuming and os.path.exists(latest):
+                raise ValueError(f"{run_dir} already has checkpoints; pass --resume latest or "
+                                 "another --name")
             os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
             take_lock(run_dir)
             atexit.register(release_lock, run_dir)
-            for folder in (run_dir, os.path.join(run_dir, "checkpoints")):  # fail now, not in an epoch
+            # fail now, not after an epoch
+            for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
                 probe = os.path.join(folder, f".write-test-{os.getpid()}")
                 with open(probe, "w") as f:
                     f.write("ok")
@@ -285,10 +295,12 @@ def take_lock(run_dir):
         except (OSError, ValueError):
             owner = {}
         if owner.get("host") != me["host"] or pid_alive(owner.get("pid")):
-            raise ValueError(f"{run_dir} is in use by pid {owner.get('pid')} on {owner.get('host')} "
+            pid, host = owner.get("pid"), owner.get("host")
+            raise ValueError(f"{run_dir} is in use by pid {pid} on {host} "
                              f"(its lock file {path}); stop that run, or delete the lock if it is "
                              "dead, or pass another --name") from None
-        print(f"train.py: taking over {path} from pid {owner.get('pid')}, which is no longer running")
+        print(f"train.py: taking over {path} from pid {owner.get('pid')}, which is no longer "
+              "running")
         os.remove(path)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     with os.fdopen(fd, "w") as f:

@@ -1,17 +1,19 @@
 """
-Files -> tensors: webdataset shards -> (uint8 images, token ids) batches for training, class folders and image-caption
-shards for evaluation, and the image transforms with OpenCLIP's numbers.
+Files -> tensors: webdataset shards -> (uint8 images, token ids) batches for training, class folders
+and image-caption shards for evaluation, and the image transforms with OpenCLIP's numbers.
 
     loader = make_train_loader("/data/cc12m/cc12m-train-{0000..2175}.tar", batch_size=256,
                                num_samples=10_968_539, image_size=224, tokenizer=tok, workers=6)
-    for images, tokens, skipped in loader:                         # (B, 3, 224, 224) uint8, (B, 77), bad ones skipped
-        images = normalize(images.to("cuda"))                       # float, normalised on the GPU
+    for images, tokens, skipped in loader:  # (B, 3, 224, 224) uint8, (B, 77), bad ones skipped
+        images = normalize(images.to("cuda"))  # float, normalised on the GPU
 
-Shards are img2dataset / webdataset tars: `KEY.jpg|jpeg|png|webp` next to `KEY.txt`. A bad sample (corrupt or truncated
-image, non-image, missing / empty / non-UTF-8 caption, truncated tar, decompression-bomb-sized image) is skipped,
-counted and reported in a rate-limited warning: it never stops a run.
+Shards are img2dataset / webdataset tars: `KEY.jpg|jpeg|png|webp` next to `KEY.txt`. A bad sample
+(corrupt or truncated image, non-image, missing / empty / non-UTF-8 caption, truncated tar,
+decompression-bomb-sized image) is skipped, counted and reported in a rate-limited warning: it never
+stops a run.
 
-    python data.py convert SRC OUT [--template ...]    # a folder of KEY.jpg + KEY.txt, or class folders, -> shards
+    # a folder of KEY.jpg + KEY.txt, or class folders, -> shards
+    python data.py convert SRC OUT [--template ...]
 """
 
 import argparse
@@ -37,16 +39,22 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from tokenizer import read_text
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image statistics, used by OpenCLIP too
+# OpenAI CLIP's image statistics, used by OpenCLIP too
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of torchvision's RandomResizedCrop, which OpenCLIP uses
+# aspect-ratio range of torchvision's RandomResizedCrop, which OpenCLIP uses
+CROP_RATIO = (3 / 4, 4 / 3)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
 FOLDER_IMAGE_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")  # also read from image folders
-MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (1024 ** 3 // 4 // 3); larger is a bad sample
-SHUFFLE_BUFFER = 5_000  # samples per worker, OpenCLIP's; encoded bytes: at ~70 kB (400-500 px JPEGs) ~350 MB per worker
+# Pillow's decompression-bomb limit (1024 ** 3 // 4 // 3); larger is a bad sample
+MAX_IMAGE_PIXELS = 89_478_485
+# samples per worker, OpenCLIP's; encoded bytes: at ~70 kB (400-500 px JPEGs) ~350 MB per worker
+SHUFFLE_BUFFER = 5_000
 PREFETCH_BATCHES = 2  # per worker
-WARN_FIRST, WARN_EVERY_S = 5, 60  # bad-sample warnings: the first few, then at most one a minute per process
-NAMING = f"(a sample is tar members KEY.{'|'.join(IMAGE_EXTS)} + KEY.txt)"  # for errors about data without samples
+# bad-sample warnings: the first few, then at most one a minute per process
+WARN_FIRST, WARN_EVERY_S = 5, 60
+# for errors about data without samples
+NAMING = f"(a sample is tar members KEY.{'|'.join(IMAGE_EXTS)} + KEY.txt)"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -72,7 +80,8 @@ def checked(kind, ok, allowed):
     return parse
 
 
-# ------------------------------------------------------------------------------------------------------ transforms
+# --------------------------------------------------------------------------------------------------
+# transforms
 MEAN_CHW, STD_CHW = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
 
 
@@ -83,8 +92,8 @@ def to_uint8_tensor(img):
 
 @functools.cache
 def mean_std_on(device):
-    """OPENAI_MEAN and OPENAI_STD as (3, 1, 1) tensors on `device`, copied there once: a blocking copy per batch
-    would make the host wait for the GPU at every step."""
+    """OPENAI_MEAN and OPENAI_STD as (3, 1, 1) tensors on `device`, copied there once: a blocking
+    copy per batch would make the host wait for the GPU at every step."""
     return MEAN_CHW.to(device), STD_CHW.to(device)
 
 
@@ -96,8 +105,9 @@ def normalize(images):
 
 
 def random_resized_crop_box(width, height, scale, rng, ratio=CROP_RATIO):
-    """(left, top, w, h) of a crop covering `scale` of the area with an aspect ratio in `ratio`: torchvision's
-    RandomResizedCrop rule (10 tries, then the largest centred crop within `ratio`)."""
+    """(left, top, w, h) of a crop covering `scale` of the area with an aspect ratio in `ratio`:
+    torchvision's RandomResizedCrop rule (10 tries, then the largest centred crop within
+    `ratio`)."""
     area = width * height
     for _ in range(10):
         target_area = area * rng.uniform(*scale)
@@ -115,14 +125,17 @@ def random_resized_crop_box(width, height, scale, rng, ratio=CROP_RATIO):
 
 
 def train_transform(image_size, scale=(0.9, 1.0), generator=None):
-    """PIL image -> (3, S, S) uint8: random resized crop (OpenCLIP's default scale (0.9, 1); FLIP used (0.5, 1)),
-    bicubic, RGB. `generator`: a `random.Random` (default: the global one); the loader seeds one per worker, epoch.
+    """PIL image -> (3, S, S) uint8: random resized crop (OpenCLIP's default scale (0.9, 1); FLIP
+    used (0.5, 1)), bicubic, RGB. `generator`: a `random.Random` (default: the global one); the
+    loader seeds one per worker, epoch.
 
-    Not normalised here: train.py normalises whole batches on the GPU (`normalize`), so that the dataloader workers
-    convert, stack, share and pin a quarter of the bytes (uint8, not float32): 20-26% more images/s (README).
+    Not normalised here: train.py normalises whole batches on the GPU (`normalize`), so that the
+    dataloader workers convert, stack, share and pin a quarter of the bytes (uint8, not float32):
+    20-26% more images/s (docs/speed.md#data-pipelines).
 
-    Fast path: a big JPEG is decoded at 1/2, 1/4 or 1/8 size by libjpeg (`draft`) when the crop still has >= S pixels
-    per side, and `resize(box=...)` resamples straight from the crop region without copying it out first."""
+    Fast path: a big JPEG is decoded at 1/2, 1/4 or 1/8 size by libjpeg (`draft`) when the crop
+    still has >= S pixels per side, and `resize(box=...)` resamples straight from the crop region
+    without copying it out first."""
     if not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {scale}")
     rng = generator or random
@@ -130,8 +143,10 @@ def train_transform(image_size, scale=(0.9, 1.0), generator=None):
     def transform(img):
         width, height = img.size
         left, top, w, h = random_resized_crop_box(width, height, scale, rng)
-        drafted = img.draft("RGB", (math.ceil(width * image_size / w), math.ceil(height * image_size / h)))
-        f = drafted[1][2] / width if drafted else 1.0  # draft box = the whole image in the reduced image's pixels
+        drafted = img.draft("RGB", (math.ceil(width * image_size / w),
+                                    math.ceil(height * image_size / h)))
+        # draft box = the whole image in the reduced image's pixels
+        f = drafted[1][2] / width if drafted else 1.0
         if img.mode != "RGB":
             img = img.convert("RGB")
         box = (left * f, top * f, min((left + w) * f, img.width), min((top + h) * f, img.height))
@@ -141,40 +156,46 @@ def train_transform(image_size, scale=(0.9, 1.0), generator=None):
 
 
 def shortest_side_size(width, height, size):
-    """(w, h) with the shortest side resized to `size`, by torchvision Resize(int)'s rule: int(size * long / short)."""
+    """(w, h) with the shortest side resized to `size`, by torchvision Resize(int)'s rule: int(size
+    * long / short)."""
     if width <= height:
         return size, int(size * height / width)
     return int(size * width / height), size
 
 
 def eval_crop(image_size):
-    """PIL image (any mode) -> (3, S, S) uint8: OpenCLIP's validation preprocessing up to the normalisation, Resize(S,
-    bicubic), CenterCrop(S), convert("RGB"), in that order (torchvision hands PIL images to PIL's resize). eval.py's
-    loaders use it and normalise whole batches on the device, as training does: a quarter of the bytes to convert,
-    share and pin (README: Data)."""
+    """PIL image (any mode) -> (3, S, S) uint8: OpenCLIP's validation preprocessing up to the
+    normalisation, Resize(S, bicubic), CenterCrop(S), convert("RGB"), in that order (torchvision
+    hands PIL images to PIL's resize). eval.py's loaders use it and normalise whole batches on the
+    device, as training does: a quarter of the bytes to convert, share and pin
+    (docs/speed.md#data-pipelines)."""
 
     def transform(img):
         w, h = shortest_side_size(*img.size, image_size)
         if (w, h) != img.size:
             img = img.resize((w, h), Image.BICUBIC)
-        top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))  # CenterCrop's rounding
-        return to_uint8_tensor(img.crop((left, top, left + image_size, top + image_size)).convert("RGB"))
+        # CenterCrop's rounding
+        top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))
+        cropped = img.crop((left, top, left + image_size, top + image_size))
+        return to_uint8_tensor(cropped.convert("RGB"))
 
     return transform
 
 
 def eval_transform(image_size):
-    """PIL image (any mode) -> (3, S, S) float32, numerically equal to OpenCLIP's validation preprocessing:
-    `eval_crop`, then ToTensor and Normalize."""
+    """PIL image (any mode) -> (3, S, S) float32, numerically equal to OpenCLIP's validation
+    preprocessing: `eval_crop`, then ToTensor and Normalize."""
     crop = eval_crop(image_size)
     return lambda img: normalize(crop(img))
 
 
 
-# ---------------------------------------------------------------------------------------------------------- shards
+# --------------------------------------------------------------------------------------------------
+# shards
 def expand_urls(pattern):
-    """Shard paths from brace patterns (`/data/cc12m-{0000..2175}.tar`), several joined with `::` (as OpenCLIP), or a
-    folder of .tar files. Raises FileNotFoundError when a pattern matches no file; missing shards are a warning."""
+    """Shard paths from brace patterns (`/data/cc12m-{0000..2175}.tar`), several joined with `::`
+    (as OpenCLIP), or a folder of .tar files. Raises FileNotFoundError when a pattern matches no
+    file; missing shards are a warning."""
     urls = []
     for part in str(pattern).split("::"):
         if os.path.isdir(part):
@@ -185,28 +206,33 @@ def expand_urls(pattern):
             found = [u for u in candidates if os.path.isfile(u)]
         if not found:
             folder = os.path.dirname(candidates[0]) if candidates else part
-            why = "no such directory" if folder and not os.path.isdir(folder) else "no matching file"
+            why = ("no such directory" if folder and not os.path.isdir(folder)
+                   else "no matching file")
             raise FileNotFoundError(f"training data {part}: {why} ({folder or '.'})")
         if len(found) < len(candidates):
             missing = next(u for u in candidates if not os.path.isfile(u))
-            print(f"data.py: warning: {len(candidates) - len(found)} of {len(candidates)} shards of {part} are missing "
-                  f"(e.g. {missing}); using the other {len(found)}", file=sys.stderr)
+            print(f"data.py: warning: {len(candidates) - len(found)} of {len(candidates)} shards "
+                  f"of {part} are missing (e.g. {missing}); using the other {len(found)}",
+                  file=sys.stderr)
         urls += found
     return urls
 
 
 def read_shard(path):
-    """The samples of one tar shard, in file order: {"__key__": key, ext: bytes}, files grouped by key as webdataset
-    does ("a/b.c.jpg" -> key "a/b", ext "c.jpg"). A tar that is truncated or corrupt ends early with a None."""
+    """The samples of one tar shard, in file order: {"__key__": key, ext: bytes}, files grouped by
+    key as webdataset does ("a/b.c.jpg" -> key "a/b", ext "c.jpg"). A tar that is truncated or
+    corrupt ends early with a None."""
     sample = None
     try:
         with tarfile.open(path, mode="r|*") as tar:  # streaming: never seeks, reads each shard once
             for member in tar:
-                tar.members = []  # streaming mode would otherwise keep every header of the shard in memory
+                # streaming mode would otherwise keep every header of the shard in memory
+                tar.members = []
                 key, ext = wds.tariterators.base_plus_ext(member.name)
                 if not member.isfile() or key is None:
                     continue
-                if sample is not None and sample["__key__"] != key:  # a new key: the previous sample is whole
+                # a new key: the previous sample is whole
+                if sample is not None and sample["__key__"] != key:
                     yield sample
                     sample = None
                 sample = sample or {"__key__": key}
@@ -223,17 +249,21 @@ class BadSample(ValueError):
 
 
 def open_image(data):
-    """Encoded bytes -> lazily decoded PIL image; a decompression bomb (more than MAX_IMAGE_PIXELS) is a BadSample."""
+    """Encoded bytes -> lazily decoded PIL image; a decompression bomb (more than MAX_IMAGE_PIXELS)
+    is a BadSample."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own limit just below
+        # we enforce our own limit just below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))
     if img.width * img.height > MAX_IMAGE_PIXELS:
-        raise BadSample(f"{img.width}x{img.height} image is over the {MAX_IMAGE_PIXELS} pixel limit")
+        raise BadSample(f"{img.width}x{img.height} image is over the {MAX_IMAGE_PIXELS} "
+                        "pixel limit")
     return img
 
 
 def decode_sample(sample, transform):
-    """{"jpg": bytes, "txt": bytes, ...} -> (image tensor, caption), or None (warned) for a bad sample."""
+    """{"jpg": bytes, "txt": bytes, ...} -> (image tensor, caption), or None (warned) for a bad
+    sample."""
     try:
         if "txt" not in sample:
             raise BadSample("no caption (.txt)")
@@ -244,7 +274,8 @@ def decode_sample(sample, transform):
         if ext is None:
             raise BadSample(f"no image (.{'/.'.join(IMAGE_EXTS)})")
         return transform(open_image(sample[ext])), caption
-    except Exception as e:  # anything a broken file can raise inside PIL: never stop a run for one sample
+    # anything a broken file can raise inside PIL: never stop a run for one sample
+    except Exception as e:
         warn_bad(f"sample {sample.get('__key__')}", e)
         return None
 
@@ -253,7 +284,8 @@ _bad = {"count": 0, "last_warning": -math.inf}
 
 
 def warn_bad(what, error):
-    """One line per bad sample for the first WARN_FIRST, then at most one every WARN_EVERY_S seconds (per process)."""
+    """One line per bad sample for the first WARN_FIRST, then at most one every WARN_EVERY_S seconds
+    (per process)."""
     _bad["count"] += 1
     now = time.monotonic()
     if _bad["count"] <= WARN_FIRST or now - _bad["last_warning"] >= WARN_EVERY_S:
@@ -261,17 +293,20 @@ def warn_bad(what, error):
         reason = " ".join(str(error).split())[:200]
         later = "; further warnings at most once a minute" if _bad["count"] == WARN_FIRST else ""
         print(f"data.py: warning: skipped {what}: {type(error).__name__}: {reason} "
-              f"({_bad['count']} skipped in process {os.getpid()}{later})", file=sys.stderr, flush=True)
+              f"({_bad['count']} skipped in process {os.getpid()}{later})",
+              file=sys.stderr, flush=True)
 
 
 def read_captions(pattern, max_captions=100_000):
-    """Up to max_captions captions from the shards, in order (to train a tokenizer on); ValueError if there are none."""
+    """Up to max_captions captions from the shards, in order (to train a tokenizer on); ValueError
+    if there are none."""
     captions, urls = [], expand_urls(pattern)
     for url in urls:
         for sample in read_shard(url):
             try:
                 caption = sample["txt"].decode("utf-8").strip()
-            except (TypeError, KeyError, UnicodeDecodeError):  # None (broken tar), no caption, not UTF-8
+            # None (broken tar), no caption, not UTF-8
+            except (TypeError, KeyError, UnicodeDecodeError):
                 continue
             if caption:
                 captions.append(caption)
@@ -282,10 +317,12 @@ def read_captions(pattern, max_captions=100_000):
     return captions
 
 
-# ----------------------------------------------------------------------------------------------------- train loader
+# --------------------------------------------------------------------------------------------------
+# train loader
 def derived_seed(*parts):
-    """A 63-bit seed from any values, e.g. (seed, "masks", epoch, rank): the same in every process, on every machine
-    (unlike hash() of a str), and unrelated for neighbouring inputs (unlike seed + epoch)."""
+    """A 63-bit seed from any values, e.g. (seed, "masks", epoch, rank): the same in every process,
+    on every machine (unlike hash() of a str), and unrelated for neighbouring inputs (unlike seed +
+    epoch)."""
     digest = hashlib.sha256("/".join(map(repr, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
@@ -297,18 +334,20 @@ def worker_split():
 
 
 def split_samples(urls, part, parts):
-    """The samples of `urls`, in order, that belong to part `part` of `parts` (one dataloader worker of one rank), none
-    in two parts: whole shards (part, part + parts, ...) when there are enough, else every parts-th sample (each part
-    then reads every shard and keeps its own)."""
+    """The samples of `urls`, in order, that belong to part `part` of `parts` (one dataloader worker
+    of one rank), none in two parts: whole shards (part, part + parts, ...) when there are enough,
+    else every parts-th sample (each part then reads every shard and keeps its own)."""
     by_shard = len(urls) >= parts
-    samples = (sample for url in (urls[part::parts] if by_shard else urls) for sample in read_shard(url))
+    mine = urls[part::parts] if by_shard else urls
+    samples = (sample for url in mine for sample in read_shard(url))
     for index, sample in enumerate(samples):
         if by_shard or index % parts == part:
             yield sample
 
 
 def shuffled(samples, buffer_size, rng):
-    """Shuffle a stream through a buffer of buffer_size samples; None (bad-sample markers) pass straight through."""
+    """Shuffle a stream through a buffer of buffer_size samples; None (bad-sample markers) pass
+    straight through."""
     buffer = []
     for sample in samples:
         if sample is None:
@@ -324,46 +363,53 @@ def shuffled(samples, buffer_size, rng):
 
 
 def shuffled_passes(urls, part, parts, rng):
-    """This part's samples of `urls` (split_samples), shuffled, pass after pass: a part whose share runs out before its
-    quota of batches reads it again, through a fresh shuffle (OpenCLIP's with_epoch does the same)."""
+    """This part's samples of `urls` (split_samples), shuffled, pass after pass: a part whose share
+    runs out before its quota of batches reads it again, through a fresh shuffle (OpenCLIP's
+    with_epoch does the same)."""
     while True:
         found = 0
         for sample in shuffled(split_samples(urls, part, parts), SHUFFLE_BUFFER, rng):
             found += sample is not None
             yield sample
         if not found:  # reading the same nothing again would spin forever
-            raise ValueError(f"data.py: no sample in part {part} of {parts} (one per rank and worker) of the "
-                             f"{len(urls)} training shards, e.g. {urls[part % len(urls)]} {NAMING}; "
-                             "--dataset-resampled reads all")
+            raise ValueError(f"data.py: no sample in part {part} of {parts} (one per rank and "
+                             f"worker) of the {len(urls)} training shards, e.g. "
+                             f"{urls[part % len(urls)]} {NAMING}; --dataset-resampled reads all")
 
 
 def resampled_samples(urls, rng):
-    """Shards drawn with replacement, forever (OpenCLIP's --dataset-resampled), read one after another."""
+    """Shards drawn with replacement, forever (OpenCLIP's --dataset-resampled), read one after
+    another."""
     draws_since_sample = 0
-    while draws_since_sample <= 20 * len(urls):  # 20n draws missing the one good shard of n: probability e^-20
+    # 20n draws missing the one good shard of n: probability e^-20
+    while draws_since_sample <= 20 * len(urls):
         draws_since_sample += 1
         for sample in read_shard(rng.choice(urls)):
             if sample is not None:
                 draws_since_sample = 0
             yield sample
-    raise ValueError(f"data.py: {draws_since_sample} shards drawn from {urls[0]} ... without a sample {NAMING}")
+    raise ValueError(f"data.py: {draws_since_sample} shards drawn from {urls[0]} ... "
+                     f"without a sample {NAMING}")
 
 
 class TrainStream(IterableDataset):
-    """One rank's batches of an epoch: (images (B, 3, S, S) uint8, tokens (B, T), skipped), skipped (a 0-d long tensor)
-    counting the bad samples this worker passed over since its previous batch.
+    """One rank's batches of an epoch: (images (B, 3, S, S) uint8, tokens (B, T), skipped), skipped
+    (a 0-d long tensor) counting the bad samples this worker passed over since its previous batch.
 
-    Each epoch reads the shards in a fresh order, a permutation drawn from (seed, epoch) and so the same on every rank,
-    split between all ranks' dataloader workers without overlap (split_samples); resampled: each worker draws shards
-    with replacement instead. Every worker makes a fixed number of whole batches (DDP needs as many steps on every
-    rank), so batches differ with the number of workers. The stream (shards, shuffle, crops) is a function of
-    (seed, epoch, rank, worker) only: a run resumed at an epoch boundary sees what an uninterrupted one saw."""
+    Each epoch reads the shards in a fresh order, a permutation drawn from (seed, epoch) and so the
+    same on every rank, split between all ranks' dataloader workers without overlap (split_samples);
+    resampled: each worker draws shards with replacement instead. Every worker makes a fixed number
+    of whole batches (DDP needs as many steps on every rank), so batches differ with the number of
+    workers. The stream (shards, shuffle, crops) is a function of (seed, epoch, rank, worker) only:
+    a run resumed at an epoch boundary sees what an uninterrupted one saw."""
 
-    def __init__(self, urls, batch_size, num_batches, image_size, tokenizer, scale, seed, rank, world_size, resampled):
+    def __init__(self, urls, batch_size, num_batches, image_size, tokenizer, scale, seed, rank,
+                 world_size, resampled):
         self.urls, self.batch_size, self.num_batches = urls, batch_size, num_batches
         self.image_size, self.tokenizer, self.scale, self.seed = image_size, tokenizer, scale, seed
         self.rank, self.world_size, self.resampled = rank, world_size, resampled
-        self.epoch = multiprocessing.Value("i", 0)  # shared memory: persistent workers see set_epoch
+        # shared memory: persistent workers see set_epoch
+        self.epoch = multiprocessing.Value("i", 0)
 
     def set_epoch(self, epoch):
         self.epoch.value = epoch
@@ -379,9 +425,12 @@ class TrainStream(IterableDataset):
         if self.resampled:
             samples = shuffled(resampled_samples(self.urls, rng), SHUFFLE_BUFFER, rng)
         else:
-            order = random.Random(derived_seed(self.seed, "shards", epoch)).sample(self.urls, len(self.urls))
-            samples = shuffled_passes(order, self.rank * num_workers + worker, self.world_size * num_workers, rng)
-        my_batches = self.num_batches // num_workers + (worker < self.num_batches % num_workers)  # sums to num_batches
+            shard_rng = random.Random(derived_seed(self.seed, "shards", epoch))
+            order = shard_rng.sample(self.urls, len(self.urls))
+            samples = shuffled_passes(order, self.rank * num_workers + worker,
+                                      self.world_size * num_workers, rng)
+        # sums to num_batches
+        my_batches = self.num_batches // num_workers + (worker < self.num_batches % num_workers)
         for _ in range(my_batches):
             yield self.next_batch(samples, transform)
 
@@ -392,9 +441,10 @@ class TrainStream(IterableDataset):
             decoded = None if sample is None else decode_sample(sample, transform)
             if decoded is None:
                 skipped += 1
-                if skipped > 100 * self.batch_size + 1000:  # everything is bad: fail instead of spinning forever
-                    raise RuntimeError(f"data.py: {skipped} bad samples while making one batch from {self.urls[0]} "
-                                       "...: is the training data readable?")
+                # everything is bad: fail instead of spinning forever
+                if skipped > 100 * self.batch_size + 1000:
+                    raise RuntimeError(f"data.py: {skipped} bad samples while making one batch "
+                                       f"from {self.urls[0]} ...: is the training data readable?")
                 continue
             images.append(decoded[0])
             captions.append(decoded[1])
@@ -402,56 +452,66 @@ class TrainStream(IterableDataset):
 
 
 def default_workers(on_gpu):
-    """Dataloader workers per rank (training) or process (evaluation). On GPUs, every core but one per rank: at FLIP's
-    step rates, and in an ImageNet pass, JPEG decoding is the bottleneck (a worker makes ~400 images/s; a masked
-    ViT-B/16 step consumes thousands). On the CPU, one: the model needs the cores itself."""
+    """Dataloader workers per rank (training) or process (evaluation). On GPUs, every core but one
+    per rank: at FLIP's step rates, and in an ImageNet pass, JPEG decoding is the bottleneck (a
+    worker makes ~400 images/s; a masked ViT-B/16 step consumes thousands). On the CPU, one: the
+    model needs the cores itself."""
     if not on_gpu:
         return 1
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun: GPUs used on this machine
+    # set by torchrun: GPUs used on this machine
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, len(os.sched_getaffinity(0)) // ranks_here - 1)
 
 
 def check_train_data(pattern):
-    """The shard paths of `pattern`, once one of their samples decodes (shards are read in order up to the first good
-    sample: a moment on good data); a one-line ValueError when none does, before any worker starts."""
+    """The shard paths of `pattern`, once one of their samples decodes (shards are read in order up
+    to the first good sample: a moment on good data); a one-line ValueError when none does, before
+    any worker starts."""
     urls = expand_urls(pattern)
     for url in urls:
         for sample in read_shard(url):
             if sample is not None and decode_sample(sample, lambda img: img.load()) is not None:
                 return urls
-    raise ValueError(f"training data {pattern}: no readable sample in its {len(urls)} shards {NAMING}")
+    raise ValueError(f"training data {pattern}: no readable sample in its {len(urls)} shards "
+                     f"{NAMING}")
 
 
-def make_train_loader(pattern, batch_size, num_samples, image_size, tokenizer, workers=4, seed=0, rank=0,
-                      world_size=1, scale=(0.9, 1.0), resampled=False):
-    """A DataLoader over this rank's TrainStream, with `num_batches` per epoch (num_samples // (batch_size *
-    world_size), the same on every rank) and `set_epoch(epoch)`, to call before each epoch."""
+def make_train_loader(pattern, batch_size, num_samples, image_size, tokenizer, workers=4, seed=0,
+                      rank=0, world_size=1, scale=(0.9, 1.0), resampled=False):
+    """A DataLoader over this rank's TrainStream, with `num_batches` per epoch (num_samples //
+    (batch_size * world_size), the same on every rank) and `set_epoch(epoch)`, to call before each
+    epoch."""
     urls = check_train_data(pattern)
-    stream = TrainStream(urls, batch_size, num_samples // (batch_size * world_size), image_size, tokenizer,
-                         tuple(scale), seed, rank, world_size, resampled)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=torch.cuda.is_available(), prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
+    stream = TrainStream(urls, batch_size, num_samples // (batch_size * world_size), image_size,
+                         tokenizer, tuple(scale), seed, rank, world_size, resampled)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
     loader.num_batches, loader.set_epoch = stream.num_batches, stream.set_epoch
     return loader
 
 
-# -------------------------------------------------------------------------------------------------- evaluation data
+# --------------------------------------------------------------------------------------------------
+# evaluation data
 class ImageFolder(Dataset):
-    """root/<class>/<image> -> (tensor, label, readable); classes are the sorted folder names (ImageNet: WordNet ids).
-    An image that cannot be read is warned about and given as a blank mean-colour image with readable=False, so the
-    dataset length and the accuracy's denominator stay the file count, and the caller can count the stand-ins: a flag
-    per item travels with the batch out of dataloader workers, where a counter kept in the dataset would stay behind."""
+    """root/<class>/<image> -> (tensor, label, readable); classes are the sorted folder names
+    (ImageNet: WordNet ids). An image that cannot be read is warned about and given as a blank
+    mean-colour image with readable=False, so the dataset length and the accuracy's denominator stay
+    the file count, and the caller can count the stand-ins: a flag per item travels with the batch
+    out of dataloader workers, where a counter kept in the dataset would stay behind."""
 
     def __init__(self, root, transform):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root}: no such directory")
         self.root, self.transform = root, transform
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        self.classes = sorted(e.name for e in os.scandir(root)
+                              if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
-            raise ValueError(f"image folder {root} has no class folders (expected {root}/<class>/<image>)")
+            raise ValueError(f"image folder {root} has no class folders "
+                             f"(expected {root}/<class>/<image>)")
         self.samples = [(os.path.join(d, f), label) for label, c in enumerate(self.classes)
-                        for d, _, files in sorted(os.walk(os.path.join(root, c))) for f in sorted(files)
-                        if f.rsplit(".", 1)[-1].lower() in FOLDER_IMAGE_EXTS]
+                        for d, _, files in sorted(os.walk(os.path.join(root, c)))
+                        for f in sorted(files) if f.rsplit(".", 1)[-1].lower() in FOLDER_IMAGE_EXTS]
         if not self.samples:
             raise ValueError(f"image folder {root} has class folders but no images")
 
@@ -470,9 +530,9 @@ class ImageFolder(Dataset):
 
 
 class ImageTextDataset(IterableDataset):
-    """(image tensor, caption) from shards, one ordered pass, no resampling (for retrieval), split without duplicates
-    across ranks and dataloader workers (split_samples). `skipped` counts bad samples (workers=0; workers print
-    theirs)."""
+    """(image tensor, caption) from shards, one ordered pass, no resampling (for retrieval), split
+    without duplicates across ranks and dataloader workers (split_samples). `skipped` counts bad
+    samples (workers=0; workers print theirs)."""
 
     def __init__(self, urls, transform, rank=0, world_size=1):
         self.urls, self.transform, self.rank, self.world_size = urls, transform, rank, world_size
@@ -489,7 +549,8 @@ class ImageTextDataset(IterableDataset):
             else:
                 yield decoded
         if self.skipped:
-            print(f"data.py: {self.skipped} bad samples skipped (part {part} of {parts})", file=sys.stderr)
+            print(f"data.py: {self.skipped} bad samples skipped (part {part} of {parts})",
+                  file=sys.stderr)
 
 
 def image_text_dataset(pattern, transform, rank=0, world_size=1):
@@ -498,8 +559,9 @@ def image_text_dataset(pattern, transform, rank=0, world_size=1):
 
 
 def convert(src, out, template="a photo of a {}.", shard_size=1000, seed=0):
-    """A folder of KEY.jpg + KEY.txt (captioned), or of class folders (caption = template with the class name), ->
-    shuffled webdataset shards out/shard-NNNNN.tar (+ classnames.txt for class folders). Returns the shard pattern."""
+    """A folder of KEY.jpg + KEY.txt (captioned), or of class folders (caption = template with the
+    class name), -> shuffled webdataset shards out/shard-NNNNN.tar (+ classnames.txt for class
+    folders). Returns the shard pattern."""
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src}: no such directory")
     images = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs
@@ -508,9 +570,11 @@ def convert(src, out, template="a photo of a {}.", shard_size=1000, seed=0):
     if not captioned:  # class folders: src/<class>/.../<image>
         images = [p for p in images if os.sep in os.path.relpath(p, src)]
     if not images:
-        raise FileNotFoundError(f"{src}: no images with KEY.txt captions and no class folders of images")
+        raise FileNotFoundError(f"{src}: no images with KEY.txt captions and no class folders "
+                                "of images")
     classes = sorted({os.path.relpath(p, src).split(os.sep)[0] for p in images})
-    random.Random(seed).shuffle(images)  # class folders would otherwise give one-class shards (and batches)
+    # class folders would otherwise give one-class shards (and batches)
+    random.Random(seed).shuffle(images)
     os.makedirs(out, exist_ok=True)
     written, skipped, tar = 0, 0, None
     for path in images:
@@ -537,7 +601,8 @@ def convert(src, out, template="a photo of a {}.", shard_size=1000, seed=0):
         if written % shard_size == 0:
             if tar:
                 tar.close()
-            tar = wds.TarWriter(os.path.join(out, f"shard-{written // shard_size:05d}.tar"), encoder=False)
+            shard = os.path.join(out, f"shard-{written // shard_size:05d}.tar")
+            tar = wds.TarWriter(shard, encoder=False)
         tar.write({"__key__": f"{written:09d}", ext: blob, "txt": text.encode()})
         written += 1
     if tar:
@@ -553,10 +618,13 @@ def convert(src, out, template="a photo of a {}.", shard_size=1000, seed=0):
 def main(argv=None):
     parser = OneLineParser(prog="data.py", description=__doc__.strip().split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("convert", help="a folder of images + captions, or class folders, -> webdataset shards")
-    p.add_argument("src", help="folder with KEY.jpg + KEY.txt, or with one folder of images per class")
+    p = commands.add_parser("convert", help="a folder of images + captions, or class folders, "
+                            "-> webdataset shards")
+    p.add_argument("src",
+                   help="folder with KEY.jpg + KEY.txt, or with one folder of images per class")
     p.add_argument("out", help="output folder for shard-NNNNN.tar")
-    p.add_argument("--template", default="a photo of a {}.", help="caption for class folders; {} = the class name")
+    p.add_argument("--template", default="a photo of a {}.",
+                   help="caption for class folders; {} = the class name")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     args = parser.parse_args(argv)
     try:

@@ -1,22 +1,24 @@
 """
-A scaled-down version of the paper's table: CLIP, FLIP and GDM-FLIP pre-trained on a small dataset with the `tiny`
-preset, then each masked model tuned unmasked, reported as masked inference / unmasked inference / after tuning
-(zero-shot top-1 on the test split), mean +- std over seeds.
+A scaled-down version of the paper's table: CLIP, FLIP and GDM-FLIP pre-trained on a small dataset
+with the `tiny` preset, then each masked model tuned unmasked, reported as masked inference /
+unmasked inference / after tuning (zero-shot top-1 on the test split), mean +- std over seeds.
 
-    python repro.py --jobs 2                              # built-in dataset, subjects centred (~1 h on 2 CPU cores)
-    python repro.py --jobs 2 --dataset uniform            # the control: subjects anywhere in the frame
+    python repro.py --jobs 2                    # built-in dataset, centred subjects (~1 h, 2 cores)
+    python repro.py --jobs 2 --dataset uniform  # the control: subjects anywhere in the frame
     apt-get install dataset-fashion-mnist && python repro.py --jobs 2 --dataset fashion-mnist
-    python repro.py --jobs 2 --reclip                     # RECLIP beside FLIP and GDM-FLIP at equal token budgets
+    python repro.py --jobs 2 --reclip           # RECLIP beside FLIP and GDM-FLIP at equal budgets
 
-RECLIP (the paper's equal-budget baseline) pre-trains CLIP on smaller images with as many patches as a masked run keeps:
-`tiny` has 64 patches at 64 px, so 48, 32 and 24 px (36, 16 and 9 patches) face 43.75%, 75% and 85.9% masking, as the
-paper's 160, 112 and 64 px (100, 49 and 16 of 196 patches) face 50%, 75% and 91.8%. Its "unmasked inference" column is
-the low-resolution model evaluated at 64 px (positional embeddings resized), and it is tuned at 64 px as the masked
-models are tuned unmasked.
+RECLIP (the paper's equal-budget baseline) pre-trains CLIP on smaller images with as many patches as
+a masked run keeps: `tiny` has 64 patches at 64 px, so 48, 32 and 24 px (36, 16 and 9 patches) face
+43.75%, 75% and 85.9% masking, as the paper's 160, 112 and 64 px (100, 49 and 16 of 196 patches)
+face 50%, 75% and 91.8%. Its "unmasked inference" column is the low-resolution model evaluated at 64
+px (positional embeddings resized), and it is tuned at 64 px as the masked models are tuned
+unmasked.
 
-Every run lives in <log-dir>/<dataset>-<method>-<ratio>-s<seed> (its output in train.log there); a finished run is not
-trained again and an interrupted one resumes from its last checkpoint, so the command can simply be started again.
-Curves: python visualize.py curves logs/repro/centered-*-0.5-s0/metrics.jsonl
+Every run lives in <log-dir>/<dataset>-<method>-<ratio>-s<seed> (its output in train.log there); a
+finished run is not trained again and an interrupted one resumes from its last checkpoint, so the
+command can simply be started again. Curves: python visualize.py curves
+logs/repro/centered-*-0.5-s0/metrics.jsonl
 """
 
 import gzip
@@ -37,14 +39,18 @@ import masking
 import photographer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SAMPLES = 20_000  # samples per epoch: the built-in dataset's size, also drawn from Fashion-MNIST's 60k
+# samples per epoch: the built-in dataset's size, also drawn from Fashion-MNIST's 60k
+SAMPLES = 20_000
 TUNE_SAMPLES = 4000  # unmasked tuning: a fifth of an epoch (the paper tuned ~1% of its 30 epochs)
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts the IDX files
-FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+# where Debian's dataset-fashion-mnist puts the IDX files
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                   "bag", "ankle boot"]
 CAPTION = "a photo of a {}."  # Fashion-MNIST captions and its only zero-shot template
 
 
-# ----------------------------------------------------------------------------- Fashion-MNIST as shards + a test folder
+# ----------------------------------------------------------------------------- Fashion-MNIST as
+# shards + a test folder
 
 
 def read_idx(path):
@@ -57,14 +63,16 @@ def read_idx(path):
 
 
 def prepare_fashion_mnist(src=FASHION_MNIST, root=None):
-    """Fashion-MNIST -> class folders of PNGs -> data.convert's shards (captions from the class names), plus the test
-    split as a class folder for zero-shot. Done once, cached beside the built-in dataset. Returns {train, test}."""
+    """Fashion-MNIST -> class folders of PNGs -> data.convert's shards (captions from the class
+    names), plus the test split as a class folder for zero-shot. Done once, cached beside the
+    built-in dataset. Returns {train, test}."""
     out = os.path.join(root or photographer.cache_root(), "fashion-mnist-v1")
     if os.path.isdir(out):
         shards = len([f for f in os.listdir(os.path.join(out, "train")) if f.endswith(".tar")])
         return {"train": os.path.join(out, "train", f"shard-{{00000..{shards - 1:05d}}}.tar"),
                 "test": os.path.join(out, "test")}
-    splits = {"train-images": read_fashion_mnist(src, "train"), "test": read_fashion_mnist(src, "t10k")}
+    splits = {"train-images": read_fashion_mnist(src, "train"),
+              "test": read_fashion_mnist(src, "t10k")}
     tmp = out + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     for folder, (images, labels) in splits.items():
@@ -78,7 +86,8 @@ def prepare_fashion_mnist(src=FASHION_MNIST, root=None):
 
 
 def read_fashion_mnist(src, prefix):
-    """(images (N, 28, 28) uint8, labels (N,)) of Fashion-MNIST's "train" or "t10k" (test) split in src."""
+    """(images (N, 28, 28) uint8, labels (N,)) of Fashion-MNIST's "train" or "t10k" (test) split in
+    src."""
     path = os.path.join(src, f"{prefix}-images-idx3-ubyte.gz")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no Fashion-MNIST in {src}: apt-get install dataset-fashion-mnist")
@@ -86,20 +95,22 @@ def read_fashion_mnist(src, prefix):
 
 
 def write_class_folder(images, labels, folder, per_class=None):
-    """Fashion-MNIST images as PNGs in one folder per class ("ankle_boot" for "ankle boot"), named by their index in
-    the file; the first `per_class` of each class, or all."""
+    """Fashion-MNIST images as PNGs in one folder per class ("ankle_boot" for "ankle boot"), named
+    by their index in the file; the first `per_class` of each class, or all."""
     count = [0] * len(FASHION_CLASSES)
     for name in FASHION_CLASSES:
         os.makedirs(os.path.join(folder, name.replace(" ", "_")))
     for i, (image, label) in enumerate(zip(images, labels)):
         if per_class is None or count[label] < per_class:
-            Image.fromarray(image).save(os.path.join(folder, FASHION_CLASSES[label].replace(" ", "_"), f"{i:05d}.png"))
+            class_dir = os.path.join(folder, FASHION_CLASSES[label].replace(" ", "_"))
+            Image.fromarray(image).save(os.path.join(class_dir, f"{i:05d}.png"))
             count[label] += 1
 
 
 def fashion_mnist_probe_split(per_class=1000, src=FASHION_MNIST, root=None):
-    """The linear probe's training split for Fashion-MNIST (eval.py --linear-probe --train-dataset): the first
-    `per_class` training images of each class as a class folder. Done once, cached beside the dataset."""
+    """The linear probe's training split for Fashion-MNIST (eval.py --linear-probe --train-dataset):
+    the first `per_class` training images of each class as a class folder. Done once, cached beside
+    the dataset."""
     out = os.path.join(root or photographer.cache_root(), f"fashion-mnist-v1-probe-{per_class}")
     if not os.path.isdir(out):
         images, labels = read_fashion_mnist(src, "train")
@@ -111,17 +122,19 @@ def fashion_mnist_probe_split(per_class=1000, src=FASHION_MNIST, root=None):
 
 
 def subject_kept(layout, ratio, sigma=0.2, n=2000, image_size=64, grid=8, seed=0):
-    """The mean fraction of the subject's area that Gaussian masking keeps on a built-in layout, from the generator's
-    placement of the subject and masking.keep_probability. Random masking keeps 1 - ratio of it: the difference is
-    how much centring can help there."""
-    rng, ss = np.random.default_rng(seed), 2 * image_size  # photographer.render draws at twice the size
+    """The mean fraction of the subject's area that Gaussian masking keeps on a built-in layout,
+    from the generator's placement of the subject and masking.keep_probability. Random masking keeps
+    1 - ratio of it: the difference is how much centring can help there."""
+    # photographer.render draws at twice the size
+    rng, ss = np.random.default_rng(seed), 2 * image_size
     yy, xx = np.mgrid[0:ss, 0:ss] + 0.5
     cover = np.zeros((ss, ss))
     for _ in range(n):
         cx, cy, r = photographer.subject_disc(rng, ss, layout)
         cover += (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
     cover = cover.reshape(grid, ss // grid, grid, ss // grid).sum((1, 3))  # per patch
-    return float((cover * np.asarray(masking.keep_probability(grid, ratio, "gaussian", sigma))).sum() / cover.sum())
+    keep = np.asarray(masking.keep_probability(grid, ratio, "gaussian", sigma))
+    return float((cover * keep).sum() / cover.sum())
 
 
 # ----------------------------------------------------------------------------- runs
@@ -154,13 +167,14 @@ def finished(run_dir):
 
 
 def train(run_dir, flags, env):
-    """train.py in a subprocess (output in run_dir/train.log): skipped if finished, resumed if interrupted."""
+    """train.py in a subprocess (output in run_dir/train.log): skipped if finished, resumed if
+    interrupted."""
     log_dir, name = os.path.split(run_dir)
     if not finished(run_dir):
         interrupted = os.path.exists(os.path.join(run_dir, "checkpoints", "epoch_latest.pt"))
         resume = ["--resume", "latest"] if interrupted else []
-        cmd = [str(c) for c in [sys.executable, os.path.join(HERE, "train.py"), "--log-dir", log_dir, "--name", name,
-                                *flags, *resume]]
+        cmd = [str(c) for c in [sys.executable, os.path.join(HERE, "train.py"),
+                                "--log-dir", log_dir, "--name", name, *flags, *resume]]
         os.makedirs(run_dir, exist_ok=True)
         print(" ".join(cmd), flush=True)
         with open(os.path.join(run_dir, "train.log"), "a") as log:
@@ -175,10 +189,11 @@ def common_flags(args, data_flags, seed):
 
 
 def pretrain(args, run_dir, common, flags, env):
-    """A pre-training run with `flags` (its masking or image size): args.epochs of SAMPLES samples at args.lr, warmed
-    up over 5% of its steps."""
+    """A pre-training run with `flags` (its masking or image size): args.epochs of SAMPLES samples
+    at args.lr, warmed up over 5% of its steps."""
     steps = SAMPLES // args.batch_size * args.epochs
-    return train(run_dir, common + flags + ["--epochs", args.epochs, "--lr", args.lr, "--warmup", max(1, steps // 20),
+    return train(run_dir, common + flags + ["--epochs", args.epochs, "--lr", args.lr,
+                                            "--warmup", max(1, steps // 20),
                                             "--train-num-samples", SAMPLES], env)
 
 
@@ -198,33 +213,39 @@ def run_one(args, data_flags, env, method, mask, ratio, seed):
 
 
 def tune(args, run_dir, common, pretrained, env):
-    """The unmasked tuning of a pre-trained run, in run_dir-tuned: its weights, a fifth of an epoch, no masking."""
-    return train(run_dir + "-tuned", common + ["--pretrained", pretrained, "--mask", "none", "--epochs", 1, "--lr",
-                                               args.tune_lr, "--warmup", 3, "--train-num-samples", TUNE_SAMPLES], env)
+    """The unmasked tuning of a pre-trained run, in run_dir-tuned: its weights, a fifth of an epoch,
+    no masking."""
+    return train(run_dir + "-tuned", common + ["--pretrained", pretrained, "--mask", "none",
+                                               "--epochs", 1, "--lr", args.tune_lr, "--warmup", 3,
+                                               "--train-num-samples", TUNE_SAMPLES], env)
 
 
 def run_reclip(args, data_flags, test_dir, env, size, seed):
-    """(None, unmasked, tuned) zero-shot top-1 of RECLIP: pre-trained at `size` px, evaluated and tuned at 64 px."""
+    """(None, unmasked, tuned) zero-shot top-1 of RECLIP: pre-trained at `size` px, evaluated and
+    tuned at 64 px."""
     run_dir = os.path.join(args.log_dir, f"{args.dataset}-reclip-{size}px-s{seed}")
     common = common_flags(args, data_flags, seed)
     pretrain(args, run_dir, common, ["--mask", "none", "--image-size", size], env)
     pretrained = os.path.join(run_dir, "checkpoints", "epoch_latest.pt")
     full = evaluate_at(run_dir, pretrained, test_dir, FULL_SIZE, env)
     tuned = tune(args, run_dir, common + ["--image-size", FULL_SIZE], pretrained, env)
-    print(f"{os.path.basename(run_dir)}: unmasked at {FULL_SIZE} px / tuned = {full}, {tuned['zeroshot_top1']}",
-          flush=True)
+    print(f"{os.path.basename(run_dir)}: unmasked at {FULL_SIZE} px / tuned = "
+          f"{full}, {tuned['zeroshot_top1']}", flush=True)
     return None, full, tuned["zeroshot_top1"]
 
 
 def evaluate_at(run_dir, checkpoint, test_dir, size, env):
-    """Zero-shot top-1 of a checkpoint at `size` px (eval.py in a subprocess; kept in run_dir/eval-<size>px.json)."""
+    """Zero-shot top-1 of a checkpoint at `size` px (eval.py in a subprocess; kept in
+    run_dir/eval-<size>px.json)."""
     out = os.path.join(run_dir, f"eval-{size}px.json")
     if not os.path.isfile(out):
-        cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", checkpoint, "--dataset", test_dir,
-               "--image-size", str(size), "--device", "cpu", "--workers", "1", "--output", out]
+        cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", checkpoint,
+               "--dataset", test_dir, "--image-size", str(size), "--device", "cpu",
+               "--workers", "1", "--output", out]
         with open(os.path.join(run_dir, "eval.log"), "a") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
-                raise RuntimeError(f"evaluating {checkpoint} at {size} px failed: see {run_dir}/eval.log")
+                raise RuntimeError(f"evaluating {checkpoint} at {size} px failed: "
+                                   f"see {run_dir}/eval.log")
     with open(out) as f:
         return json.load(f)["metrics"]["acc1"]
 
@@ -234,31 +255,42 @@ def mean_std(values):
     values = [100 * v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{statistics.mean(values):.1f}" + (f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+    spread = f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.1f}" + spread
 
 
 def table(rows):
-    """rows: {label: [(masked, unmasked, tuned) per seed]} -> a Markdown table in the paper's format."""
-    lines = ["| method | masked inference | unmasked inference | after tuning |", "|---|---|---|---|"]
+    """rows: {label: [(masked, unmasked, tuned) per seed]} -> a Markdown table in the paper's
+    format."""
+    lines = ["| method | masked inference | unmasked inference | after tuning |",
+             "|---|---|---|---|"]
     for label, results in rows.items():
-        lines.append(f"| {label} | " + " | ".join(mean_std(column) for column in zip(*results)) + " |")
+        cells = " | ".join(mean_std(column) for column in zip(*results))
+        lines.append(f"| {label} | " + cells + " |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = data.OneLineParser(prog="repro.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="centered", choices=[*photographer.LAYOUTS, "fashion-mnist"],
-                   help="built-in dataset with centred subjects, its uniform or edge layout (controls), or "
-                   "Fashion-MNIST")
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9], help="masking ratios")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (initialisation, data order, masks)")
-    p.add_argument("--epochs", type=int, default=2, help=f"pre-training epochs of {SAMPLES} samples")
+    p.add_argument("--dataset", default="centered",
+                   choices=[*photographer.LAYOUTS, "fashion-mnist"],
+                   help="built-in dataset with centred subjects, its uniform or edge layout "
+                   "(controls), or Fashion-MNIST")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9],
+                   help="masking ratios")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds (initialisation, data order, masks)")
+    p.add_argument("--epochs", type=int, default=2,
+                   help=f"pre-training epochs of {SAMPLES} samples")
     p.add_argument("--batch-size", type=int, default=128, help="batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of pre-training")
-    p.add_argument("--tune-lr", type=float, default=1e-4, help="peak learning rate of the unmasked tuning")
-    p.add_argument("--reclip", action="store_true", help="RECLIP at 48, 32, 24 px beside FLIP and GDM-FLIP at the "
-                   "same patch budgets (43.75%%, 75%%, 85.9%% masking) instead of --ratios")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores/jobs threads")
+    p.add_argument("--tune-lr", type=float, default=1e-4,
+                   help="peak learning rate of the unmasked tuning")
+    p.add_argument("--reclip", action="store_true", help="RECLIP at 48, 32, 24 px beside FLIP and "
+                   "GDM-FLIP at the same patch budgets (43.75%%, 75%%, 85.9%% masking) instead of "
+                   "--ratios")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each with cores/jobs threads")
     p.add_argument("--log-dir", default="logs/repro", help="where the runs go")
     args = p.parse_args(argv)
 
@@ -267,36 +299,47 @@ def main(argv=None):
             fmnist = prepare_fashion_mnist()
         except FileNotFoundError as e:
             sys.exit(f"repro.py: error: {e}")
-        data_flags, test_dir = ["--train-data", fmnist["train"], "--zeroshot-data", fmnist["test"]], fmnist["test"]
+        data_flags = ["--train-data", fmnist["train"], "--zeroshot-data", fmnist["test"]]
+        test_dir = fmnist["test"]
     else:
-        data_flags, test_dir = ["--builtin-layout", args.dataset], photographer.builtin_dataset(args.dataset)["test"]
+        data_flags = ["--builtin-layout", args.dataset]
+        test_dir = photographer.builtin_dataset(args.dataset)["test"]
     env = dict(os.environ)
-    if args.jobs > 1:  # share the cores; a small model gains more from parallel runs than from threads
+    # share the cores; a small model gains more from parallel runs than from threads
+    if args.jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
     t0 = time.time()
     masked = [("FLIP", "flip", "random"), ("GDM-FLIP", "gdmflip", "gaussian")]
     if args.reclip:  # per budget: RECLIP at that size, then masking that keeps as many patches
         runs = [("CLIP", "clip", "none", 0.0)] + [
-            row for size in RECLIP_SIZES for row in [(f"RECLIP {size} px", "reclip", "none", size)] + [
+            row for size in RECLIP_SIZES
+            for row in [(f"RECLIP {size} px", "reclip", "none", size)] + [
                 (f"{label} {budget_ratio(size):.2%}", method, mask, budget_ratio(size))
                 for label, method, mask in masked]]
     else:
         runs = [("CLIP", "clip", "none", 0.0)] + [(f"{label} {ratio:.0%}", method, mask, ratio)
-                                                  for ratio in args.ratios for label, method, mask in masked]
+                                                  for ratio in args.ratios
+                                                  for label, method, mask in masked]
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {label: [pool.submit(run_reclip, args, data_flags, test_dir, env, value, s) if method == "reclip"
-                           else pool.submit(run_one, args, data_flags, env, method, mask, value, s) for s in args.seeds]
+        futures = {label: [pool.submit(run_reclip, args, data_flags, test_dir, env, value, s)
+                           if method == "reclip"
+                           else pool.submit(run_one, args, data_flags, env, method, mask, value, s)
+                           for s in args.seeds]
                    for label, method, mask, value in runs}
         rows = {label: [f.result() for f in fs] for label, fs in futures.items()}
-    result = (f"zero-shot top-1 (%) on the {args.dataset} test split, seeds {args.seeds}, {args.epochs} epochs of "
-              f"{SAMPLES} samples, {(time.time() - t0) / 60:.0f} min:\n\n{table(rows)}\n")
+    result = (f"zero-shot top-1 (%) on the {args.dataset} test split, seeds {args.seeds}, "
+              f"{args.epochs} epochs of {SAMPLES} samples, {(time.time() - t0) / 60:.0f} min:\n\n"
+              f"{table(rows)}\n")
     ratios = [budget_ratio(size) for size in RECLIP_SIZES] if args.reclip else args.ratios
     if args.dataset in photographer.LAYOUTS:
-        kept = [f"{r:.0%} masking {subject_kept(args.dataset, r):.2f} vs {1 - r:.2f}" for r in ratios]
-        result += "\nshare of the subject's area kept, GDM-FLIP against FLIP: " + ", ".join(kept) + "\n"
+        kept = [f"{r:.0%} masking {subject_kept(args.dataset, r):.2f} vs {1 - r:.2f}"
+                for r in ratios]
+        result += ("\nshare of the subject's area kept, GDM-FLIP against FLIP: "
+                   + ", ".join(kept) + "\n")
     print("\n" + result)
-    with open(os.path.join(args.log_dir, f"{args.dataset}{'-reclip' if args.reclip else ''}-table.md"), "w") as f:
+    table_file = f"{args.dataset}{'-reclip' if args.reclip else ''}-table.md"
+    with open(os.path.join(args.log_dir, table_file), "w") as f:
         f.write(result)
 
 

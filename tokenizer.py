@@ -2,16 +2,19 @@
 Text -> token ids, as CLIP does it: `[sot] + BPE(text) + [eot]`, cut to the context, zero-padded.
 
 Two vocabularies, one layout:
-- CLIP's own BPE file (`bpe_simple_vocab_16e6.txt.gz`, shipped with OpenCLIP): ids equal to OpenCLIP's tokenizer;
-- a byte-level BPE learnt here from the training captions (the default when no --tokenizer is given), small enough
-  for the `tiny` preset, with the same clean-up, pre-split and `</w>` word endings.
+- CLIP's own BPE file (`bpe_simple_vocab_16e6.txt.gz`, shipped with OpenCLIP): ids equal to
+  OpenCLIP's tokenizer;
+- a byte-level BPE learnt here from the training captions (the default when no --tokenizer is
+  given), small enough for the `tiny` preset, with the same clean-up, pre-split and `</w>` word
+  endings.
 
-Captions are cleaned as OpenCLIP's default tokenizer cleans them (`clean_caption`) before the BPE sees them.
+Captions are cleaned as OpenCLIP's default tokenizer cleans them (`clean_caption`) before the BPE
+sees them.
 
-    tok = load_tokenizer("bpe_simple_vocab_16e6.txt.gz")       # 49408 ids, context 77
-    tok(["a photo of a dog."])                                  # (1, 77) LongTensor; eot is the largest id
+    tok = load_tokenizer("bpe_simple_vocab_16e6.txt.gz")  # 49408 ids, context 77
+    tok(["a photo of a dog."])  # (1, 77) LongTensor; eot is the largest id
     tok = train_tokenizer(captions, vocab_size=1024, context_length=32)
-    load_tokenizer(tok.to_json())                               # a tokenizer is saved in a checkpoint as its JSON
+    load_tokenizer(tok.to_json())  # a tokenizer is saved in a checkpoint as its JSON
 """
 
 import gzip
@@ -19,7 +22,8 @@ import html
 import json
 import os
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads and our forked dataloader workers don't mix
+# its threads and our forked dataloader workers don't mix
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import ftfy
 import torch
@@ -27,49 +31,61 @@ from tokenizers import Regex, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 SOT, EOT, PAD = "<|startoftext|>", "<|endoftext|>", "<pad>"
-CLIP_NUM_MERGES = 49152 - 256 - 2  # OpenAI CLIP reads only the first 48894 merges of its BPE file: 49408 tokens in all
-# CLIP's pre-split: contractions, runs of letters, single digits, runs of other non-space characters; spaces vanish.
-# Case-insensitive as CLIP's: on lower-cased text that still matters for the long s, "dog'ſ" -> "dog", "'ſ".
+# OpenAI CLIP reads only the first 48894 merges of its BPE file: 49408 tokens in all
+CLIP_NUM_MERGES = 49152 - 256 - 2
+# CLIP's pre-split: contractions, runs of letters, single digits, runs of other non-space
+# characters; spaces vanish. Case-insensitive as CLIP's: on lower-cased text that still matters for
+# the long s, "dog'ſ" -> "dog", "'ſ".
 CLIP_SPLIT = r"""(?i)'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-TRAINED_VOCAB_SIZE = 49408  # upper bound for a tokenizer trained by load_tokenizer(captions): CLIP's size
+# upper bound for a tokenizer trained by load_tokenizer(captions): CLIP's size
+TRAINED_VOCAB_SIZE = 49408
 
 
 def clean_caption(text):
-    """OpenCLIP's default clean-up, in its order. ftfy repairs what web captions are full of (mojibake "cafÃ©" ->
-    "café", curly quotes -> straight, full-width "ＡＢＣ" -> "ABC", ligature "ﬁ" -> "fi", control characters dropped)
-    and ends in NFC; HTML entities are unescaped twice (captions are often escaped twice: "&amp;amp;"); whitespace
-    runs become one space; then lower case (Python's, which knows a word-final sigma: "ΟΔΟΣ" -> "οδος")."""
+    """OpenCLIP's default clean-up, in its order. ftfy repairs what web captions are full of
+    (mojibake "cafÃ©" -> "café", curly quotes -> straight, full-width "ＡＢＣ" -> "ABC",
+    ligature "ﬁ" -> "fi", control characters dropped) and ends in NFC; HTML entities are unescaped
+    twice (captions are often escaped twice: "&amp;amp;"); whitespace runs become one space; then
+    lower case (Python's, which knows a word-final sigma: "ΟΔΟΣ" -> "οδος")."""
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
 
 def byte_alphabet():
-    """byte -> printable character (GPT-2's byte-level map), in CLIP's vocabulary order: printable Latin-1 first."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """byte -> printable character (GPT-2's byte-level map), in CLIP's vocabulary order: printable
+    Latin-1 first."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 class Tokenizer:
-    """list of strings -> (B, context_length) LongTensor: [sot] + BPE(text) + [eot], cut to the context (still ending
-    with eot), zero-padded. eot is the largest id, because the text tower pools at tokens.argmax(-1) as CLIP does.
+    """list of strings -> (B, context_length) LongTensor: [sot] + BPE(text) + [eot], cut to the
+    context (still ending with eot), zero-padded. eot is the largest id, because the text tower
+    pools at tokens.argmax(-1) as CLIP does.
 
-    Captions go through `clean_caption` (Python: ftfy and HTML unescaping have no `tokenizers` equivalent), then a
-    HuggingFace `tokenizers.Tokenizer` does CLIP's pre-split and byte-level BPE with `</w>` ending each word, and the
-    length rule. The HF tokenizer has no normalizer: clean_caption does all the clean-up, once (`tokenizers`' own
-    Lowercase is per character and misses the word-final sigma that Python's lower() gets right)."""
+    Captions go through `clean_caption` (Python: ftfy and HTML unescaping have no `tokenizers`
+    equivalent), then a HuggingFace `tokenizers.Tokenizer` does CLIP's pre-split and byte-level BPE
+    with `</w>` ending each word, and the length rule. The HF tokenizer has no normalizer:
+    clean_caption does all the clean-up, once (`tokenizers`' own Lowercase is per character and
+    misses the word-final sigma that Python's lower() gets right)."""
 
     def __init__(self, hf, context_length=None):
         vocab = hf.get_vocab()
         if SOT not in vocab or EOT not in vocab:
-            raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens; CLIP-style tokenizers need both")
+            raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens; CLIP-style tokenizers "
+                             "need both")
         self.sot, self.eot, self.vocab_size = vocab[SOT], vocab[EOT], max(vocab.values()) + 1
         if self.eot != self.vocab_size - 1:
-            raise ValueError(f"{EOT} must have the largest id ({self.vocab_size - 1}), has {self.eot}")
+            raise ValueError(f"{EOT} must have the largest id ({self.vocab_size - 1}), "
+                             f"has {self.eot}")
         self.context_length = context_length or (hf.truncation or {}).get("max_length", 77)
+        special_tokens = [(SOT, self.sot), (EOT, self.eot)]
         hf.post_processor = processors.TemplateProcessing(single=f"{SOT} $A {EOT}",
-                                                          special_tokens=[(SOT, self.sot), (EOT, self.eot)])
-        hf.enable_truncation(self.context_length)  # counts sot and eot: text keeps context_length - 2 tokens
+                                                          special_tokens=special_tokens)
+        # counts sot and eot: text keeps context_length - 2 tokens
+        hf.enable_truncation(self.context_length)
         hf.enable_padding(length=self.context_length, pad_id=0, pad_token=hf.id_to_token(0))
         hf.normalizer = None  # a tokenizer.json may carry one; clean_caption is the clean-up
         self.hf = hf
@@ -86,58 +102,73 @@ class Tokenizer:
             ids = ids[1:ids.index(self.eot)] if self.eot in ids else ids[1:]
         byte_of = {c: b for b, c in byte_alphabet().items()}
         text = "".join(self.hf.id_to_token(i) for i in ids)
-        return bytes(byte_of[c] for c in text).decode("utf-8", "replace").replace("</w>", " ").strip()
+        text = bytes(byte_of[c] for c in text).decode("utf-8", "replace")
+        return text.replace("</w>", " ").strip()
 
     def to_json(self):
         return self.hf.to_str()
 
 
 def bpe_tokenizer(merges, pad=False):
-    """HF tokenizer with CLIP's layout: ids = [<pad>] + 256 byte characters + the same with </w> + one token per merge
-    + [sot, eot]. CLIP has no pad token (it pads with 0, the id of "!"); a tokenizer trained here reserves 0 for it."""
+    """HF tokenizer with CLIP's layout: ids = [<pad>] + 256 byte characters + the same with </w> +
+    one token per merge + [sot, eot]. CLIP has no pad token (it pads with 0, the id of "!"); a
+    tokenizer trained here reserves 0 for it."""
     chars = list(byte_alphabet().values())
     ids = {}
-    for token in [PAD] * pad + chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [SOT, EOT]:
-        ids.setdefault(token, len(ids))  # a learnt merge can rebuild an existing token: keep the first id
-    hf = HFTokenizer(models.BPE(ids, [tuple(m) for m in merges], end_of_word_suffix="</w>", fuse_unk=False))
+    tokens = [PAD] * pad + chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    for token in tokens + [SOT, EOT]:
+        # a learnt merge can rebuild an existing token: keep the first id
+        ids.setdefault(token, len(ids))
+    bpe = models.BPE(ids, [tuple(m) for m in merges], end_of_word_suffix="</w>", fuse_unk=False)
+    hf = HFTokenizer(bpe)
     hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),  # keep the matches, drop the rest
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # bytes -> printable characters
+        # keep the matches, drop the rest
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+        # bytes -> printable characters
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.add_special_tokens([SOT, EOT])
     return hf
 
 
 def read_text(path):
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         return f.read()
 
 
 def clip_bpe_merges(path):
-    """The merges of a CLIP BPE vocabulary file (`bpe_simple_vocab_16e6.txt.gz`: a header line, then "a b" per line)."""
+    """The merges of a CLIP BPE vocabulary file (`bpe_simple_vocab_16e6.txt.gz`: a header line, then
+    "a b" per line)."""
     lines = read_text(path).split("\n")
     return [tuple(line.split()) for line in lines[1:CLIP_NUM_MERGES + 1] if line.strip()]
 
 
 def train_tokenizer(captions, vocab_size=1024, context_length=77):
-    """A BPE tokenizer learnt from captions (clean_caption, CLIP's pre-split, bytes, `</w>`), laid out like CLIP's:
-    pad = 0, the 512 byte characters, up to vocab_size - 515 merges, then sot = vocab_size - 2, eot = vocab_size - 1.
-    A small corpus may run out of merges first: the vocabulary is then smaller, and eot is still the largest id."""
+    """A BPE tokenizer learnt from captions (clean_caption, CLIP's pre-split, bytes, `</w>`), laid
+    out like CLIP's: pad = 0, the 512 byte characters, up to vocab_size - 515 merges, then sot =
+    vocab_size - 2, eot = vocab_size - 1. A small corpus may run out of merges first: the vocabulary
+    is then smaller, and eot is still the largest id."""
     num_merges = vocab_size - 1 - 512 - 2
     if num_merges < 0:
-        raise ValueError(f"vocab_size must be at least 515 (pad, 512 byte tokens, sot, eot), got {vocab_size}")
-    learner = bpe_tokenizer([])  # same pre-split as the final tokenizer, learning on the same cleaned text
-    trainer = trainers.BpeTrainer(vocab_size=512 + num_merges, show_progress=False, end_of_word_suffix="</w>",
+        raise ValueError("vocab_size must be at least 515 (pad, 512 byte tokens, sot, eot), "
+                         f"got {vocab_size}")
+    # same pre-split as the final tokenizer, learning on the same cleaned text
+    learner = bpe_tokenizer([])
+    trainer = trainers.BpeTrainer(vocab_size=512 + num_merges, show_progress=False,
+                                  end_of_word_suffix="</w>",
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     learner.train_from_iterator((clean_caption(c) for c in captions), trainer)
     merges = json.loads(learner.to_str())["model"]["merges"][:num_merges]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]  # format differs by version
+    # format differs by version
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
     return Tokenizer(bpe_tokenizer(merges, pad=True), context_length)
 
 
 def load_tokenizer(spec, context_length=None):
-    """A Tokenizer from: a CLIP BPE file (`bpe_simple_vocab_16e6.txt.gz`, ids as OpenCLIP's), a `tokenizer.json` or its
-    text (`Tokenizer.to_json()`), or a captions file / folder of .txt files to train one on (one caption per line).
-    context_length: default 77, or the one stored in a tokenizer.json."""
+    """A Tokenizer from: a CLIP BPE file (`bpe_simple_vocab_16e6.txt.gz`, ids as OpenCLIP's), a
+    `tokenizer.json` or its text (`Tokenizer.to_json()`), or a captions file / folder of .txt files
+    to train one on (one caption per line). context_length: default 77, or the one stored in a
+    tokenizer.json."""
     if isinstance(spec, Tokenizer):
         spec = spec.to_json()
     spec = str(spec)

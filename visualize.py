@@ -1,19 +1,22 @@
 """
-Figures: the paper's sigma comparison (which patches GDM-FLIP keeps) and training curves from metrics.jsonl logs.
+Figures: the paper's sigma comparison (which patches GDM-FLIP keeps) and training curves from
+metrics.jsonl logs.
 
-    python visualize.py                                   # -> docs/sigma_comparison.png, the figure in the README
+    python visualize.py  # -> docs/sigma_comparison.png, the figure in the README
     python visualize.py --out fig.pdf --sigma 0.1 0.2 0.8 --ratio 0.5 --image my_photo.jpg
     python visualize.py curves logs/flip/metrics.jsonl logs/gdm-flip/metrics.jsonl --out curves.png
-    python visualize.py compute logs/repro/centered-reclip-32px-s0-tuned logs/repro/centered-gdmflip-0.75-s0-tuned
+    python visualize.py compute logs/repro/centered-{reclip-32px,gdmflip-0.75}-s0-tuned
 
-The comparison figure has one column per masking: (a) FLIP's random masking, then GDM-FLIP's Gaussian masking for each
-sigma. Top row: one sample of masking.keep_indices drawn over a photograph, masked patches blanked grey. Bottom row: the
-keep probability of every patch, *estimated* by counting how often keep_indices keeps it over many samples, so the
-figure shows what the code does, not what a formula says it should do. PNG or PDF, from the --out file name.
+The comparison figure has one column per masking: (a) FLIP's random masking, then GDM-FLIP's
+Gaussian masking for each sigma. Top row: one sample of masking.keep_indices drawn over a
+photograph, masked patches blanked grey. Bottom row: the keep probability of every patch,
+*estimated* by counting how often keep_indices keeps it over many samples, so the figure shows what
+the code does, not what a formula says it should do. PNG or PDF, from the --out file name.
 
-The compute figure is FLIP's: zero-shot top-1 against training compute (FLOPs of the tokens each run encodes,
-model.flops_per_sample) and against wall time, one curve per run folder; a run tuned from another (--pretrained)
-continues its source's curve, so RECLIP and masking are compared over pre-training and tuning together.
+The compute figure is FLIP's: zero-shot top-1 against training compute (FLOPs of the tokens each run
+encodes, model.flops_per_sample) and against wall time, one curve per run folder; a run tuned from
+another (--pretrained) continues its source's curve, so RECLIP and masking are compared over
+pre-training and tuning together.
 """
 
 import json
@@ -36,15 +39,19 @@ import model as M  # noqa: E402
 
 PATCH_PX = 16  # pixels per patch, as in ViT-B/16: grid 14 -> a 224 px image
 MASKED_GREY = 0.5  # what a dropped patch looks like (RGB in [0, 1])
-MC_SAMPLES = 4000  # keep-rate estimate std <= sqrt(0.25 / 4000) ~ 0.008, well under one colour-bar step
-DEFAULT_IMAGE = "grace_hopper.jpg"  # a portrait that ships with matplotlib's sample data: nothing to download
+# keep-rate estimate std <= sqrt(0.25 / 4000) ~ 0.008, well under one colour-bar step
+MC_SAMPLES = 4000
+# a portrait that ships with matplotlib's sample data: nothing to download
+DEFAULT_IMAGE = "grace_hopper.jpg"
 
 
-# ----------------------------------------------------------------------------- helpers shared by the figures
+# ----------------------------------------------------------------------------- helpers shared by
+# the figures
 
 
 def load_image(path, size):
-    """(size, size, 3) float array in [0, 1]: the photograph centre-cropped to a square, then resized."""
+    """(size, size, 3) float array in [0, 1]: the photograph centre-cropped to a square, then
+    resized."""
     path = path or cbook.get_sample_data(DEFAULT_IMAGE, asfileobj=False)
     try:
         img = Image.open(path).convert("RGB")
@@ -60,7 +67,8 @@ def keep_rate_map(grid, ratio, mode, sigma, samples=MC_SAMPLES, seed=0):
     """(G, G) fraction of `samples` draws of masking.keep_indices in which each patch was kept."""
     g = torch.Generator().manual_seed(seed)
     keep = masking.keep_indices(samples, grid, ratio, mode, sigma, generator=g)  # (samples, K)
-    counts = torch.bincount(keep.flatten(), minlength=grid * grid).double()  # (G*G,) times each patch was kept
+    # (G*G,) times each patch was kept
+    counts = torch.bincount(keep.flatten(), minlength=grid * grid).double()
     return (counts / samples).view(grid, grid)
 
 
@@ -69,13 +77,15 @@ def draw_masked_image(ax, image, keep, grid):
     kept = torch.zeros(grid * grid, dtype=torch.bool)
     kept[keep] = True
     patch = image.shape[0] // grid
-    kept_px = np.kron(kept.view(grid, grid).numpy(), np.ones((patch, patch), dtype=bool))  # (S, S) patch -> pixels
+    # patch -> pixels
+    kept_px = np.kron(kept.view(grid, grid).numpy(), np.ones((patch, patch), dtype=bool))  # (S, S)
     ax.imshow(np.where(kept_px[..., None], image, MASKED_GREY))
     ax.set_axis_off()
 
 
 def draw_heat_map(ax, rates):
-    """Show a (G, G) keep-rate map on `ax` on a fixed 0..1 scale, so the columns can be compared; returns the image."""
+    """Show a (G, G) keep-rate map on `ax` on a fixed 0..1 scale, so the columns can be compared;
+    returns the image."""
     im = ax.imshow(rates.numpy(), cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -85,14 +95,18 @@ def draw_heat_map(ax, rates):
 # ----------------------------------------------------------------------------- the sigma comparison
 
 
-def sigma_comparison(image=None, ratio=0.5, sigmas=(0.1, 0.2, 0.8), grid=14, seed=0, samples=MC_SAMPLES):
-    """The comparison figure: columns random, gaussian(sigma) ...; rows one masked sample, estimated keep rates."""
+def sigma_comparison(image=None, ratio=0.5, sigmas=(0.1, 0.2, 0.8), grid=14, seed=0,
+                     samples=MC_SAMPLES):
+    """The comparison figure: columns random, gaussian(sigma) ...; rows one masked sample, estimated
+    keep rates."""
     photo = load_image(image, grid * PATCH_PX)
     columns = [("random", 0.2, "(a) random masking (FLIP)")]  # sigma is unused by random masking
     columns += [("gaussian", s, f"({chr(ord('b') + i)}) Gaussian, sigma = {s:g}\n"
-                                f"(a variance: std = {math.sqrt(s):.2f})") for i, s in enumerate(sigmas)]
+                                f"(a variance: std = {math.sqrt(s):.2f})")
+                for i, s in enumerate(sigmas)]
     fig, axes = plt.subplots(2, len(columns), figsize=(2.4 * len(columns) + 1, 5.6), squeeze=False,
-                             layout="constrained")  # constrained: the colour bar takes room from the last column only
+                             # constrained: the colour bar takes room from the last column only
+                             layout="constrained")
     g = torch.Generator().manual_seed(seed)
     for col, (mode, sigma, title) in enumerate(columns):
         keep = masking.keep_indices(1, grid, ratio, mode, sigma, generator=g)[0]  # (K,) one sample
@@ -101,9 +115,9 @@ def sigma_comparison(image=None, ratio=0.5, sigmas=(0.1, 0.2, 0.8), grid=14, see
         im = draw_heat_map(axes[1, col], keep_rate_map(grid, ratio, mode, sigma, samples, seed))
     axes[1, 0].set_ylabel(f"keep rate over {samples} masks", fontsize=9)
     fig.colorbar(im, ax=axes[:, -1].tolist(), shrink=0.6, label="P(patch kept)")
-    fig.suptitle(f"{ratio:.0%} of {grid} x {grid} patches masked. The paper's sigma is the Gaussian's covariance "
-                 "diagonal,\ni.e. a variance, in units of half the image width (centres on linspace(-1, 1, G)), "
-                 "as in its code", fontsize=9)
+    fig.suptitle(f"{ratio:.0%} of {grid} x {grid} patches masked. The paper's sigma is the "
+                 "Gaussian's covariance diagonal,\ni.e. a variance, in units of half the image "
+                 "width (centres on linspace(-1, 1, G)), as in its code", fontsize=9)
     return fig
 
 
@@ -111,7 +125,8 @@ def sigma_comparison(image=None, ratio=0.5, sigmas=(0.1, 0.2, 0.8), grid=14, see
 
 
 def read_metrics(path):
-    """The records of a metrics.jsonl written by train.py: one JSON object per line (blank lines skipped)."""
+    """The records of a metrics.jsonl written by train.py: one JSON object per line (blank lines
+    skipped)."""
     try:
         with open(path) as f:
             lines = f.readlines()
@@ -128,16 +143,22 @@ def read_metrics(path):
 
 
 def series(records, x, y):
-    """(xs, ys) from the records that have both keys with a finite number (train and eval lines mix in one log)."""
-    ok = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731  (train.py may log "mfu": null)
-    pairs = [(r[x] / (60 if x == "time" else 1), r[y]) for r in records if ok(r.get(x)) and ok(r.get(y))]
+    """(xs, ys) from the records that have both keys with a finite number (train and eval lines mix
+    in one log)."""
+    # train.py may log "mfu": null
+    ok = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    pairs = [(r[x] / (60 if x == "time" else 1), r[y]) for r in records
+             if ok(r.get(x)) and ok(r.get(y))]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def training_curves(paths):
-    """Loss (top row) and every *top1* metric (bottom row) against step (left) and wall time (right); a colour a run."""
-    runs = [(os.path.basename(os.path.dirname(os.path.abspath(p))), read_metrics(p)) for p in paths]  # logs/<name>/...
-    # one line style per metric across all runs (a FLIP run logs zeroshot_masked_top1, an unmasked one does not)
+    """Loss (top row) and every *top1* metric (bottom row) against step (left) and wall time
+    (right); a colour a run."""
+    # logs/<name>/...
+    runs = [(os.path.basename(os.path.dirname(os.path.abspath(p))), read_metrics(p)) for p in paths]
+    # one line style per metric across all runs (a FLIP run logs zeroshot_masked_top1, an unmasked
+    # one does not)
     keys = sorted({k for _, records in runs for r in records for k in r if "top1" in k},
                   key=lambda k: (k != "zeroshot_top1", k))  # the headline metric first, drawn solid
     styles = dict(zip(keys, ["-o", "--s", ":^", "-.v"] * len(keys)))
@@ -148,7 +169,8 @@ def training_curves(paths):
             for key in keys:
                 xs, ys = series(records, x, key)
                 if xs:
-                    axes[1, col].plot(xs, ys, styles[key], color=f"C{i % 10}", markersize=3, label=f"{run}: {key}")
+                    axes[1, col].plot(xs, ys, styles[key], color=f"C{i % 10}", markersize=3,
+                                      label=f"{run}: {key}")
     for col, xlabel in enumerate(["step", "wall time (min)"]):
         axes[0, col].set(xlabel=xlabel, ylabel="contrastive loss")
         axes[1, col].set(xlabel=xlabel, ylabel="zero-shot top-1")
@@ -160,7 +182,8 @@ def training_curves(paths):
     return fig
 
 
-# ----------------------------------------------------------------------------- accuracy against compute
+# ----------------------------------------------------------------------------- accuracy against
+# compute
 
 
 def read_run(run_dir):
@@ -170,13 +193,16 @@ def read_run(run_dir):
             args = json.load(f)
     except (OSError, ValueError) as e:
         sys.exit(f"visualize.py: error: {run_dir} is not a train.py run folder (args.json: {e})")
-    return args, [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "zeroshot_top1" in r]
+    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return args, [r for r in records if "zeroshot_top1" in r]
 
 
 def flops_per_step(args):
-    """Training FLOPs of one optimizer step of a run: 3 x forward of the tokens it encodes (patches kept, text tokens
-    kept with --text-length), over the global batch, as train.py counts them for MFU."""
-    per_sample = M.train_flops_per_sample(M.CLIPConfig(**args["config"]), args["ratio"], args.get("text_length"))
+    """Training FLOPs of one optimizer step of a run: 3 x forward of the tokens it encodes (patches
+    kept, text tokens kept with --text-length), over the global batch, as train.py counts them for
+    MFU."""
+    per_sample = M.train_flops_per_sample(M.CLIPConfig(**args["config"]), args["ratio"],
+                                          args.get("text_length"))
     return per_sample * args["batch_size"] * args["accum_freq"] * args.get("world_size", 1)
 
 
@@ -188,7 +214,8 @@ def run_label(args):
 
 
 def compute_points(run_dir):
-    """(label, FLOPs, minutes, top-1) at each evaluation of a run, after those of the run it was tuned from."""
+    """(label, FLOPs, minutes, top-1) at each evaluation of a run, after those of the run it was
+    tuned from."""
     args, records = read_run(run_dir)
     label, flops0, minutes0, points = run_label(args), 0.0, 0.0, ([], [], [])
     if args.get("pretrained"):  # logs/<source>/checkpoints/epoch_K.pt: continue the source's curve
@@ -199,11 +226,13 @@ def compute_points(run_dir):
             flops0, minutes0 = (points[0][-1], points[1][-1]) if points[0] else (0.0, 0.0)
     per_step = flops_per_step(args)
     return (label, points[0] + [flops0 + r["step"] * per_step for r in records],
-            points[1] + [minutes0 + r["time"] / 60 for r in records], points[2] + [r["zeroshot_top1"] for r in records])
+            points[1] + [minutes0 + r["time"] / 60 for r in records],
+            points[2] + [r["zeroshot_top1"] for r in records])
 
 
 def compute_curves(run_dirs):
-    """Zero-shot top-1 (unmasked inference) against training FLOPs (left) and wall time (right); a curve a run."""
+    """Zero-shot top-1 (unmasked inference) against training FLOPs (left) and wall time (right); a
+    curve a run."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, run_dir in enumerate(run_dirs):
         label, flops, minutes, top1 = compute_points(run_dir)
@@ -224,23 +253,33 @@ def parse_args(argv):
     if argv and argv[0] == "compute":
         p = data.OneLineParser(prog="visualize.py compute", description=compute_curves.__doc__)
         p.add_argument("runs", nargs="+", help="train.py run folders (args.json and metrics.jsonl)")
-        p.add_argument("--out", default="compute.png", help="output file; .png, .pdf or .svg, from the name")
+        p.add_argument("--out", default="compute.png",
+                       help="output file; .png, .pdf or .svg, from the name")
         return p.parse_args(argv[1:])
     if argv and argv[0] == "curves":
-        p = data.OneLineParser(prog="visualize.py curves", description="Training curves from metrics.jsonl logs.")
-        p.add_argument("logs", nargs="+", help="metrics.jsonl files from train.py; the legend is each parent folder")
-        p.add_argument("--out", default="curves.png", help="output file; .png, .pdf or .svg, from the name")
+        p = data.OneLineParser(prog="visualize.py curves",
+                               description="Training curves from metrics.jsonl logs.")
+        p.add_argument("logs", nargs="+",
+                       help="metrics.jsonl files from train.py; the legend is each parent folder")
+        p.add_argument("--out", default="curves.png",
+                       help="output file; .png, .pdf or .svg, from the name")
         return p.parse_args(argv[1:])
-    p = data.OneLineParser(prog="visualize.py", description="The sigma comparison figure (or `visualize.py curves LOG "
-                           "...`, `visualize.py compute RUN ...`).")
-    p.add_argument("--out", default="docs/sigma_comparison.png", help="output file; .png, .pdf or .svg, from the name")
-    p.add_argument("--image", default=None, help=f"photograph to mask (default: matplotlib's sample {DEFAULT_IMAGE})")
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of patches masked (paper's figure: 0.5)")
+    p = data.OneLineParser(prog="visualize.py", description="The sigma comparison figure (or "
+                           "`visualize.py curves LOG ...`, `visualize.py compute RUN ...`).")
+    p.add_argument("--out", default="docs/sigma_comparison.png",
+                   help="output file; .png, .pdf or .svg, from the name")
+    p.add_argument("--image", default=None,
+                   help=f"photograph to mask (default: matplotlib's sample {DEFAULT_IMAGE})")
+    p.add_argument("--ratio", type=float, default=0.5,
+                   help="fraction of patches masked (paper's figure: 0.5)")
     p.add_argument("--sigma", type=float, nargs="+", default=[0.1, 0.2, 0.8],
                    help="the paper's sigma (a variance) of each Gaussian column")
-    p.add_argument("--grid", type=int, default=14, help="patches per side (14 = 224 px at patch 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the masks drawn and of the keep-rate estimate")
-    p.add_argument("--samples", type=int, default=MC_SAMPLES, help="masks drawn to estimate each keep-rate map")
+    p.add_argument("--grid", type=int, default=14,
+                   help="patches per side (14 = 224 px at patch 16)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the masks drawn and of the keep-rate estimate")
+    p.add_argument("--samples", type=int, default=MC_SAMPLES,
+                   help="masks drawn to estimate each keep-rate map")
     return p.parse_args(argv)
 
 
@@ -255,11 +294,13 @@ def main(argv=None):
         else:
             if args.samples < 1:
                 raise ValueError(f"--samples must be >= 1, got {args.samples}")
-            fig = sigma_comparison(args.image, args.ratio, args.sigma, args.grid, args.seed, args.samples)
+            fig = sigma_comparison(args.image, args.ratio, args.sigma, args.grid, args.seed,
+                                   args.samples)
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         fig.savefig(args.out, dpi=100, bbox_inches="tight")  # format from the file name
         plt.close(fig)
-    except ValueError as e:  # bad --ratio / --sigma / --grid (from masking.py) or an unknown --out format
+    # bad --ratio / --sigma / --grid (from masking.py) or an unknown --out format
+    except ValueError as e:
         sys.exit(f"visualize.py: error: {e}")
     print(f"wrote {args.out}")
 

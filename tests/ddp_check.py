@@ -1,5 +1,6 @@
-"""Run under `torchrun --nproc_per_node=2`: the loss and gradients of a global batch split over two gloo ranks must equal
-those of one process over the same samples. Rank 0 writes {"loss_diff", "grad_diff"} to the path in argv[1]."""
+"""Run under `torchrun --nproc_per_node=2`: the loss and gradients of a global batch split over two
+gloo ranks must equal those of one process over the same samples. Rank 0 writes {"loss_diff",
+"grad_diff"} to the path in argv[1]."""
 
 import json
 import sys
@@ -32,7 +33,8 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     ddp = DDP(M.create_model("tiny"))
     shard = slice(rank * 4, rank * 4 + 4)
-    loss = train.forward_backward(ddp, [(images[shard], tokens[shard])], [keep[shard]], nullcontext(), world)
+    micro = [(images[shard], tokens[shard])]
+    loss = train.forward_backward(ddp, micro, [keep[shard]], nullcontext(), world)
     if rank == 0:
         torch.manual_seed(0)
         single = M.create_model("tiny")

@@ -1,6 +1,7 @@
-"""Run under `torchrun --nproc_per_node=2`: every gloo rank evaluates its share of a class folder with eval.py's
-evaluate_folder, unmasked, masked and with two masked views, and writes what it returns to ARGV[3].RANK.json; test_eval.py compares each with
-one process's pass over the same folder.
+"""Run under `torchrun --nproc_per_node=2`: every gloo rank evaluates its share of a class folder
+with eval.py's evaluate_folder, unmasked, masked and with two masked views, and writes what it
+returns to ARGV[3].RANK.json; test_eval.py compares each with one process's pass over the same
+folder.
 
     torchrun --standalone --nproc_per_node=2 tests/eval_ranks.py CHECKPOINT FOLDER OUT
 """
@@ -21,7 +22,8 @@ if __name__ == "__main__":
     checkpoint, folder, out = sys.argv[1:4]
     dist.init_process_group("gloo")
     model, tokenizer = load_checkpoint(checkpoint)
-    results = {name: zeroshot.evaluate_folder(model, tokenizer, folder, batch_size=BATCH_SIZE, workers=0, **settings)
+    results = {name: zeroshot.evaluate_folder(model, tokenizer, folder, batch_size=BATCH_SIZE,
+                                              workers=0, **settings)
                for name, settings in PASSES.items()}
     with open(f"{out}.{dist.get_rank()}.json", "w") as f:
         json.dump(results, f)

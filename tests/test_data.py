@@ -1,5 +1,5 @@
-"""The contract of data.py: shards in, (images, tokens) out, never stopped by a bad sample; OpenCLIP's
-preprocessing; class folders and retrieval shards; convert."""
+"""The contract of data.py: shards in, (images, tokens) out, never stopped by a bad sample;
+OpenCLIP's preprocessing; class folders and retrieval shards; convert."""
 
 import io
 import math
@@ -22,7 +22,8 @@ from tokenizer import train_tokenizer
 MEAN, STD = torch.tensor(data.OPENAI_MEAN), torch.tensor(data.OPENAI_STD)
 
 
-# ------------------------------------------------------------------------------------------------------ helpers
+# --------------------------------------------------------------------------------------------------
+# helpers
 def jpeg(size=(24, 20), seed=0):
     """A JPEG with some structure (a gradient plus noise), so crops and resizes are visible."""
     rng = np.random.default_rng(seed)
@@ -35,10 +36,13 @@ def jpeg(size=(24, 20), seed=0):
 
 
 def png_header(width, height):
-    """A PNG that claims width x height pixels but holds (almost) no data: a decompression bomb's header."""
+    """A PNG that claims width x height pixels but holds (almost) no data: a decompression bomb's
+    header."""
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
             + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
 
 
@@ -66,14 +70,17 @@ def tok():
 
 
 def sample_ids(tok, tokens):
-    """The i of each "sample i" caption in a (B, T) token batch (CLIP's pre-split makes each digit a word)."""
+    """The i of each "sample i" caption in a (B, T) token batch (CLIP's pre-split makes each digit a
+    word)."""
     return [int("".join(tok.decode(row).split()[1:])) for row in tokens]
 
 
-# ------------------------------------------------------------------------------------------------------ shards
+# --------------------------------------------------------------------------------------------------
+# shards
 def test_shard_round_trip(tmp_path):
     samples = [good(i) for i in range(5)]
-    samples[3] = {"__key__": "000003", "png": samples[3]["jpg"], "txt": b"  sample 3\n"}  # png ext, caption stripped
+    # png ext, caption stripped
+    samples[3] = {"__key__": "000003", "png": samples[3]["jpg"], "txt": b"  sample 3\n"}
     path = write_shard(tmp_path / "s-0.tar", samples)
     assert [s["__key__"] for s in data.read_shard(path)] == [f"{i:06d}" for i in range(5)]
     t = data.eval_transform(16)
@@ -89,8 +96,10 @@ def test_expand_urls_braces_double_colon_and_folders(tmp_path, capsys):
     d = str(tmp_path)
     assert data.expand_urls(f"{d}/a-{{000..002}}.tar::{d}/b-{{7,8}}.tar") == [
         f"{d}/a-000.tar", f"{d}/a-001.tar", f"{d}/a-002.tar", f"{d}/b-7.tar"]
-    assert "1 of 2 shards" in capsys.readouterr().err  # b-8 is missing: a warning, the others are used
-    assert data.expand_urls(d) == sorted(f"{d}/{n}" for n in ["a-000.tar", "a-001.tar", "a-002.tar", "b-7.tar"])
+    # b-8 is missing: a warning, the others are used
+    assert "1 of 2 shards" in capsys.readouterr().err
+    names = ["a-000.tar", "a-001.tar", "a-002.tar", "b-7.tar"]
+    assert data.expand_urls(d) == sorted(f"{d}/{n}" for n in names)
 
 
 def test_missing_data_is_a_clear_error_before_training(tmp_path, tok):
@@ -103,7 +112,8 @@ def test_missing_data_is_a_clear_error_before_training(tmp_path, tok):
         data.expand_urls(f"{tmp_path}/ok.tar::{tmp_path}/y.tar")
 
 
-@pytest.mark.parametrize("num_shards", [4, 1])  # split by shard, and by sample when there are too few shards
+# split by shard, and by sample when there are too few shards
+@pytest.mark.parametrize("num_shards", [4, 1])
 def test_image_text_dataset_split_across_ranks_and_workers_without_duplicates(tmp_path, num_shards):
     n = 12
     for k in range(num_shards):
@@ -119,11 +129,13 @@ def test_image_text_dataset_split_across_ranks_and_workers_without_duplicates(tm
     assert sorted(seen) == sorted(f"sample {i}" for i in range(n))  # every sample exactly once
 
 
-# ------------------------------------------------------------------------------------------------------ bad input
+# --------------------------------------------------------------------------------------------------
+# bad input
 def bad_samples():
     truncated = jpeg((64, 64))
     return {
-        "corrupt image": {"jpg": b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(200), "txt": b"bad"},
+        "corrupt image": {"jpg": b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(200),
+                          "txt": b"bad"},
         "truncated image": {"jpg": truncated[: len(truncated) // 2], "txt": b"bad"},
         "non-image file": {"jpg": b"<html>404 not found</html>", "txt": b"bad"},
         "missing caption": {"jpg": jpeg()},
@@ -131,28 +143,33 @@ def bad_samples():
         "non-UTF-8 caption": {"jpg": jpeg(), "txt": b"caf\xe9 \xff\xfe"},
         "no image": {"txt": b"bad", "json": b"{}"},
         "decompression bomb": {"png": png_header(12_000, 12_000), "txt": b"bad"},
-        "huge bomb": {"png": png_header(30_000, 30_000), "txt": b"bad"},  # Pillow itself refuses this one
+        # Pillow itself refuses this one
+        "huge bomb": {"png": png_header(30_000, 30_000), "txt": b"bad"},
     }
 
 
 def shard_with_bad_samples(tmp_path):
-    """s-0.tar: a good sample before each kind of bad one; s-1.tar: 10 good samples, cut inside the 7th image."""
+    """s-0.tar: a good sample before each kind of bad one; s-1.tar: 10 good samples, cut inside the
+    7th image."""
     samples = []
     for i, (what, s) in enumerate(bad_samples().items()):
         samples += [good(2 * i), {"__key__": f"bad{i:03d}", **s}]
     write_shard(tmp_path / "s-0.tar", samples)
     whole = write_shard(tmp_path / "whole.tar", [good(i) for i in range(100, 110)])
-    cut = next(m.offset_data for m in tarfile.open(whole).getmembers() if m.name == "000106.jpg") + 100
+    cut = next(m.offset_data for m in tarfile.open(whole).getmembers()
+               if m.name == "000106.jpg") + 100
     with open(tmp_path / "s-1.tar", "wb") as f:
         f.write(open(whole, "rb").read()[:cut])
-    good_captions = [f"sample {2 * i}" for i in range(len(bad_samples()))] + [f"sample {i}" for i in range(100, 106)]
+    good_captions = ([f"sample {2 * i}" for i in range(len(bad_samples()))]
+                     + [f"sample {i}" for i in range(100, 106)])
     return f"{tmp_path}/s-{{0..1}}.tar", good_captions
 
 
 def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, capsys):
     pattern, good_captions = shard_with_bad_samples(tmp_path)
     ds = data.image_text_dataset(pattern, data.eval_transform(16))
-    assert [c for _, c in ds] == good_captions  # in order, and the truncated tar up to its last whole sample
+    # in order, and the truncated tar up to its last whole sample
+    assert [c for _, c in ds] == good_captions
     assert ds.skipped == len(bad_samples()) + 1  # + the rest of the truncated tar
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: skipped" in line]
     assert len(warnings) == data.WARN_FIRST  # rate-limited: not one per bad sample
@@ -192,7 +209,8 @@ def deadline():
 
 
 def shards_without_samples(tmp_path, kind):
-    """Two shards of `kind` data: tars with no members, members with no extension, or bytes that are no tar."""
+    """Two shards of `kind` data: tars with no members, members with no extension, or bytes that are
+    no tar."""
     for k in range(2):
         path = tmp_path / f"s-{k}.tar"
         if kind == "corrupt":
@@ -210,16 +228,19 @@ def shards_without_samples(tmp_path, kind):
 def test_data_without_samples_is_a_one_line_error_before_training(tmp_path, tok, kind):
     pattern = shards_without_samples(tmp_path, kind)
     with pytest.raises(ValueError, match="no readable sample in its 2 shards") as error:
-        data.make_train_loader(pattern, 4, 16, 8, tok, workers=2)  # in this process, before any worker starts
+        # in this process, before any worker starts
+        data.make_train_loader(pattern, 4, 16, 8, tok, workers=2)
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="no captions in its 2 shards"):
         data.read_captions(pattern)  # the tokenizer is never trained on nothing
 
 
-def test_a_worker_whose_shards_hold_no_sample_raises_instead_of_spinning(tmp_path, tok, deadline, monkeypatch):
+def test_a_worker_whose_shards_hold_no_sample_raises_instead_of_spinning(tmp_path, tok, deadline,
+                                                                         monkeypatch):
     write_shard(tmp_path / "s-0.tar", [good(i) for i in range(8)])
     write_shard(tmp_path / "s-1.tar", [])  # the other worker's share: a valid tar, empty
-    loader = data.make_train_loader(f"{tmp_path}/s-{{0..1}}.tar", 4, 16, 8, tok, workers=0)  # s-0 passes the check
+    # s-0 passes the check
+    loader = data.make_train_loader(f"{tmp_path}/s-{{0..1}}.tar", 4, 16, 8, tok, workers=0)
     errors = []
     for w in range(2):
         monkeypatch.setattr(data, "worker_split", lambda w=w: (w, 2))
@@ -228,13 +249,16 @@ def test_a_worker_whose_shards_hold_no_sample_raises_instead_of_spinning(tmp_pat
         except ValueError as e:
             errors.append(str(e))
     assert len(errors) == 1 and "no sample in part" in errors[0]
-    for resampled, error in [(False, "no sample in part"), (True, "without a sample")]:  # past the check: only s-1
-        stream = data.TrainStream([str(tmp_path / "s-1.tar")], 4, 2, 8, tok, (0.9, 1), 0, 0, 1, resampled)
+    # past the check: only s-1
+    for resampled, error in [(False, "no sample in part"), (True, "without a sample")]:
+        stream = data.TrainStream([str(tmp_path / "s-1.tar")], 4, 2, 8, tok, (0.9, 1), 0, 0, 1,
+                                  resampled)
         with pytest.raises(ValueError, match=error):
             next(iter(stream))
 
 
-# ------------------------------------------------------------------------------------------------------ train loader
+# --------------------------------------------------------------------------------------------------
+# train loader
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
@@ -244,8 +268,8 @@ def shards(tmp_path_factory):
 
 
 def stream(shards, tok, epoch=0, seed=0, rank=0, workers=0, num_samples=48):
-    loader = data.make_train_loader(shards, 8, num_samples, 8, tok, workers=workers, seed=seed, rank=rank,
-                                    scale=(0.5, 1.0))
+    loader = data.make_train_loader(shards, 8, num_samples, 8, tok, workers=workers, seed=seed,
+                                    rank=rank, scale=(0.5, 1.0))
     loader.set_epoch(epoch)
     return [(images, sample_ids(tok, tokens)) for images, tokens, _ in loader]
 
@@ -256,7 +280,8 @@ def test_train_batches_shapes_and_epoch_length(shards, tok):
     batches = list(loader)
     assert len(batches) == 6
     images, tokens, skipped = batches[0]
-    assert images.shape == (8, 3, 8, 8) and images.dtype == torch.uint8  # normalised later, on the device
+    # normalised later, on the device
+    assert images.shape == (8, 3, 8, 8) and images.dtype == torch.uint8
     assert images.float().std() > 0  # real pixels, not a blank
     assert data.normalize(images).dtype == torch.float32
     assert tokens.shape == (8, 16) and tokens.dtype == torch.long and skipped.dtype == torch.long
@@ -266,16 +291,18 @@ def test_train_batches_shapes_and_epoch_length(shards, tok):
 def test_train_stream_is_a_function_of_seed_epoch_rank(shards, tok):
     a = stream(shards, tok, epoch=1)
     b = stream(shards, tok, epoch=1)  # e.g. a run resumed at the start of epoch 1
-    assert all(torch.equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))  # same samples, same crops
-    for other in (stream(shards, tok, epoch=2), stream(shards, tok, seed=1, epoch=1), stream(shards, tok, rank=1,
-                                                                                              epoch=1)):
+    # same samples, same crops
+    assert all(torch.equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))
+    for other in (stream(shards, tok, epoch=2), stream(shards, tok, seed=1, epoch=1),
+                  stream(shards, tok, rank=1, epoch=1)):
         assert [ids for _, ids in other] != [ids for _, ids in a]
 
 
 def test_worker_processes_draw_distinct_streams_and_resume_matches(shards, tok):
     a = stream(shards, tok, epoch=3, workers=2, num_samples=64)
     assert len(a) == 8
-    worker0, worker1 = [ids for _, ids in a[0::2]], [ids for _, ids in a[1::2]]  # the loader alternates workers
+    # the loader alternates workers
+    worker0, worker1 = [ids for _, ids in a[0::2]], [ids for _, ids in a[1::2]]
     assert worker0 != worker1
     # persistent workers picking up set_epoch == fresh workers started at that epoch (a resumed run)
     loader = data.make_train_loader(shards, 8, 64, 8, tok, workers=2, scale=(0.5, 1.0))
@@ -296,13 +323,14 @@ def test_worker_split_sums_to_the_epoch_and_streams_differ(shards, tok, monkeypa
     assert len({str(b[0]) for b in per_worker}) == 3
 
 
-def epoch_parts(shards, tok, monkeypatch, epoch=0, batch_size=5, num_samples=100, world_size=2, workers=2, seed=0,
-                resampled=False):
+def epoch_parts(shards, tok, monkeypatch, epoch=0, batch_size=5, num_samples=100, world_size=2,
+                workers=2, seed=0, resampled=False):
     """{(rank, worker): the sample ids it yields in `epoch`}, each worker run in this process."""
     parts = {}
     for rank in range(world_size):
-        loader = data.make_train_loader(shards, batch_size, num_samples, 8, tok, workers=0, seed=seed, rank=rank,
-                                        world_size=world_size, resampled=resampled)
+        loader = data.make_train_loader(shards, batch_size, num_samples, 8, tok, workers=0,
+                                        seed=seed, rank=rank, world_size=world_size,
+                                        resampled=resampled)
         loader.set_epoch(epoch)
         for w in range(workers):
             monkeypatch.setattr(data, "worker_split", lambda w=w: (w, workers))
@@ -311,30 +339,38 @@ def epoch_parts(shards, tok, monkeypatch, epoch=0, batch_size=5, num_samples=100
 
 
 def test_an_epoch_reads_every_shard_once_across_ranks_and_workers(shards, tok, monkeypatch):
-    # 4 shards of 25 samples (shard k holds 25k .. 25k + 24), 2 ranks x 2 workers, 100 samples an epoch
+    # 4 shards of 25 samples (shard k holds 25k .. 25k + 24), 2 ranks x 2 workers, 100 samples an
+    # epoch
     epochs = [epoch_parts(shards, tok, monkeypatch, epoch) for epoch in range(3)]
     for parts in epochs:
-        assert sorted(i for ids in parts.values() for i in ids) == list(range(100))  # each sample exactly once
+        # each sample exactly once
+        assert sorted(i for ids in parts.values() for i in ids) == list(range(100))
         for ids in parts.values():
-            assert len({i // 25 for i in ids}) == 1  # split by shard: each part reads one whole shard
+            # split by shard: each part reads one whole shard
+            assert len({i // 25 for i in ids}) == 1
     shard_of = [{part: ids[0] // 25 for part, ids in parts.items()} for parts in epochs]
     assert shard_of[0] != shard_of[1] != shard_of[2]  # a fresh permutation of the shards each epoch
-    assert epoch_parts(shards, tok, monkeypatch, 1) == epochs[1]  # a function of (seed, epoch): resumes exactly
+    # a function of (seed, epoch): resumes exactly
+    assert epoch_parts(shards, tok, monkeypatch, 1) == epochs[1]
     assert epoch_parts(shards, tok, monkeypatch, 1, seed=1) != epochs[1]
 
 
 def test_a_part_whose_shards_run_out_reads_them_again_in_a_new_order(shards, tok, monkeypatch):
-    for ids in epoch_parts(shards, tok, monkeypatch, num_samples=200).values():  # twice what the shards hold
+    # twice what the shards hold
+    for ids in epoch_parts(shards, tok, monkeypatch, num_samples=200).values():
         shard = ids[0] // 25
-        assert sorted(ids) == sorted(2 * list(range(25 * shard, 25 * shard + 25)))  # its own shard, twice
+        # its own shard, twice
+        assert sorted(ids) == sorted(2 * list(range(25 * shard, 25 * shard + 25)))
         assert ids[:25] != ids[25:]  # through a fresh shuffle
 
 
 def test_fewer_shards_than_parts_splits_by_sample(shards, tok, monkeypatch):
-    parts = epoch_parts(shards, tok, monkeypatch, batch_size=4, num_samples=96, workers=3)  # 6 parts, 4 shards
+    # 6 parts, 4 shards
+    parts = epoch_parts(shards, tok, monkeypatch, batch_size=4, num_samples=96, workers=3)
     ids = [i for part in parts.values() for i in part]
     assert len(ids) == 96 and len(set(ids)) == 96  # no sample twice
-    assert all(len({i // 25 for i in part}) > 1 for part in parts.values())  # every part reads from every shard
+    # every part reads from every shard
+    assert all(len({i // 25 for i in part}) > 1 for part in parts.values())
 
 
 def test_resampled_draws_shards_with_replacement(shards, tok, monkeypatch):
@@ -345,45 +381,57 @@ def test_resampled_draws_shards_with_replacement(shards, tok, monkeypatch):
     assert epoch_parts(shards, tok, monkeypatch, 1, resampled=True) != parts
 
 
-# ------------------------------------------------------------------------------------------------------ transforms
+# --------------------------------------------------------------------------------------------------
+# transforms
 def test_eval_transform_hand_computed_crop_and_normalisation():
-    # 4 x 2, left half red, right half blue: no resize (short side is already 2), centre crop = columns 1 and 2
+    # 4 x 2, left half red, right half blue: no resize (short side is already 2), centre crop =
+    # columns 1 and 2
     img = Image.new("RGB", (4, 2), (255, 0, 0))
     img.paste((0, 0, 255), (2, 0, 4, 2))
     x = data.eval_transform(2)(img)
     red, blue = torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0])
-    assert torch.allclose(x[:, 0, 0], (red - MEAN) / STD) and torch.allclose(x[:, 1, 1], (blue - MEAN) / STD)
-    # 2 x 7 with a different grey per row: crop top = round((7 - 2) / 2) = round(2.5) = 2 (Python rounds half to even)
+    assert (torch.allclose(x[:, 0, 0], (red - MEAN) / STD)
+            and torch.allclose(x[:, 1, 1], (blue - MEAN) / STD))
+    # 2 x 7 with a different grey per row: crop top = round((7 - 2) / 2) = round(2.5) = 2 (Python
+    # rounds half to even)
     rows = Image.fromarray(np.repeat(np.arange(0, 70, 10, dtype=np.uint8)[:, None], 2, axis=1), "L")
     x = data.eval_transform(2)(rows)
-    assert torch.allclose(x[:, :, 0], (torch.tensor([20.0, 30.0]) / 255 - MEAN[:, None]) / STD[:, None])  # (3, rows)
+    grey = torch.tensor([20.0, 30.0]) / 255
+    assert torch.allclose(x[:, :, 0], (grey - MEAN[:, None]) / STD[:, None])  # (3, rows)
 
 
 def test_batch_normalisation_on_the_device_equals_the_per_image_one():
-    # training normalises uint8 batches after the copy to the GPU; it must give the numbers of ToTensor + Normalize
+    # training normalises uint8 batches after the copy to the GPU; it must give the numbers of
+    # ToTensor + Normalize
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)) for _ in range(3)]
-    batch = torch.stack([data.to_uint8_tensor(p) for p in pictures])  # (3, 3, 5, 6) uint8, as the loader yields
-    assert batch.dtype == torch.uint8 and torch.equal(batch[1, :, 2, 4], torch.tensor(np.array(pictures[1])[2, 4]))
-    expected = torch.stack([(torch.tensor(np.array(p)).permute(2, 0, 1) / 255 - MEAN.view(3, 1, 1)) / STD.view(3, 1, 1)
-                            for p in pictures])  # ToTensor, then Normalize, per image
+    # (3, 3, 5, 6) uint8, as the loader yields
+    batch = torch.stack([data.to_uint8_tensor(p) for p in pictures])
+    assert batch.dtype == torch.uint8
+    assert torch.equal(batch[1, :, 2, 4], torch.tensor(np.array(pictures[1])[2, 4]))
+    # ToTensor, then Normalize, per image
+    expected = torch.stack([(torch.tensor(np.array(p)).permute(2, 0, 1) / 255
+                             - MEAN.view(3, 1, 1)) / STD.view(3, 1, 1) for p in pictures])
     assert torch.equal(data.normalize(batch), expected)
 
 
 def test_eval_transform_resizes_the_shortest_side_then_crops_the_middle():
-    # 4 x 40: green, a grey middle band (rows 12-27), green. Resized to 2 x 20, the centre crop keeps rows 9-10 whose
-    # bicubic footprint (rows 15-24 of the original) is all grey; a squash or a corner crop would show green
+    # 4 x 40: green, a grey middle band (rows 12-27), green. Resized to 2 x 20, the centre crop
+    # keeps rows 9-10 whose bicubic footprint (rows 15-24 of the original) is all grey; a squash or
+    # a corner crop would show green
     pixels = np.zeros((40, 4, 3), np.uint8)
     pixels[:, :, 1] = 200
     pixels[12:28] = 128
     for img in (Image.fromarray(pixels), Image.fromarray(pixels[..., 0].copy(), "L")):
         x = data.eval_transform(2)(img)
         assert x.shape == (3, 2, 2)  # grey 128 in every channel, normalised
-        assert torch.allclose(x, ((128 / 255 - MEAN) / STD).view(3, 1, 1).expand(3, 2, 2), atol=1e-6)
+        grey = ((128 / 255 - MEAN) / STD).view(3, 1, 1).expand(3, 2, 2)
+        assert torch.allclose(x, grey, atol=1e-6)
 
 
 def torchvision_resize_size(w, h, size):
-    """torchvision Resize(int) on (h, w): short side -> size, long side -> int(size * long / short)."""
+    """torchvision Resize(int) on (h, w): short side -> size, long side -> int(size * long /
+    short)."""
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)
     return (new_short, new_long) if w <= h else (new_long, new_short)
@@ -394,14 +442,18 @@ def test_eval_transform_matches_a_reference_pipeline_on_odd_sizes():
     for _ in range(20):
         w, h, s = rng.randint(5, 300), rng.randint(5, 300), rng.choice([7, 16, 224])
         assert data.shortest_side_size(w, h, s) == torchvision_resize_size(w, h, s)
-    img = Image.open(io.BytesIO(jpeg((301, 203))))  # resize, then CenterCrop's rounding, then RGB, ToTensor, Normalize
+    # resize, then CenterCrop's rounding, then RGB, ToTensor, Normalize
+    img = Image.open(io.BytesIO(jpeg((301, 203))))
     nw, nh = torchvision_resize_size(301, 203, 64)
     ref = img.resize((nw, nh), Image.BICUBIC)
     top, left = int(round((nh - 64) / 2.0)), int(round((nw - 64) / 2.0))
-    ref = torch.from_numpy(np.array(ref.crop((left, top, left + 64, top + 64)).convert("RGB"))).permute(2, 0, 1)
-    crop = data.eval_crop(64)(img)  # what eval.py's loaders yield: uint8, normalised later on the device
+    ref = ref.crop((left, top, left + 64, top + 64)).convert("RGB")
+    ref = torch.from_numpy(np.array(ref)).permute(2, 0, 1)
+    # what eval.py's loaders yield: uint8, normalised later on the device
+    crop = data.eval_crop(64)(img)
     assert crop.dtype == torch.uint8 and torch.equal(crop, ref)
-    assert torch.equal(data.eval_transform(64)(img), (ref.float() / 255 - MEAN.view(3, 1, 1)) / STD.view(3, 1, 1))
+    normalised = (ref.float() / 255 - MEAN.view(3, 1, 1)) / STD.view(3, 1, 1)
+    assert torch.equal(data.eval_transform(64)(img), normalised)
 
 
 def test_random_resized_crop_box_follows_torchvision_rule():
@@ -410,7 +462,8 @@ def test_random_resized_crop_box_follows_torchvision_rule():
         left, top, w, h = data.random_resized_crop_box(400, 300, (0.5, 1.0), rng)
         assert 0 <= left <= 400 - w and 0 <= top <= 300 - h
         assert 0.5 * 120_000 * 0.9 <= w * h <= 120_000 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
-    assert data.random_resized_crop_box(1000, 10, (0.9, 1.0), rng) == (493, 0, 13, 10)  # fallback: centred, ratio 4:3
+    # fallback: centred, ratio 4:3
+    assert data.random_resized_crop_box(1000, 10, (0.9, 1.0), rng) == (493, 0, 13, 10)
 
 
 def test_train_transform_draft_decodes_the_same_crop():
@@ -420,15 +473,18 @@ def test_train_transform_draft_decodes_the_same_crop():
     box = data.random_resized_crop_box(800, 600, (0.3, 0.5), random.Random(0))  # the crop t drew
     assert box[2] < 600 and box[0] > 0
     full = Image.open(io.BytesIO(img_bytes)).convert("RGB")
-    slow = data.to_uint8_tensor(full.resize((64, 64), Image.BICUBIC, box=(box[0], box[1], box[0] + box[2],
-                                                                         box[1] + box[3])))
+    crop = (box[0], box[1], box[0] + box[2], box[1] + box[3])
+    slow = data.to_uint8_tensor(full.resize((64, 64), Image.BICUBIC, box=crop))
     assert fast.shape == (3, 64, 64) and fast.dtype == torch.uint8
-    assert (fast.float() - slow.float()).abs().mean() < 3  # draft decoding differs a little, a misplaced crop a lot
-    again = data.train_transform(64, (0.3, 0.5), generator=random.Random(0))(Image.open(io.BytesIO(img_bytes)))
+    # draft decoding differs a little, a misplaced crop a lot
+    assert (fast.float() - slow.float()).abs().mean() < 3
+    t = data.train_transform(64, (0.3, 0.5), generator=random.Random(0))
+    again = t(Image.open(io.BytesIO(img_bytes)))
     assert torch.equal(fast, again)
 
 
-# ------------------------------------------------------------------------------------------------------ eval data
+# --------------------------------------------------------------------------------------------------
+# eval data
 def test_image_folder(tmp_path, capsys):
     with pytest.raises(FileNotFoundError):
         data.ImageFolder(str(tmp_path / "nope"), data.eval_transform(8))
@@ -442,7 +498,8 @@ def test_image_folder(tmp_path, capsys):
     ds = data.ImageFolder(str(tmp_path), data.eval_transform(8))
     assert ds.classes == ["n01", "n02"] and [label for _, label in ds.samples] == [0, 1, 1]
     assert ds[0][1:] == (0, True)
-    x, label, readable = ds[2]  # broken.jpg: a blank mean-colour image, with its label, flagged, and a warning
+    # broken.jpg: a blank mean-colour image, with its label, flagged, and a warning
+    x, label, readable = ds[2]
     assert label == 1 and not readable and x.shape == (3, 8, 8) and x.abs().max() < 0.01
     assert "broken.jpg" in capsys.readouterr().err
 
@@ -452,9 +509,11 @@ def test_convert_class_folders_and_captioned_folders(tmp_path):
         os.makedirs(tmp_path / "classes" / cls)
         for i in range(3):
             (tmp_path / "classes" / cls / f"{i}.jpg").write_bytes(jpeg(seed=i))
-    pattern = data.convert(str(tmp_path / "classes"), str(tmp_path / "out1"), "a photo of a {}.", shard_size=4)
+    pattern = data.convert(str(tmp_path / "classes"), str(tmp_path / "out1"), "a photo of a {}.",
+                           shard_size=4)
     assert len(data.expand_urls(pattern)) == 2
-    assert sorted(data.read_captions(pattern)) == ["a photo of a dog."] * 3 + ["a photo of a tabby cat."] * 3
+    assert (sorted(data.read_captions(pattern))
+            == ["a photo of a dog."] * 3 + ["a photo of a tabby cat."] * 3)
     assert (tmp_path / "out1" / "classnames.txt").read_text() == "dog\ntabby cat\n"
     os.makedirs(tmp_path / "captioned")
     for i in range(3):
@@ -467,7 +526,8 @@ def test_convert_class_folders_and_captioned_folders(tmp_path):
 def test_default_workers_share_the_cores_between_the_gpus_of_a_machine(monkeypatch):
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert data.default_workers(on_gpu=True) == 15  # one GPU, 16 cores: all but the training process's own
+    # one GPU, 16 cores: all but the training process's own
+    assert data.default_workers(on_gpu=True) == 15
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(96)))
     assert data.default_workers(on_gpu=True) == 11  # 96 cores over 8 ranks

@@ -15,7 +15,8 @@ def keep_rate_map(grid, ratio, mode, sigma=0.2, samples=4000, seed=0):
 
 
 @pytest.mark.parametrize("mode", masking.MODES)
-@pytest.mark.parametrize("grid,ratio,k", [(14, 0.5, 98), (14, 0.75, 49), (14, 0.9, 19), (8, 0.5, 32), (2, 0.9, 1)])
+@pytest.mark.parametrize("grid,ratio,k", [(14, 0.5, 98), (14, 0.75, 49), (14, 0.9, 19),
+                                          (8, 0.5, 32), (2, 0.9, 1)])
 def test_shape_dtype_and_unique_sorted_rows(mode, grid, ratio, k):
     keep = masking.keep_indices(16, grid, ratio, mode)
     assert keep.shape == (16, k) and keep.dtype == torch.long
@@ -39,7 +40,8 @@ def test_seeded_generator_is_deterministic_and_rows_differ(mode):
 
 
 def test_keep_rates_match_the_paper_setting():
-    # ratio 0.5, sigma 0.2 (a variance), 14 x 14: the centre is almost always kept, the corners ~30% of the time
+    # ratio 0.5, sigma 0.2 (a variance), 14 x 14: the centre is almost always kept, the corners ~30%
+    # of the time
     gauss = keep_rate_map(14, 0.5, "gaussian")
     assert gauss[6:8, 6:8].min() > 0.99
     corners = torch.stack([gauss[0, 0], gauss[0, -1], gauss[-1, 0], gauss[-1, -1]])
@@ -49,10 +51,12 @@ def test_keep_rates_match_the_paper_setting():
 
 
 def test_sigma_is_used_as_a_variance():
-    # with sigma as a variance the density at the centre is 1 / (2 pi sigma); as a std it would be 1 / (2 pi sigma^2)
+    # with sigma as a variance the density at the centre is 1 / (2 pi sigma); as a std it would be 1
+    # / (2 pi sigma^2)
     pdf = masking.gaussian_pdf(3, 0.2)  # centres -1, 0, 1: the middle one is at the origin
     assert pdf[4].item() == pytest.approx(1 / (2 * torch.pi * 0.2))
-    assert pdf[0].item() == pytest.approx(pdf[4].item() * torch.exp(torch.tensor(-2 / (2 * 0.2))).item())
+    falloff = torch.exp(torch.tensor(-2 / (2 * 0.2))).item()
+    assert pdf[0].item() == pytest.approx(pdf[4].item() * falloff)
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.2, 0.8])
@@ -60,14 +64,17 @@ def test_sigma_is_used_as_a_variance():
 def test_keep_probability_agrees_with_sampling(sigma, ratio):
     prob = masking.keep_probability(14, ratio, "gaussian", sigma)
     assert prob.sum().item() == pytest.approx(masking.num_kept(14, ratio), abs=1e-6)
-    # 4000 samples: the std of a keep-rate estimate is <= 0.008, and the large-N approximation is good to ~0.01
+    # 4000 samples: the std of a keep-rate estimate is <= 0.008, and the large-N approximation is
+    # good to ~0.01
     assert (keep_rate_map(14, ratio, "gaussian", sigma) - prob).abs().max() < 0.035
 
 
 def test_smaller_sigma_concentrates_more():
-    centre_share = [masking.keep_probability(14, 0.5, "gaussian", s)[4:10, 4:10].sum() for s in (0.1, 0.2, 0.8)]
+    centre_share = [masking.keep_probability(14, 0.5, "gaussian", s)[4:10, 4:10].sum()
+                    for s in (0.1, 0.2, 0.8)]
     assert centre_share[0] > centre_share[1] > centre_share[2]
-    assert torch.allclose(masking.keep_probability(14, 0.5, "random"), torch.full((14, 14), 0.5, dtype=torch.float64))
+    assert torch.allclose(masking.keep_probability(14, 0.5, "random"),
+                          torch.full((14, 14), 0.5, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -95,7 +102,8 @@ VOCAB = 100  # start token 98, end-of-text 99 (the largest id, as CLIP's), words
 
 
 def captions(eot_positions, context_length=16, seed=0):
-    """(B, T) token ids: the start token, words, the end-of-text token at each given position, zero padding after."""
+    """(B, T) token ids: the start token, words, the end-of-text token at each given position, zero
+    padding after."""
     g = torch.Generator().manual_seed(seed)
     eot = torch.tensor(eot_positions)[:, None]  # (B, 1)
     position = torch.arange(context_length)
@@ -105,18 +113,21 @@ def captions(eot_positions, context_length=16, seed=0):
     return tokens
 
 
-EOTS = [1, 3, 7, 8, 12, 15]  # captions shorter and longer than the kept length 8, one filling the whole context
+# captions shorter and longer than the kept length 8, one filling the whole context
+EOTS = [1, 3, 7, 8, 12, 15]
 
 
 @pytest.mark.parametrize("mode", masking.TEXT_MODES)
 @pytest.mark.parametrize("length", [2, 5, 8, 15])
 def test_text_keep_is_sorted_unique_and_keeps_start_and_end_of_text(mode, length):
     tokens = captions(EOTS * 20)
-    keep = masking.text_keep_indices(tokens, length, mode, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    keep = masking.text_keep_indices(tokens, length, mode, generator=g)
     assert keep.shape == (len(tokens), length) and keep.dtype == torch.long
     assert (keep[:, 1:] > keep[:, :-1]).all()  # strictly increasing: sorted and unique per row
     assert (keep[:, 0] == 0).all()  # the start token
-    assert (keep == tokens.argmax(-1, keepdim=True)).any(dim=1).all()  # the end-of-text token, where the tower pools
+    # the end-of-text token, where the tower pools
+    assert (keep == tokens.argmax(-1, keepdim=True)).any(dim=1).all()
 
 
 @pytest.mark.parametrize("mode", masking.TEXT_MODES)
@@ -128,17 +139,21 @@ def test_text_full_length_keeps_every_position_in_order(mode):
 def test_truncate_keeps_the_first_positions_and_the_end_of_text():
     keep = masking.text_keep_indices(captions([3, 7, 8, 12, 15]), 8, "truncate")
     first8 = list(range(8))
-    assert keep.tolist() == [first8, first8,  # caption ends inside the first 8 positions: CLIP's cut at 8
-                             [*range(7), 8], [*range(7), 12], [*range(7), 15]]  # longer: 0..6 and the end-of-text
+    # caption ends inside the first 8 positions: CLIP's cut at 8
+    assert keep.tolist() == [first8, first8,
+                             # longer: 0..6 and the end-of-text
+                             [*range(7), 8], [*range(7), 12], [*range(7), 15]]
 
 
 def test_prioritized_drops_padding_before_any_caption_token():
     tokens = captions(EOTS * 50)
     eot = tokens.argmax(-1, keepdim=True)  # (B, 1)
-    keep = masking.text_keep_indices(tokens, 8, "prioritized", generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    keep = masking.text_keep_indices(tokens, 8, "prioritized", generator=g)
     long = (eot >= 7).squeeze(1)  # a caption of 8 tokens or more: no room for padding
     assert (keep[long] <= eot[long]).all()
-    short_keep, short_eot = keep[~long], eot[~long]  # shorter: every caption token kept, the rest is padding
+    # shorter: every caption token kept, the rest is padding
+    short_keep, short_eot = keep[~long], eot[~long]
     in_caption = (short_keep <= short_eot).sum(1)
     assert torch.equal(in_caption, short_eot.squeeze(1) + 1)
 
@@ -154,28 +169,32 @@ def test_random_text_masks_differ_per_sample_and_seed(mode):
 
 
 def test_random_keeps_words_and_padding_alike_and_prioritized_keeps_words_uniformly():
-    # length 8 of 16, caption ending at 7: random keeps each of the 14 middle positions with probability 6/14,
-    # padding included; prioritized keeps all 8 caption positions (no padding); at eot 12 it keeps each of the
-    # 11 words between start and end-of-text with probability 6/11
+    # length 8 of 16, caption ending at 7: random keeps each of the 14 middle positions with
+    # probability 6/14, padding included; prioritized keeps all 8 caption positions (no padding); at
+    # eot 12 it keeps each of the 11 words between start and end-of-text with probability 6/11
     n = 4000  # the std of a rate estimate is under 0.008
     cases = [("random", 7, 6 / 14, 15), ("random", 12, 6 / 14, 15), ("prioritized", 12, 6 / 11, 12)]
     for mode, eot, rate, last in cases:  # last: the last position that may be kept
-        keep = masking.text_keep_indices(captions([eot] * n), 8, mode, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        keep = masking.text_keep_indices(captions([eot] * n), 8, mode, generator=g)
         rates = torch.bincount(keep.flatten(), minlength=16).double() / n
         middle = [p for p in range(1, last + 1) if p != eot]  # neither start nor end-of-text
         assert ((rates[middle] - rate).abs() < 0.04).all(), (mode, eot, rates)
         assert rates[0] == rates[eot] == 1 and rates[last + 1:].sum() == 0
-    keep = masking.text_keep_indices(captions([7] * 100), 8, "prioritized", generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    keep = masking.text_keep_indices(captions([7] * 100), 8, "prioritized", generator=g)
     assert torch.equal(keep, torch.arange(8).expand(100, -1))
 
 
-@pytest.mark.parametrize("length, mode, match", [(1, "random", "text length"), (17, "truncate", "text length"),
+@pytest.mark.parametrize("length, mode, match", [(1, "random", "text length"),
+                                                 (17, "truncate", "text length"),
                                                  (8, "block", "text masking mode")])
 def test_text_bad_arguments_raise_clear_errors(length, mode, match):
     with pytest.raises(ValueError, match=match):
         masking.text_keep_indices(captions(EOTS), length, mode)
     with pytest.raises(ValueError, match="tokens must be"):
-        masking.text_keep_indices(captions(EOTS)[0], 8, "truncate")  # one caption without its batch dimension
+        # one caption without its batch dimension
+        masking.text_keep_indices(captions(EOTS)[0], 8, "truncate")
 
 
 @pytest.mark.parametrize("mode", masking.TEXT_MODES)
@@ -186,6 +205,7 @@ def test_text_masks_usable_inside_a_compiled_function(mode):
     tokens = captions(EOTS)
     out = torch.compile(kept_tokens)(tokens)
     assert out.shape == (len(EOTS), 8) and (out[:, 0] == VOCAB - 2).all()
-    assert ((out == VOCAB - 1).sum(1) == 1).all()  # start and end-of-text survive under compilation too
+    # start and end-of-text survive under compilation too
+    assert ((out == VOCAB - 1).sum(1) == 1).all()
     if mode == "truncate":
         assert torch.equal(out, kept_tokens(tokens))

@@ -1,5 +1,5 @@
-"""The contract of photographer.py: the built-in dataset is deterministic, cached, generated all or nothing, and
-places its subjects as each layout says."""
+"""The contract of photographer.py: the built-in dataset is deterministic, cached, generated all or
+nothing, and places its subjects as each layout says."""
 
 import io
 import os
@@ -31,7 +31,8 @@ def test_builtin_dataset_is_deterministic_cached_and_well_formed(tmp_path, monke
     a = photographer.builtin_dataset(root=str(tmp_path / "a"), **kw)
     b = photographer.builtin_dataset(root=str(tmp_path / "b"), **kw)
     fa, fb = files_of(os.path.dirname(a["test"])), files_of(os.path.dirname(b["test"]))
-    assert fa == fb and len(fa) == 1 + 72 + 2  # one shard, 72 test images, classnames.txt, templates.txt
+    # one shard, 72 test images, classnames.txt, templates.txt
+    assert fa == fb and len(fa) == 1 + 72 + 2
     c = photographer.builtin_dataset(root=str(tmp_path / "c"), seed=1, **kw)
     u = photographer.builtin_dataset(root=str(tmp_path / "u"), layout="uniform", **kw)
     e = photographer.builtin_dataset(root=str(tmp_path / "e"), layout="edge", **kw)
@@ -39,11 +40,14 @@ def test_builtin_dataset_is_deterministic_cached_and_well_formed(tmp_path, monke
         assert files_of(os.path.dirname(other["test"])) != fa
     # cached: a second call generates nothing; no temporary folder is left behind
     monkeypatch.setattr(photographer, "generate_part", lambda job: pytest.fail("regenerated"))
-    assert photographer.builtin_dataset(root=str(tmp_path / "a"), **kw) == a and len(os.listdir(tmp_path / "a")) == 1
+    assert photographer.builtin_dataset(root=str(tmp_path / "a"), **kw) == a
+    assert len(os.listdir(tmp_path / "a")) == 1
     # the pieces eval.py and train.py read
     folder = data.ImageFolder(a["test"], data.eval_transform(32))
-    assert [n.replace("_", " ") for n in folder.classes] == a["classnames"] and len(a["classnames"]) == 36
-    assert open(os.path.join(a["test"], "classnames.txt")).read().split("\n")[:-1] == a["classnames"]
+    assert [n.replace("_", " ") for n in folder.classes] == a["classnames"]
+    assert len(a["classnames"]) == 36
+    classnames_txt = open(os.path.join(a["test"], "classnames.txt")).read()
+    assert classnames_txt.split("\n")[:-1] == a["classnames"]
     assert all("{}" in t for t in a["templates"])
     samples = [s for url in data.expand_urls(a["train"]) for s in data.read_shard(url)]
     assert len(samples) == 200
@@ -54,10 +58,12 @@ def test_builtin_dataset_is_deterministic_cached_and_well_formed(tmp_path, monke
 
 def test_subject_placement_follows_the_layout():
     rng, ss = np.random.default_rng(0), 128
-    discs = {layout: np.array([photographer.subject_disc(rng, ss, layout) for _ in range(500)]) for layout in photographer.LAYOUTS}
+    discs = {layout: np.array([photographer.subject_disc(rng, ss, layout) for _ in range(500)])
+             for layout in photographer.LAYOUTS}
     for cx, cy, r in np.concatenate(list(discs.values())):
         assert r <= min(cx, cy, ss - cx, ss - cy) + 1e-9  # the whole subject is in the frame
     off_centre = {k: np.hypot(d[:, 0] - ss / 2, d[:, 1] - ss / 2).mean() for k, d in discs.items()}
     assert off_centre["centered"] < off_centre["uniform"] < off_centre["edge"]
     cx, cy, r = discs["edge"].T
-    assert (np.minimum.reduce([cx, cy, ss - cx, ss - cy]) - r <= 0.04 * ss + 1e-9).all()  # against a side
+    # against a side
+    assert (np.minimum.reduce([cx, cy, ss - cx, ss - cy]) - r <= 0.04 * ss + 1e-9).all()

@@ -1,5 +1,5 @@
-"""repro.py: the paper-format table, Fashion-MNIST preparation, finished-run detection, and the share of the subject
-that centred masking keeps per layout."""
+"""repro.py: the paper-format table, Fashion-MNIST preparation, finished-run detection, and the
+share of the subject that centred masking keeps per layout."""
 
 import gzip
 import json
@@ -29,7 +29,8 @@ def test_a_single_seed_has_no_spread():
 
 
 def write_idx(path, array):
-    """MNIST's IDX format, gzipped: zero, zero, dtype 0x08 (uint8), ndim, the big-endian sizes, the bytes."""
+    """MNIST's IDX format, gzipped: zero, zero, dtype 0x08 (uint8), ndim, the big-endian sizes, the
+    bytes."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
@@ -49,7 +50,8 @@ def test_fashion_mnist_becomes_captioned_shards_and_a_test_folder(tmp_path):
             for member in tar.getmembers():
                 if member.name.endswith(".txt"):
                     captions[member.name] = tar.extractfile(member).read().decode()
-    assert len(captions) == 30 and set(captions.values()) == {f"a photo of a {c}." for c in repro.FASHION_CLASSES}
+    assert (len(captions) == 30
+            and set(captions.values()) == {f"a photo of a {c}." for c in repro.FASHION_CLASSES})
     test = data.ImageFolder(out["test"], data.eval_transform(64))
     assert len(test) == 20 and len(test.classes) == 10
     assert zeroshot.folder_classnames(out["test"], test.classes) == sorted(repro.FASHION_CLASSES)
@@ -57,7 +59,8 @@ def test_fashion_mnist_becomes_captioned_shards_and_a_test_folder(tmp_path):
 
     probe = repro.fashion_mnist_probe_split(2, str(tmp_path), str(tmp_path / "cache"))
     train = data.ImageFolder(probe, data.eval_transform(64))
-    assert len(train) == 20 and len(train.classes) == 10  # 3 images of each class in the file, the first 2 kept
+    # 3 images of each class in the file, the first 2 kept
+    assert len(train) == 20 and len(train.classes) == 10
     assert sorted(os.listdir(os.path.join(probe, "bag"))) == ["00008.png", "00018.png"]
 
 
@@ -73,7 +76,8 @@ def test_a_run_is_finished_only_after_its_last_epoch_is_evaluated(tmp_path):
 
 def test_centring_keeps_more_of_the_subject_the_more_central_the_layout():
     kept = {layout: repro.subject_kept(layout, 0.5, n=300) for layout in photographer.LAYOUTS}
-    assert kept["centered"] > kept["uniform"] > kept["edge"] > 0.5  # random masking keeps 0.5 of anything
+    # random masking keeps 0.5 of anything
+    assert kept["centered"] > kept["uniform"] > kept["edge"] > 0.5
     assert repro.subject_kept("centered", 0.9, n=300) < kept["centered"]
 
 
@@ -82,4 +86,5 @@ def test_reclip_sizes_have_as_many_patches_as_the_masking_they_face():
     assert ratios == [0.4375, 0.75, 0.859375]  # exact in binary: no off-by-one in num_kept
     for size, ratio in zip(repro.RECLIP_SIZES, ratios):
         assert masking.num_kept(8, ratio) == (size // 8) ** 2  # 36, 16, 9 of tiny's 64 patches
-    assert masking.num_kept(14, 0.918) == 16  # the paper's 91.8%: 16 of ViT-B/16's 196, a 64 px image's patches
+    # the paper's 91.8%: 16 of ViT-B/16's 196, a 64 px image's patches
+    assert masking.num_kept(14, 0.918) == 16

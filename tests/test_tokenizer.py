@@ -1,6 +1,7 @@
-"""The contract of tokenizer.py: CLIP's layout (sot, BPE, eot as the largest id, zero padding), ids equal to CLIP's
-tokenizer from its vocabulary file, captions cleaned as OpenCLIP cleans them (mojibake, curly quotes, full-width
-letters, ligatures, HTML entities, whitespace), and a BPE trained on captions that saves and loads as JSON."""
+"""The contract of tokenizer.py: CLIP's layout (sot, BPE, eot as the largest id, zero padding), ids
+equal to CLIP's tokenizer from its vocabulary file, captions cleaned as OpenCLIP cleans them
+(mojibake, curly quotes, full-width letters, ligatures, HTML entities, whitespace), and a BPE
+trained on captions that saves and loads as JSON."""
 
 import gzip
 import html
@@ -23,16 +24,21 @@ def tok():
 
 
 def test_trained_tokenizer_layout_padding_truncation_and_round_trip(tok, tmp_path):
-    assert tok.context_length == 16 and tok.eot == tok.vocab_size - 1 and tok.sot == tok.vocab_size - 2
-    assert max(tok.hf.get_vocab().values()) == tok.eot  # eot is the largest id: the text tower pools at argmax
+    assert tok.context_length == 16
+    assert tok.eot == tok.vocab_size - 1 and tok.sot == tok.vocab_size - 2
+    # eot is the largest id: the text tower pools at argmax
+    assert max(tok.hf.get_vocab().values()) == tok.eot
     short, long = tok(["A photo of   a RED star", " ".join(["star"] * 40)])
     n = int((short != 0).sum())
-    assert short[0] == tok.sot and short[n - 1] == tok.eot and (short[n:] == 0).all() and (short[1:n - 1] != 0).all()
-    assert long[0] == tok.sot and long[-1] == tok.eot and (long != 0).all()  # cut to 16, still ends with eot
+    assert short[0] == tok.sot and short[n - 1] == tok.eot
+    assert (short[n:] == 0).all() and (short[1:n - 1] != 0).all()
+    # cut to 16, still ends with eot
+    assert long[0] == tok.sot and long[-1] == tok.eot and (long != 0).all()
     assert tok.decode(short) == "a photo of a red star"  # lower-cased, whitespace cleaned
     wide = load_tokenizer(tok.to_json(), context_length=64)
     text = "naïve café 日本 &amp; 42!"
-    assert tok.decode(wide([text])[0]) == "naïve café 日本 & 4 2 !"  # unseen characters go as bytes: none lost
+    # unseen characters go as bytes: none lost
+    assert tok.decode(wide([text])[0]) == "naïve café 日本 & 4 2 !"
     again = load_tokenizer(tok.to_json())
     (tmp_path / "tokenizer.json").write_text(tok.to_json())
     from_file = load_tokenizer(str(tmp_path / "tokenizer.json"))
@@ -45,11 +51,13 @@ def test_tokenizer_from_a_captions_file(tmp_path):
     (tmp_path / "captions.txt").write_text("a red star\na blue circle\n" * 20)
     t = load_tokenizer(str(tmp_path / "captions.txt"), context_length=8)
     assert t.decode(t(["a red circle"])[0]) == "a red circle" and t.eot == t.vocab_size - 1
-    assert t(["a red star"]).shape == (1, 8) and int((t(["a red star"]) != 0).sum()) == 5  # sot a red star eot
+    assert t(["a red star"]).shape == (1, 8)
+    assert int((t(["a red star"]) != 0).sum()) == 5  # sot a red star eot
 
 
 def reference_byte_map():
-    """GPT-2 / CLIP: printable Latin-1 bytes stand for themselves, the other 68 bytes for chr(256), chr(257), ..."""
+    """GPT-2 / CLIP: printable Latin-1 bytes stand for themselves, the other 68 bytes for chr(256),
+    chr(257), ..."""
     keep = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
     rest = [b for b in range(256) if b not in keep]
     return dict(zip(keep + rest, [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]))
@@ -59,15 +67,19 @@ CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
 
 def clip_words(text):
-    """CLIP's pre-split of cleaned text: at each place, a contraction (any case), else a run of letters (L*), one number
-    character (N*: digits, "½", "Ⅷ"), or a run of other non-space characters; spaces separate and vanish."""
+    """CLIP's pre-split of cleaned text: at each place, a contraction (any case), else a run of
+    letters (L*), one number character (N*: digits, "½", "Ⅷ"), or a run of other non-space
+    characters; spaces separate and vanish."""
     def kind(c):
-        return "space" if c.isspace() else {"L": "letter", "N": "number"}.get(unicodedata.category(c)[0], "other")
+        categories = {"L": "letter", "N": "number"}
+        return "space" if c.isspace() else categories.get(unicodedata.category(c)[0], "other")
     words, i = [], 0
     while i < len(text):
-        contraction = next((c for c in CONTRACTIONS if text[i:i + len(c)].casefold() == c), None)  # "'ſ" too
+        contraction = next((c for c in CONTRACTIONS if text[i:i + len(c)].casefold() == c),
+                           None)  # "'ſ" too
         j = i + len(contraction) if contraction else i + 1
-        while not contraction and kind(text[i]) != "number" and j < len(text) and kind(text[j]) == kind(text[i]):
+        while (not contraction and kind(text[i]) != "number" and j < len(text)
+               and kind(text[j]) == kind(text[i])):
             j += 1  # letters, spaces and other characters come in runs, numbers one at a time
         if kind(text[i]) != "space":
             words.append(text[i:j])
@@ -76,20 +88,23 @@ def clip_words(text):
 
 
 class ReferenceCLIPBPE:
-    """CLIP's tokenizer written from its description: clean (ftfy's repairs, HTML unescaped twice, whitespace runs to
-    one space, lower case), pre-split (clip_words), bytes -> characters, then merge the best-ranked adjacent pair until
-    none is left, with `</w>` marking the end of each word."""
+    """CLIP's tokenizer written from its description: clean (ftfy's repairs, HTML unescaped twice,
+    whitespace runs to one space, lower case), pre-split (clip_words), bytes -> characters, then
+    merge the best-ranked adjacent pair until none is left, with `</w>` marking the end of each
+    word."""
 
     def __init__(self, merges):
         chars = list(reference_byte_map().values())
-        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>",
-                                                                                       "<|endoftext|>"]
-        self.ids, self.ranks = {t: i for i, t in enumerate(vocab)}, {m: i for i, m in enumerate(merges)}
+        vocab = (chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+                 + ["<|startoftext|>", "<|endoftext|>"])
+        self.ids = {t: i for i, t in enumerate(vocab)}
+        self.ranks = {m: i for i, m in enumerate(merges)}
 
     def bpe(self, word):
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
-            rank, pair = min((self.ranks.get(pair, math.inf), pair) for pair in zip(parts, parts[1:]))
+            rank, pair = min((self.ranks.get(pair, math.inf), pair)
+                             for pair in zip(parts, parts[1:]))
             if rank == math.inf:
                 break
             parts = apply_merge(parts, pair)
@@ -99,8 +114,10 @@ class ReferenceCLIPBPE:
         text = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
         words = clip_words(text)
         byte_map = reference_byte_map()
-        ids = [self.ids[t] for w in words for t in self.bpe("".join(byte_map[b] for b in w.encode()))]
-        ids = ([self.ids["<|startoftext|>"]] + ids)[: context_length - 1] + [self.ids["<|endoftext|>"]]
+        ids = [self.ids[t] for w in words
+               for t in self.bpe("".join(byte_map[b] for b in w.encode()))]
+        sot, eot = self.ids["<|startoftext|>"], self.ids["<|endoftext|>"]
+        ids = ([sot] + ids)[: context_length - 1] + [eot]
         return ids + [0] * (context_length - len(ids))
 
 
@@ -118,9 +135,11 @@ def apply_merge(parts, pair):
 
 
 def learn_merges(corpus, n):
-    """A tiny BPE learner (most frequent adjacent pair first) to make a vocabulary file in CLIP's format."""
+    """A tiny BPE learner (most frequent adjacent pair first) to make a vocabulary file in CLIP's
+    format."""
     byte_map = reference_byte_map()
-    words = [list("".join(byte_map[b] for b in w.encode())) for w in re.findall(r"[^\W\d_]+", corpus.lower())]
+    words = [list("".join(byte_map[b] for b in w.encode()))
+             for w in re.findall(r"[^\W\d_]+", corpus.lower())]
     words = [w[:-1] + [w[-1] + "</w>"] for w in words]
     merges = []
     for _ in range(n):
@@ -138,10 +157,11 @@ def learn_merges(corpus, n):
 
 @pytest.fixture(scope="module")
 def clip_vocab(tmp_path_factory):
-    """A small vocabulary file in CLIP's format (merges learnt from a few sentences) and its merges."""
-    corpus = ("a photo of the cat sitting on a mat there is a dog and another dog in the photograph "
-              "the weather is rather hot at the theatre these photos of cats and dogs were taken at night "
-              "café crème été fish flow star abc tom jerry οδος") * 3
+    """A small vocabulary file in CLIP's format (merges learnt from a few sentences) and its
+    merges."""
+    corpus = ("a photo of the cat sitting on a mat there is a dog and another dog in the "
+              "photograph the weather is rather hot at the theatre these photos of cats and dogs "
+              "were taken at night café crème été fish flow star abc tom jerry οδος") * 3
     merges = learn_merges(corpus, 100)
     path = tmp_path_factory.mktemp("clip") / "bpe_simple_vocab_16e6.txt.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
@@ -152,20 +172,26 @@ def clip_vocab(tmp_path_factory):
 def test_clip_bpe_file_gives_the_ids_of_clips_tokenizer(clip_vocab):
     path, merges = clip_vocab
     tok, ref = load_tokenizer(path), ReferenceCLIPBPE(merges)
-    assert tok.vocab_size == 512 + len(merges) + 2 and tok.eot == tok.vocab_size - 1 and tok.context_length == 77
+    assert tok.vocab_size == 512 + len(merges) + 2 and tok.eot == tok.vocab_size - 1
+    assert tok.context_length == 77
     texts = ["A photo of the cat.", "  there's   a DOG's photograph, at night!!",
              "the theatre's 2024 photos: cats & dogs",
-             "Rather hot weather &amp; 3 mats", "unseen wordsxyz don't panic", "a photo of the cat " * 20]
+             "Rather hot weather &amp; 3 mats", "unseen wordsxyz don't panic",
+             "a photo of the cat " * 20]
     assert tok(texts).tolist() == [ref.encode(t) for t in texts]
 
 
-# What web captions are full of. Mojibake is UTF-8 read as Windows-1252 ("cafÃ©"); "&amp;amp;" is escaped twice.
+# What web captions are full of. Mojibake is UTF-8 read as Windows-1252 ("cafÃ©"); "&amp;amp;" is
+# escaped twice.
 MESSY_CAPTIONS = [
-    "cafÃ© crÃ¨me on a mat", "the cat donâ€™t sit", "“A dog” on ‘the’ mat «photo»", "ＡＢＣ ｃａｔ ！ １２",
-    "ﬁsh ﬂow ﬀ", "Tom &amp;amp; Jerry&#39;s &lt;b&gt;", "<b>bold &amp;amp; tag</b>", "ΟΔΟΣ", "İstanbul night",
-    "emoji 😀🎉👍🏽 photo", "東京タワー 北京の猫", "مرحبا", "naïve e\u0301te\u0301 A\u030a", "the dog'ſ mat",
-    "a\u00a0dog\t on\n\r\na\u3000mat ", "a\x07cat\x00 \x1b[31mred\x1b[0m", "½ cup ² Ⅷ", "\ufeffbom", "", "   ",
-    "<i>&#8220;Quoted&#8221;</i>",  # ftfy leaves entities alone beside a tag: these curly quotes come after it, and stay
+    "cafÃ© crÃ¨me on a mat", "the cat donâ€™t sit",
+    "“A dog” on ‘the’ mat «photo»", "ＡＢＣ ｃａｔ ！ １２", "ﬁsh ﬂow ﬀ",
+    "Tom &amp;amp; Jerry&#39;s &lt;b&gt;", "<b>bold &amp;amp; tag</b>", "ΟΔΟΣ",
+    "İstanbul night", "emoji 😀🎉👍🏽 photo", "東京タワー 北京の猫", "مرحبا",
+    "naïve e\u0301te\u0301 A\u030a", "the dog'ſ mat", "a\u00a0dog\t on\n\r\na\u3000mat ",
+    "a\x07cat\x00 \x1b[31mred\x1b[0m", "½ cup ² Ⅷ", "\ufeffbom", "", "   ",
+    # ftfy leaves entities alone beside a tag: these curly quotes come after it, and stay
+    "<i>&#8220;Quoted&#8221;</i>",
     "“Cafés” &amp; ＤＯＧＳ’ ﬁsh " * 12,
 ]
 
@@ -175,7 +201,8 @@ def test_clip_bpe_cleans_messy_captions_as_clip(clip_vocab):
     tok, ref = load_tokenizer(path), ReferenceCLIPBPE(merges)
     ids = tok(MESSY_CAPTIONS)
     assert ids.tolist() == [ref.encode(t) for t in MESSY_CAPTIONS]
-    assert ids[-1, -1] == tok.eot and (ids[-1] != 0).all()  # the long one is cut to 77, ending in eot
+    # the long one is cut to 77, ending in eot
+    assert ids[-1, -1] == tok.eot and (ids[-1] != 0).all()
 
 
 # (messy, what OpenCLIP's clean-up makes of it): each pair must give the same ids
@@ -198,27 +225,32 @@ def test_captions_are_cleaned_as_openclip_cleans_them(kind, clip_vocab, tok):
     tok = load_tokenizer(clip_vocab[0]) if kind == "clip_vocab" else tok
     for messy, clean in CLEANED:
         assert tok([messy]).tolist() == tok([clean]).tolist(), messy
-    assert len({tuple(tok([clean])[0].tolist()) for _, clean in CLEANED}) == len(CLEANED)  # the ids say something
+    # the ids say something
+    assert len({tuple(tok([clean])[0].tolist()) for _, clean in CLEANED}) == len(CLEANED)
 
 
 def test_trained_tokenizer_learns_on_cleaned_captions():
     messy = "cafÃ© ＳＴＡＲ ﬁsh &amp;amp; “dogs”"
     tok = train_tokenizer([messy] * 50, 600, 16)
     ids = tok(["café star fish & \"dogs\""])[0]
-    assert int((ids != 0).sum()) == 2 + 7  # sot, one learnt token per word (café star fish & " dogs "), eot
+    # sot, one learnt token per word (café star fish & " dogs "), eot
+    assert int((ids != 0).sum()) == 2 + 7
     assert tok.decode(ids) == 'café star fish & " dogs "' and torch.equal(tok([messy])[0], ids)
 
 
 def test_a_normalizer_in_a_tokenizer_json_is_not_applied(tok):
     hf = HFTokenizer.from_str(tok.to_json())
-    hf.normalizer = normalizers.NFKC()  # common in tokenizer.json files; it would turn "½" into "1⁄2"
-    assert load_tokenizer(hf.to_str())(["½ cup"]).tolist() == tok(["½ cup"]).tolist() != tok(["1⁄2 cup"]).tolist()
+    # common in tokenizer.json files; it would turn "½" into "1⁄2"
+    hf.normalizer = normalizers.NFKC()
+    loaded = load_tokenizer(hf.to_str())
+    assert loaded(["½ cup"]).tolist() == tok(["½ cup"]).tolist() != tok(["1⁄2 cup"]).tolist()
 
 
 def test_clip_bpe_file_is_cut_at_clips_48894_merges(tmp_path):
     chars = list(reference_byte_map().values())[:94]  # printable ASCII
     pairs = [(a, b) for a in chars for b in chars]
-    merges = pairs + [(a, b + "</w>") for a, b in pairs] + [(a + b, c) for a, b in pairs for c in chars]
+    merges = (pairs + [(a, b + "</w>") for a, b in pairs]
+              + [(a + b, c) for a, b in pairs for c in chars])
     path = tmp_path / "big_vocab.txt"
     path.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges[:49_000]))
     tok = load_tokenizer(str(path), context_length=8)

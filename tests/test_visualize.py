@@ -1,4 +1,5 @@
-"""The contract of visualize.py: the figure shows keep_indices' own keep rates; the curves read train.py's logs."""
+"""The contract of visualize.py: the figure shows keep_indices' own keep rates; the curves read
+train.py's logs."""
 
 import json
 from dataclasses import asdict
@@ -14,12 +15,13 @@ import masking
 import model as M
 import visualize
 
-SAMPLES = 1000  # masks per keep-rate map in these tests (the figure itself uses visualize.MC_SAMPLES)
+# masks per keep-rate map in these tests (the figure itself uses visualize.MC_SAMPLES)
+SAMPLES = 1000
 
 
 def tolerance(p, samples=SAMPLES):
-    """4 standard errors of a keep rate estimated from `samples` masks, plus the ~0.01 error that keep_probability's
-    large-N approximation has at G = 14 (masking.py's docstring)."""
+    """4 standard errors of a keep rate estimated from `samples` masks, plus the ~0.01 error that
+    keep_probability's large-N approximation has at G = 14 (masking.py's docstring)."""
     return 4 * math.sqrt(p * (1 - p) / samples) + 0.01
 
 
@@ -35,7 +37,8 @@ def test_cli_writes_a_png_of_the_comparison_figure(tmp_path):
     check_image_file(out, b"\x89PNG\r\n\x1a\n")
     img = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)
     assert img.shape[0] > 300 and img.shape[1] > 600  # two rows of four panels
-    assert img.std() > 20 and len(np.unique(img.reshape(-1, 3), axis=0)) > 1000  # a photograph, not a blank page
+    # a photograph, not a blank page
+    assert img.std() > 20 and len(np.unique(img.reshape(-1, 3), axis=0)) > 1000
 
 
 def test_cli_writes_a_pdf_when_the_name_says_so(tmp_path):
@@ -44,8 +47,8 @@ def test_cli_writes_a_pdf_when_the_name_says_so(tmp_path):
     assert len(check_image_file(out, b"%PDF-")) > 10_000
 
 
-@pytest.mark.parametrize("args", [["--ratio", "1.5"], ["--sigma", "0"], ["--grid", "0"], ["--image", "/no/such.jpg"],
-                                  ["--out", "fig.notaformat"]])
+@pytest.mark.parametrize("args", [["--ratio", "1.5"], ["--sigma", "0"], ["--grid", "0"],
+                                  ["--image", "/no/such.jpg"], ["--out", "fig.notaformat"]])
 def test_bad_arguments_exit_with_a_message(args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
@@ -58,17 +61,21 @@ def test_heat_maps_agree_with_keep_probability():
     fig = visualize.sigma_comparison(ratio=0.5, sigmas=sigmas, grid=14, samples=SAMPLES)
     heat_maps = [ax.images[0].get_array() for ax in fig.axes[4:8]]  # row-major axes: the bottom row
     plt.close(fig)
-    for rates, (mode, sigma) in zip(heat_maps, [("random", 0.2)] + [("gaussian", s) for s in sigmas]):
+    columns = [("random", 0.2)] + [("gaussian", s) for s in sigmas]
+    for rates, (mode, sigma) in zip(heat_maps, columns):
         expected = masking.keep_probability(14, 0.5, mode, sigma).numpy()
-        for i, j in [(6, 6), (6, 7), (7, 6), (7, 7), (0, 0), (0, 13), (13, 0), (13, 13)]:  # centre and corners
-            assert abs(rates[i, j] - expected[i, j]) < tolerance(expected[i, j]), (mode, sigma, i, j)
+        # centre and corners
+        for i, j in [(6, 6), (6, 7), (7, 6), (7, 7), (0, 0), (0, 13), (13, 0), (13, 13)]:
+            error = abs(rates[i, j] - expected[i, j])
+            assert error < tolerance(expected[i, j]), (mode, sigma, i, j)
     # the paper's point: the smaller sigma, the more the kept patches crowd the centre
     centre_minus_corner = [m[6, 6] - m[0, 0] for m in heat_maps[1:]]
     assert centre_minus_corner[0] > 0.5 and centre_minus_corner[2] < 0.3
 
 
 def test_keep_rate_map_counts_what_keep_indices_returns(monkeypatch):
-    # an estimate of keep_indices' behaviour, not a formula: a fake that always keeps the top half shows up as such
+    # an estimate of keep_indices' behaviour, not a formula: a fake that always keeps the top half
+    # shows up as such
     def top_half(batch_size, grid_size, ratio, mode, sigma=0.2, device=None, generator=None):
         return torch.arange(grid_size * grid_size // 2).expand(batch_size, -1)
     monkeypatch.setattr(masking, "keep_indices", top_half)
@@ -79,14 +86,17 @@ def test_keep_rate_map_counts_what_keep_indices_returns(monkeypatch):
 def test_random_keep_rate_map_is_uniform_at_one_minus_ratio():
     rates = visualize.keep_rate_map(14, 0.75, "random", sigma=0.2, samples=SAMPLES)
     assert rates.shape == (14, 14)
-    assert rates.sum().item() == pytest.approx(masking.num_kept(14, 0.75))  # every mask keeps exactly K patches
-    assert (rates - 0.25).abs().max().item() < 4.5 * math.sqrt(0.25 * 0.75 / SAMPLES)  # all 196 cells, ~1% chance each
+    # every mask keeps exactly K patches
+    assert rates.sum().item() == pytest.approx(masking.num_kept(14, 0.75))
+    # all 196 cells, ~1% chance each
+    assert (rates - 0.25).abs().max().item() < 4.5 * math.sqrt(0.25 * 0.75 / SAMPLES)
 
 
 def test_masked_patches_are_grey_and_kept_patches_untouched():
     grid, patch = 4, 3
     image = np.random.default_rng(0).random((grid * patch, grid * patch, 3)).astype(np.float32)
-    keep = torch.tensor([1, 6, 8])  # (row, col) (0, 1), (1, 2), (2, 0): not symmetric under a transpose
+    # (row, col) (0, 1), (1, 2), (2, 0): not symmetric under a transpose
+    keep = torch.tensor([1, 6, 8])
     fig, ax = plt.subplots()
     visualize.draw_masked_image(ax, image, keep, grid)
     shown = ax.images[0].get_array()
@@ -94,21 +104,25 @@ def test_masked_patches_are_grey_and_kept_patches_untouched():
     for p in range(grid * grid):
         r, c = divmod(p, grid)
         block = np.asarray(shown[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch])
-        want = image[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] if p in keep else visualize.MASKED_GREY
+        want = (image[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] if p in keep
+                else visualize.MASKED_GREY)
         np.testing.assert_array_equal(block, np.broadcast_to(want, block.shape))
 
 
 def write_log(path, top1):
-    """A small metrics.jsonl in train.py's format: training windows and end-of-epoch evaluations, interleaved."""
+    """A small metrics.jsonl in train.py's format: training windows and end-of-epoch evaluations,
+    interleaved."""
     path.parent.mkdir(parents=True)
     lines = []
     for epoch, acc in enumerate(top1, 1):
         for step in (10 * epoch - 5, 10 * epoch):
-            lines.append({"step": step, "epoch": step / 10, "loss": 5.0 / step, "lr": 1e-3, "logit_scale": 14.3,
-                          "samples_per_s": 100.0, "mfu": None, "skipped": 0, "time": 6.0 * step})
-        lines.append({"step": 10 * epoch, "epoch": epoch, "zeroshot_top1": acc, "zeroshot_top5": 1.0,
-                      "zeroshot_masked_top1": acc / 2, "time": 60.0 * epoch})
-    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n\n")  # a trailing blank line is tolerated
+            lines.append({"step": step, "epoch": step / 10, "loss": 5.0 / step, "lr": 1e-3,
+                          "logit_scale": 14.3, "samples_per_s": 100.0, "mfu": None, "skipped": 0,
+                          "time": 6.0 * step})
+        lines.append({"step": 10 * epoch, "epoch": epoch, "zeroshot_top1": acc,
+                      "zeroshot_top5": 1.0, "zeroshot_masked_top1": acc / 2, "time": 60.0 * epoch})
+    # a trailing blank line is tolerated
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n\n")
     return str(path)
 
 
@@ -122,7 +136,8 @@ def test_curves_plot_loss_and_every_top1_for_each_run(tmp_path):
     fig = visualize.training_curves([flip, gdm])
     (loss_step, loss_time), (top1_step, top1_time) = np.asarray(fig.axes).reshape(2, 2)
     assert [line.get_label() for line in loss_step.lines] == ["flip", "gdm-flip"]
-    assert list(loss_step.lines[0].get_xdata()) == [5, 10, 15, 20]  # evaluation lines have no loss: skipped
+    # evaluation lines have no loss: skipped
+    assert list(loss_step.lines[0].get_xdata()) == [5, 10, 15, 20]
     assert list(loss_time.lines[0].get_xdata()) == [0.5, 1.0, 1.5, 2.0]  # wall time in minutes
     labels = {line.get_label(): line for line in top1_step.lines}
     assert set(labels) == {f"{run}: {key}" for run in ("flip", "gdm-flip")
@@ -130,7 +145,8 @@ def test_curves_plot_loss_and_every_top1_for_each_run(tmp_path):
     assert list(labels["gdm-flip: zeroshot_top1"].get_ydata()) == [0.3, 0.5]
     assert list(labels["flip: zeroshot_masked_top1"].get_xdata()) == [10, 20]
     by_time = {line.get_label(): line for line in top1_time.lines}
-    assert list(by_time["flip: zeroshot_top1"].get_xdata()) == [1.0, 2.0]  # evaluation times, in minutes
+    # evaluation times, in minutes
+    assert list(by_time["flip: zeroshot_top1"].get_xdata()) == [1.0, 2.0]
     assert list(by_time["flip: zeroshot_top1"].get_ydata()) == [0.2, 0.4]
     plt.close(fig)
 
@@ -142,15 +158,18 @@ def test_curves_report_unreadable_logs(tmp_path):
     with pytest.raises(SystemExit, match="metrics.jsonl:2 is not JSON"):
         visualize.main(["curves", str(bad), "--out", str(tmp_path / "c.png")])
     with pytest.raises(SystemExit, match="cannot read"):
-        visualize.main(["curves", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "c.png")])
+        visualize.main(["curves", str(tmp_path / "missing.jsonl"),
+                        "--out", str(tmp_path / "c.png")])
 
 
 def write_run(run_dir, top1, **args):
-    """A train.py run folder with args.json and two evaluations (steps 10 and 20, at 1 and 2 minutes)."""
+    """A train.py run folder with args.json and two evaluations (steps 10 and 20, at 1 and 2
+    minutes)."""
     cfg = asdict(M.PRESETS["tiny"]) | args.pop("config", {})
     run_dir.mkdir(parents=True)
-    (run_dir / "args.json").write_text(json.dumps({"model": "tiny", "batch_size": 16, "accum_freq": 1, "world_size": 2,
-                                                   "pretrained": None, "image_size": None, "config": cfg} | args))
+    run_args = {"model": "tiny", "batch_size": 16, "accum_freq": 1, "world_size": 2,
+                "pretrained": None, "image_size": None, "config": cfg} | args
+    (run_dir / "args.json").write_text(json.dumps(run_args))
     (run_dir / "metrics.jsonl").write_text("".join(
         json.dumps({"step": 10 * k, "epoch": k, "zeroshot_top1": acc, "time": 60.0 * k}) + "\n"
         for k, acc in enumerate(top1, 1)))
@@ -167,13 +186,16 @@ def test_compute_figure_counts_the_tokens_each_run_encodes(tmp_path):
     by_flops, by_time = fig.axes
     curves = {line.get_label(): line for line in by_flops.lines}
     assert set(curves) == {"RECLIP 32 px + tuning", "FLIP 75.0%"}
-    tiny = M.PRESETS["tiny"]  # global batch 16 x 2 ranks; 16 patches encoded by both, 64 after tuning
+    # global batch 16 x 2 ranks; 16 patches encoded by both, 64 after tuning
+    tiny = M.PRESETS["tiny"]
     step_flip = 3 * M.flops_per_sample(tiny, 16) * 32
     step_32px = 3 * M.flops_per_sample(M.CLIPConfig(**(asdict(tiny) | {"image_size": 32}))) * 32
     step_64 = 3 * M.flops_per_sample(tiny) * 32
-    assert step_32px < step_flip  # the same 16 tokens, but masking patch-embeds all 64 patches before dropping
+    # the same 16 tokens, but masking patch-embeds all 64 patches before dropping
+    assert step_32px < step_flip
     np.testing.assert_allclose(curves["FLIP 75.0%"].get_xdata(), [10 * step_flip, 20 * step_flip])
-    np.testing.assert_allclose(curves["RECLIP 32 px + tuning"].get_xdata(),  # tuning continues from the source's end
+    # tuning continues from the source's end
+    np.testing.assert_allclose(curves["RECLIP 32 px + tuning"].get_xdata(),
                                [10 * step_32px, 20 * step_32px, 20 * step_32px + 10 * step_64,
                                 20 * step_32px + 20 * step_64])
     assert list(curves["RECLIP 32 px + tuning"].get_ydata()) == [0.1, 0.2, 0.3, 0.4]
@@ -185,8 +207,9 @@ def test_compute_figure_counts_the_tokens_each_run_encodes(tmp_path):
 
 
 def test_compute_counts_the_text_tokens_a_run_encodes():
-    args = {"model": "tiny", "batch_size": 16, "accum_freq": 2, "world_size": 1, "mask": "random", "ratio": 0.75,
-            "config": asdict(M.PRESETS["tiny"])}
+    args = {"model": "tiny", "batch_size": 16, "accum_freq": 2, "world_size": 1, "mask": "random",
+            "ratio": 0.75, "config": asdict(M.PRESETS["tiny"])}
     assert visualize.flops_per_step(args) == 3 * M.flops_per_sample(M.PRESETS["tiny"], 16) * 32
     shorter = visualize.flops_per_step(args | {"text_length": 8})  # train.py --text-length 8
-    assert shorter == 3 * M.flops_per_sample(M.PRESETS["tiny"], 16, 8) * 32 and shorter < visualize.flops_per_step(args)
+    assert (shorter == 3 * M.flops_per_sample(M.PRESETS["tiny"], 16, 8) * 32
+            and shorter < visualize.flops_per_step(args))
