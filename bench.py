@@ -1,42 +1,52 @@
 """
-Training-step throughput per masking ratio: how much faster does dropping patches make CLIP, next to the FLOP ideal?
+Training-step throughput per masking ratio: how much faster does dropping patches make CLIP, next to
+the FLOP ideal?
 
-    python bench.py                                   # ViT-B-16, batch 256 on a GPU: bf16, TF32, fused AdamW
-    python bench.py --compile --check-sync            # compiled, and prove the step never syncs host and device
+    python bench.py                                   # on a GPU: ViT-B-16, batch 256, bf16, TF32
+    python bench.py --compile --check-sync            # compiled, and prove no host-device sync
     python bench.py --device cpu --compile            # the tiny preset, batch 64, fp32 on the CPU
     python bench.py --ratios 0 0.5 --json bench.json  # also write the table as JSON
-    python bench.py --text-length 16 32               # also 16 and 32 of the 77 text tokens (FLIP's text masking)
-    python bench.py --compile --openclip              # and OpenCLIP's model of the same name, side by side
-    python bench.py data --workers 15                 # images/s of the training and evaluation data pipelines
+    python bench.py --text-length 16 32               # also 16 and 32 of 77 text tokens (FLIP's)
+    python bench.py --compile --openclip              # beside OpenCLIP's model of the same name
+    python bench.py data --workers 15                 # images/s of the training and eval pipelines
 
-A step is what train.py does for one batch, on synthetic tensors so that data loading is not measured:
-masking.keep_indices (and masking.text_keep_indices) -> model(images, tokens, keep, positions) -> clip_loss -> backward
--> AdamW -> clamp of the logit scale. Ratio 0 with the whole context of text is the unmasked baseline (keep=None,
-positions=None, as `train.py --mask none`) and is always run first; each --text-length L adds a row per ratio in which
-the text tower encodes L tokens per caption, their positions drawn per step with --text-mask, inside the timed step.
+A step is what train.py does for one batch, on synthetic tensors so that data loading is not
+measured: masking.keep_indices (and masking.text_keep_indices) -> model(images, tokens, keep,
+positions) -> clip_loss -> backward -> AdamW -> clamp of the logit scale. Ratio 0 with the whole
+context of text is the unmasked baseline (keep=None, positions=None, as `train.py --mask none`) and
+is always run first; each --text-length L adds a row per ratio in which the text tower encodes L
+tokens per caption, their positions drawn per step with --text-mask, inside the timed step.
 
-FLOPs come from the shapes (model.flops_per_sample: 2 FLOPs per multiply-add, matmuls only, training = 3 x forward),
-so the FLOP-ideal speedup of a row is flops(all patches, all text tokens) / flops(K patches, L tokens). With the whole
-text it stays well below 1 / (1 - ratio): the text tower, unmasked, is 62% of ViT-B-16's FLOPs at 90% masking.
-After the table, one line gives the unmasked image tower's inference images/s as eval.py runs it: compare it with
-`python bench.py data`'s evaluation pipeline to see whether an ImageNet pass is bound by the data or the model.
-MFU = achieved FLOP/s / the device's dense bf16 peak (model.peak_flops); it is not reported on the CPU.
-Peak memory is torch.cuda.max_memory_allocated per row on a GPU, and the process's peak RSS (which never goes down,
-so it is the largest ratio-0 figure) on the CPU. mask/step is the masks (patches and text) timed alone over the time of
-a whole step.
+FLOPs come from the shapes (model.flops_per_sample: 2 FLOPs per multiply-add, matmuls only, training
+= 3 x forward), so the FLOP-ideal speedup of a row is flops(all patches, all text tokens) / flops(K
+patches, L tokens). With the whole text it stays well below 1 / (1 - ratio): the text tower,
+unmasked, is 62% of ViT-B-16's FLOPs at 90% masking. After the table, one line gives the unmasked
+image tower's inference images/s as eval.py runs it: compare it with `python bench.py data`'s
+evaluation pipeline to see whether an ImageNet pass is bound by the data or the model. MFU =
+achieved FLOP/s / the device's dense bf16 peak (model.peak_flops); it is not reported on the CPU.
+Peak memory is torch.cuda.max_memory_allocated per row on a GPU, and the process's peak RSS (which
+never goes down, so it is the largest ratio-0 figure) on the CPU. mask/step is the masks (patches
+and text) timed alone over the time of a whole step.
 
---openclip times open_clip_torch's model of the same name (ViT-B-16, ViT-S-16) after ours, through the same step,
-optimizer, precision, compilation and synthetic batch, with OpenCLIP's own patch dropout (FLIP's random masking, at
-the same place and keeping the same number of patches) doing the masking, with the whole text only (its text tower
-takes the whole context). open_clip_torch is not a dependency of this project; install it beside it to compare. The
-models run one after the other: on a shared CPU that order alone moves the comparison by a few percent (README), so
-there repeat it and read smaller differences as noise; on a GPU step times repeat closely.
+--openclip times open_clip_torch's model of the same name (ViT-B-16, ViT-S-16) after ours, through
+the same step, optimizer, precision, compilation and synthetic batch, with OpenCLIP's own patch
+dropout (FLIP's random masking, at the same place and keeping the same number of patches) doing the
+masking, with the whole text only (its text tower takes the whole context). open_clip_torch is not a
+dependency of this project; install it beside it to compare. The models run one after the other: on
+a shared CPU that order alone moves the comparison by a few percent (README), so there repeat it and
+read smaller differences as noise; on a GPU step times repeat closely.
 """
 
+import dataclasses
+import importlib.util
 import io
 import json
+import multiprocessing
 import os
 import resource
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,31 +64,42 @@ import photographer
 import train
 from tokenizer import train_tokenizer
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 LR = 5e-4  # OpenCLIP's default; the value does not change the time of a step
 
 
 def parse_args(argv=None):
     p = data.OneLineParser(prog="bench.py", description=__doc__.strip().split("\n")[0])
     a = p.add_argument
-    a("--model", default=None, choices=list(M.PRESETS), help="model preset (default: ViT-B-16 on cuda, tiny on cpu)")
-    a("--batch-size", type=int, default=None, help="batch size (default: 256 on cuda; on cpu 64 for tiny, else 4)")
-    a("--ratios", type=float, nargs="+", default=[0, 0.5, 0.75, 0.9], help="masking ratios to time (0 is added)")
-    a("--mask", default="gaussian", choices=masking.MODES, help="random = FLIP, gaussian = GDM-FLIP (same cost)")
-    a("--sigma", type=float, default=0.2, help="Gaussian masking's sigma (a variance, as in the paper's code)")
-    a("--text-length", type=int, nargs="+", default=[], metavar="L", help="also time each ratio with L text tokens "
-      "encoded per caption (the whole context is always timed)")
-    a("--text-mask", default="prioritized", choices=masking.TEXT_MODES, help="which L text tokens survive (FLIP's "
-      "prioritized drops padding first; every mode costs the same)")
+    a("--model", default=None, choices=list(M.PRESETS),
+      help="model preset (default: ViT-B-16 on cuda, tiny on cpu)")
+    a("--batch-size", type=int, default=None,
+      help="batch size (default: 256 on cuda; on cpu 64 for tiny, else 4)")
+    a("--ratios", type=float, nargs="+", default=[0, 0.5, 0.75, 0.9],
+      help="masking ratios to time (0 is added)")
+    a("--mask", default="gaussian", choices=masking.MODES,
+      help="random = FLIP, gaussian = GDM-FLIP (same cost)")
+    a("--sigma", type=float, default=0.2,
+      help="Gaussian masking's sigma (a variance, as in the paper's code)")
+    a("--text-length", type=int, nargs="+", default=[], metavar="L", help="also time each ratio "
+      "with L text tokens encoded per caption (the whole context is always timed)")
+    a("--text-mask", default="prioritized", choices=masking.TEXT_MODES, help="which L text tokens "
+      "survive (FLIP's prioritized drops padding first; every mode costs the same)")
     a("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
-    a("--precision", default=None, choices=["bf16", "fp32"], help="bf16 autocast (cuda default) or fp32 (cpu default)")
-    a("--compile", action="store_true", help="torch.compile the model; each (K, L) is its own static-shape graph")
+    a("--precision", default=None, choices=["bf16", "fp32"],
+      help="bf16 autocast (cuda default) or fp32 (cpu default)")
+    a("--compile", action="store_true",
+      help="torch.compile the model; each (K, L) is its own static-shape graph")
     a("--steps", type=int, default=20, help="timed steps per ratio")
-    a("--warmup", type=int, default=3, help="untimed steps per ratio first (compilation, allocator, cuDNN autotune)")
-    a("--check-sync", action="store_true", help="run one step per ratio under torch.cuda.set_sync_debug_mode('error')")
+    a("--warmup", type=int, default=3,
+      help="untimed steps per ratio first (compilation, allocator, cuDNN autotune)")
+    a("--check-sync", action="store_true",
+      help="run one step per ratio under torch.cuda.set_sync_debug_mode('error')")
     a("--seed", type=int, default=0, help="seed for the weights, the synthetic batch and the masks")
-    a("--json", default=None, metavar="OUT", help="also write the settings and the table to this JSON file")
-    a("--openclip", action="store_true", help="also time open_clip_torch's model of the same name (installed "
-      "separately) with its patch dropout, side by side")
+    a("--json", default=None, metavar="OUT",
+      help="also write the settings and the table to this JSON file")
+    a("--openclip", action="store_true", help="also time open_clip_torch's model of the same name "
+      "(installed separately) with its patch dropout, side by side")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -103,23 +124,31 @@ def parse_args(argv=None):
     if args.openclip:
         try:
             import open_clip
+            missing = None if args.model in open_clip.list_models() else \
+                f"OpenCLIP has no model named {args.model!r}"
         except ImportError as e:
-            p.error(f"--openclip needs open_clip_torch, which is not installed ({e})")
-        if args.model not in open_clip.list_models():
-            p.error(f"--openclip: OpenCLIP has no model named {args.model!r}")
-    args.ratios = sorted(set([0.0, *args.ratios]))  # ratio 0 is the baseline of every speedup
-    args.text_length = sorted(set([context_length, *args.text_length]), reverse=True)  # and the whole text
+            missing = f"open_clip_torch is not installed ({e})"
+        if missing:  # our rows still run
+            print(f"bench.py: warning: --openclip skipped: {missing}", file=sys.stderr)
+            args.openclip = False
+    # ratio 0 is the baseline of every speedup, and so is the whole text
+    args.ratios = sorted(set([0.0, *args.ratios]))
+    args.text_length = sorted(set([context_length, *args.text_length]), reverse=True)
     return args
 
 
 def synthetic_batch(cfg, batch_size, device, generator):
-    """Random images (B, 3, S, S) and token ids (B, T) whose end-of-text (the largest id) sits at varied positions."""
+    """Random images (B, 3, S, S) and token ids (B, T) whose end-of-text (the largest id) sits at
+    varied positions."""
     S, T, V = cfg.image_size, cfg.context_length, cfg.vocab_size
     images = torch.randn(batch_size, 3, S, S, device=device, generator=generator)
-    tokens = torch.randint(1, V - 1, (batch_size, T), device=device, generator=generator)  # ordinary words
-    eot = torch.randint(1, T, (batch_size, 1), device=device, generator=generator)  # captions of 2..T tokens
+    # ordinary words
+    tokens = torch.randint(1, V - 1, (batch_size, T), device=device, generator=generator)
+    # captions of 2..T tokens
+    eot = torch.randint(1, T, (batch_size, 1), device=device, generator=generator)
     position = torch.arange(T, device=device)
-    tokens = torch.where(position < eot, tokens, 0)  # zero padding after the caption, as CLIP's tokenizer
+    # zero padding after the caption, as CLIP's tokenizer
+    tokens = torch.where(position < eot, tokens, 0)
     return images, tokens.scatter(1, eot, V - 1)
 
 
@@ -138,7 +167,8 @@ def make_step(model, orig_model, optimizer, autocast):
 
 
 def seconds_per_call(fn, n, device):
-    """Mean wall time of fn() over n calls. CUDA runs asynchronously, so wait for the GPU before reading the clock."""
+    """Mean wall time of fn() over n calls. CUDA runs asynchronously, so wait for the GPU before
+    reading the clock."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -150,12 +180,15 @@ def seconds_per_call(fn, n, device):
 
 def peak_memory_mib(device):
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20  # since the reset at the start of this ratio
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; the process's peak RSS so far
+        # since the reset at the start of this ratio
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # KiB on Linux; the process's peak RSS so far
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def step_is_sync_free(step, images, tokens, make_masks):
-    """One step (masks included) under which any host-device synchronisation raises: True if none happened."""
+    """One step (masks included) under which any host-device synchronisation raises: True if none
+    happened."""
     torch.cuda.set_sync_debug_mode("error")
     try:
         step(images, tokens, *make_masks())
@@ -168,15 +201,18 @@ def step_is_sync_free(step, images, tokens, make_masks):
 
 
 def bench_ratio(ratio, text_length, step, cfg, args, device, generator, own_mask=True):
-    """Time `args.steps` training steps at one masking ratio and text length; returns that row of the table as a dict.
+    """Time `args.steps` training steps at one masking ratio and text length; returns that row of
+    the table as a dict.
 
-    own_mask: the step takes keep_indices (our model); False for a model that drops patches inside (OpenCLIP's)."""
+    own_mask: the step takes keep_indices (our model); False for a model that drops patches inside
+    (OpenCLIP's)."""
     B = args.batch_size
     images, tokens = synthetic_batch(cfg, B, device, generator)
     masks_patches = ratio > 0 and own_mask
     masks_text = text_length < cfg.context_length
 
-    def make_masks():  # drawn afresh every step as in training; None: encode every patch / every text token
+    # drawn afresh every step as in training; None: encode every patch / every text token
+    def make_masks():
         keep = masking.keep_indices(B, cfg.grid_size, ratio, args.mask, args.sigma, device=device,
                                     generator=generator) if masks_patches else None  # (B, K)
         positions = masking.text_keep_indices(tokens, text_length, args.text_mask,
@@ -185,10 +221,13 @@ def bench_ratio(ratio, text_length, step, cfg, args, device, generator, own_mask
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(args.warmup):  # with --compile the first call at a new (K, L) compiles a new graph
-        step(images, tokens, *make_masks())
-    step_s = seconds_per_call(lambda: step(images, tokens, *make_masks()), args.steps, device)  # masks included
-    masks_s = seconds_per_call(make_masks, args.steps, device) if masks_patches or masks_text else None  # alone
+    # with --compile the first call at a new (K, L) compiles: its time less a step's is compile_s
+    warmup_s = [seconds_per_call(lambda: step(images, tokens, *make_masks()), 1, device)
+                for _ in range(args.warmup)]
+    # a whole step, masks included; then the masks alone
+    step_s = seconds_per_call(lambda: step(images, tokens, *make_masks()), args.steps, device)
+    masks_s = (seconds_per_call(make_masks, args.steps, device) if masks_patches or masks_text
+               else None)
     on_gpu_check = args.check_sync and device.type == "cuda"
     sync_free = step_is_sync_free(step, images, tokens, make_masks) if on_gpu_check else None
     kept = masking.num_kept(cfg.grid_size, ratio)  # every patch at ratio 0
@@ -196,15 +235,18 @@ def bench_ratio(ratio, text_length, step, cfg, args, device, generator, own_mask
     flops = M.train_flops_per_sample(cfg, ratio, text_length)  # as train.py counts them for MFU
     tflops = flops * samples_per_s / 1e12
     peak = M.peak_flops(device)
-    return dict(ratio=ratio, kept=kept, text_tokens=text_length, samples_per_s=samples_per_s, step_ms=1e3 * step_s,
-                ideal_speedup=M.train_flops_per_sample(cfg, 0.0) / flops, tflops=tflops,
-                mfu=None if peak is None else tflops * 1e12 / peak, peak_mem_mib=peak_memory_mib(device),
-                mask_fraction=None if masks_s is None else masks_s / step_s, sync_free=sync_free)
+    return dict(ratio=ratio, kept=kept, text_tokens=text_length, samples_per_s=samples_per_s,
+                step_ms=1e3 * step_s, ideal_speedup=M.train_flops_per_sample(cfg, 0.0) / flops,
+                tflops=tflops, mfu=None if peak is None else tflops * 1e12 / peak,
+                peak_mem_mib=peak_memory_mib(device),
+                mask_fraction=None if masks_s is None else masks_s / step_s, sync_free=sync_free,
+                compile_s=max(0.0, warmup_s[0] - step_s) if args.compile and warmup_s else None)
 
 
 def inference_images_per_s(model, cfg, args, device):
-    """Images/s of the unmasked image tower as eval.py runs it (no grad, autocast, eager, the bench's batch): beside
-    `python bench.py data`'s evaluation pipeline, it tells whether an ImageNet pass is bound by data or by the model."""
+    """Images/s of the unmasked image tower as eval.py runs it (no grad, autocast, eager, the
+    bench's batch): beside `python bench.py data`'s evaluation pipeline, it tells whether an
+    ImageNet pass is bound by data or by the model."""
     autocast = M.autocast(device, args.precision)
     images = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     model.eval()
@@ -222,50 +264,70 @@ def inference_images_per_s(model, cfg, args, device):
 
 def format_table(rows, memory_kind):
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"{'ratio':>5} {'kept':>5} {'text':>4} {'samples/s':>10} {'speedup':>8} {'ideal':>7} {'TFLOP/s':>8} "
-             f"{'MFU':>6} {memory_kind:>12} {'mask/step':>9} {'sync-free':>9}"]
+    lines = [f"{'ratio':>5} {'kept':>5} {'text':>4} {'samples/s':>10} {'speedup':>8} {'ideal':>7} "
+             f"{'TFLOP/s':>8} {'MFU':>6} {memory_kind:>12} {'mask/step':>9} {'sync-free':>9} "
+             f"{'compile s':>9}"]
     for r in rows:  # text: the text tokens encoded per caption
         sync = {None: "-", True: "yes", False: "NO"}[r["sync_free"]]
-        lines.append(f"{r['ratio']:5.2f} {r['kept']:5d} {r['text_tokens']:4d} {r['samples_per_s']:10.1f} "
-                     f"{r['speedup']:7.2f}x {r['ideal_speedup']:6.2f}x {r['tflops']:8.3f} {fmt(r['mfu'], '.1%'):>6} "
-                     f"{r['peak_mem_mib']:12.0f} {fmt(r['mask_fraction'], '.2%'):>9} {sync:>9}")
+        lines.append(f"{r['ratio']:5.2f} {r['kept']:5d} {r['text_tokens']:4d} "
+                     f"{r['samples_per_s']:10.1f} {r['speedup']:7.2f}x {r['ideal_speedup']:6.2f}x "
+                     f"{r['tflops']:8.3f} {fmt(r['mfu'], '.1%'):>6} {r['peak_mem_mib']:12.0f} "
+                     f"{fmt(r['mask_fraction'], '.2%'):>9} {sync:>9} "
+                     f"{fmt(r['compile_s'], '.1f'):>9}")
     return "\n".join(lines)
 
 
 def openclip_model(name):
-    """open_clip_torch's model of the same name, with a PatchDropout module whose prob bench_model sets per ratio."""
+    """open_clip_torch's model of the same name, with a PatchDropout module whose prob bench_model
+    sets per ratio."""
     import open_clip  # parse_args checked that it is there and has the model
 
-    # force_patch_dropout puts OpenCLIP's FLIP masking where ours is: after the positional embedding, before ln_pre
+    # force_patch_dropout puts OpenCLIP's FLIP masking where ours is: after the positional
+    # embedding, before ln_pre
     oc = open_clip.create_model(name, force_patch_dropout=0.5)
     return oc, f"OpenCLIP {name} (open_clip_torch {open_clip.__version__})"
 
 
-def bench_model(orig_model, cfg, args, device, openclip=False):
-    """The table's rows for one model: AdamW as train.py's, torch.compile if asked, every ratio in turn, each with the
-    whole text and then each shorter text length (OpenCLIP's model: the whole text only).
+def openclip_blocks(model):
+    """The Transformer blocks of an OpenCLIP model, both towers."""
+    return [*model.visual.transformer.resblocks, *model.transformer.resblocks]
 
-    cfg: our preset's config, for the shapes and FLOPs (an OpenCLIP model of the same name has the same shapes)."""
+
+def bench_model(orig_model, cfg, args, device, openclip=False):
+    """The table's rows for one model: AdamW as train.py's, torch.compile if asked, every ratio in
+    turn, each with the whole text and then each shorter text length (OpenCLIP's model: the whole
+    text only).
+
+    cfg: our preset's config, for the shapes and FLOPs (an OpenCLIP model of the same name has the
+    same shapes)."""
     autocast = M.autocast(device, args.precision)
     optimizer = M.configure_optimizer(orig_model, LR, weight_decay=0.2)  # train.py's, as it runs
-    model = orig_model
     if args.compile:
-        # Each row keeps a different number K of patches and L of text tokens: a new static-shape graph per (K, L)
-        # (dynamic=False, so dynamo does not switch to a slower symbolic-shape graph at the second K), plus the
-        # keep=None / positions=None graphs.
-        graphs = 2 * len(args.ratios) * len(args.text_length)
+        # each block in place, as train.py (model.compile_blocks): a row's K patches and L text
+        # tokens recompile the blocks, static-shape (dynamic=False: no slower symbolic-shape
+        # graph from the second K on), not the whole model
+        graphs = 2 * len(args.ratios) * len(args.text_length) + 4
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
-        model = torch.compile(orig_model, dynamic=False)
-    forward = (lambda images, tokens, keep, positions: model(images, tokens)) if openclip else model  # masks inside
+        if openclip:
+            for block in openclip_blocks(orig_model):
+                block.compile(dynamic=False)
+        else:
+            M.compile_blocks(orig_model)
+    model = orig_model
+    # OpenCLIP's model masks inside
+    forward = (lambda images, tokens, keep, positions: model(images, tokens)) if openclip else model
     step = make_step(forward, orig_model, optimizer, autocast)
-    generator = torch.Generator(device).manual_seed(args.seed)  # the same batches and masks for every model
+    # the same batches and masks for every model
+    generator = torch.Generator(device).manual_seed(args.seed)
     text_lengths = args.text_length[:1] if openclip else args.text_length  # [0]: the whole context
     rows = []
     for ratio in args.ratios:
         if openclip:
-            orig_model.visual.patch_dropout.prob = ratio  # prob 0 returns the tokens untouched: unmasked
+            # prob 0 returns the tokens untouched: unmasked
+            orig_model.visual.patch_dropout.prob = ratio
         for text_length in text_lengths:
-            rows.append(bench_ratio(ratio, text_length, step, cfg, args, device, generator, own_mask=not openclip))
+            rows.append(bench_ratio(ratio, text_length, step, cfg, args, device, generator,
+                                    own_mask=not openclip))
     for row in rows:
         row["speedup"] = row["samples_per_s"] / rows[0]["samples_per_s"]  # rows[0] is ratio 0
     return rows
@@ -275,22 +337,28 @@ def bench_model(orig_model, cfg, args, device, openclip=False):
 
 
 def fake_photo(rng, short_side):
-    """A CC12M-like JPEG for benchmarks: smooth colours, shapes, grain; shortest side `short_side`, aspect to 16:9."""
+    """A CC12M-like JPEG for benchmarks: smooth colours, shapes, grain; shortest side `short_side`,
+    aspect to 16:9."""
     aspect = rng.uniform(1, 16 / 9)
-    size = (round(short_side * aspect), short_side) if rng.random() < 0.7 else (short_side, round(short_side * aspect))
-    img = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    long_side = round(short_side * aspect)
+    size = (long_side, short_side) if rng.random() < 0.7 else (short_side, long_side)
+    colours = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    img = Image.fromarray(colours).resize(size, Image.BICUBIC)
     draw = ImageDraw.Draw(img)
     for _ in range(8):
         x, y, r = rng.uniform(0, size[0]), rng.uniform(0, size[1]), rng.uniform(10, short_side / 4)
         shape = photographer.SHAPES[rng.integers(6)]
-        draw.polygon(photographer.shape_points(shape, x, y, r, 0), fill=tuple(rng.integers(0, 256, 3).tolist()))
-    grain = rng.normal(0, 4, (size[1], size[0], 1))  # texture, so the JPEG is photo-sized (~60-70 kB), not flat
+        draw.polygon(photographer.shape_points(shape, x, y, r, 0),
+                     fill=tuple(rng.integers(0, 256, 3).tolist()))
+    # texture, so the JPEG is photo-sized (~60-70 kB), not flat
+    grain = rng.normal(0, 4, (size[1], size[0], 1))
     pixels = np.clip(np.asarray(img) + grain, 0, 255).astype(np.uint8)
     return photographer.jpeg_bytes(Image.fromarray(pixels), quality=90)
 
 
 def images_per_s(loader):
-    """Images/s of one pass over `loader`, the first batch (worker start-up, shuffle buffer) not counted."""
+    """Images/s of one pass over `loader`, the first batch (worker start-up, shuffle buffer) not
+    counted."""
     it = iter(loader)
     next(it)
     t0 = time.perf_counter()
@@ -298,106 +366,401 @@ def images_per_s(loader):
     return n / (time.perf_counter() - t0)
 
 
-def shard_loader_factory(photos, tmp, image_size, batch_size):
-    """workers -> a training loader over one shard of `photos`, resampled for three passes' worth of batches."""
-    captions = [f"a photo of a {c} {s}" for c in photographer.COLOURS for s in photographer.SHAPES]
-    shard = os.path.join(tmp, "bench-0000.tar")
-    with wds.TarWriter(shard, encoder=False) as tar:
+CAPTIONS = [f"a photo of a {c} {s}" for c in photographer.COLOURS for s in photographer.SHAPES]
+# (name, shortest sides drawn from, where they come from): what each pipeline reads
+PHOTO_SETS = [("cc12m", (400, 501), "training, CC12M-size JPEGs (shortest side 400-500 px)"),
+              ("s256", (256, 257), "training, 256 px JPEGs (img2dataset --resize 256)"),
+              ("val", (333, 376), "evaluation, ImageNet-size JPEGs (333-375 px), class folders")]
+
+
+def make_photos(count, sides, seed, processes):
+    """`count` fake_photo JPEGs with shortest sides drawn from range(*sides), made in parallel."""
+    jobs = [(seed, i, sides) for i in range(count)]
+    if processes <= 1:
+        return list(map(photo_job, jobs))
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        return pool.map(photo_job, jobs, chunksize=16)
+
+
+def photo_job(job):
+    seed, i, sides = job
+    rng = np.random.default_rng([seed, i])
+    return fake_photo(rng, int(rng.integers(*sides)))
+
+
+def write_photos(name, photos, folder, shard_size=512):
+    """Shards folder/shard-NNNN.tar of (jpg, txt) samples, or for "val" class folders c0 .. c9;
+    returns the shard pattern or the folder."""
+    os.makedirs(folder, exist_ok=True)
+    if name == "val":
         for i, photo in enumerate(photos):
-            tar.write({"__key__": f"{i:06d}", "jpg": photo, "txt": captions[i % len(captions)].encode()})
-    tokenizer, num_samples = train_tokenizer(captions, 1024, 77), 3 * len(photos) // batch_size * batch_size
-    return lambda w: data.make_train_loader(shard, batch_size, num_samples, image_size, tokenizer, workers=w,
-                                            resampled=True)
+            os.makedirs(os.path.join(folder, f"c{i % 10}"), exist_ok=True)
+            with open(os.path.join(folder, f"c{i % 10}", f"{i:06d}.jpg"), "wb") as f:
+                f.write(photo)
+        return folder
+    for k in range(0, len(photos), shard_size):
+        with wds.TarWriter(os.path.join(folder, f"shard-{k // shard_size:04d}.tar"),
+                           encoder=False) as tar:
+            for i, photo in enumerate(photos[k:k + shard_size], start=k):
+                tar.write({"__key__": f"{i:06d}", "jpg": photo,
+                           "txt": CAPTIONS[i % len(CAPTIONS)].encode()})
+    last = (len(photos) - 1) // shard_size
+    return os.path.join(folder, "shard-{0000..%04d}.tar" % last)
 
 
-def folder_loader_factory(photos, tmp, image_size, batch_size):
-    """workers -> an evaluation loader over a class folder of `photos`, read as eval.py reads ImageNet."""
-    for i, photo in enumerate(photos):
-        os.makedirs(os.path.join(tmp, "val", f"c{i % 10}"), exist_ok=True)
-        with open(os.path.join(tmp, "val", f"c{i % 10}", f"{i:06d}.jpg"), "wb") as f:
-            f.write(photo)
-    folder = data.ImageFolder(os.path.join(tmp, "val"), data.eval_crop(image_size))
-    return lambda w: DataLoader(folder, batch_size, num_workers=w)
+def make_loader(name, where, workers, image_size=224, batch_size=32):
+    """A loader over what write_photos wrote: the training loader (resampled, three passes' worth
+    of batches) over shards, or eval.py's over the class folders."""
+    if name == "val":
+        folder = data.ImageFolder(where, data.eval_crop(image_size))
+        return DataLoader(folder, batch_size, num_workers=workers)
+    num_samples = 3 * len(data.expand_urls(where)) * 512 // batch_size * batch_size
+    return data.make_train_loader(where, batch_size, num_samples, image_size,
+                                  train_tokenizer(CAPTIONS, 1024, 77), workers=workers,
+                                  resampled=True)
 
 
-def bench_pipelines(workers, num_images=256, image_size=224, batch_size=32):
-    """Images/s of the training pipeline (CC12M-like JPEGs, shortest side 400-500 px, from a shard) and of the
-    evaluation pipeline (ImageNet-like, shortest side 333-375 px, from class folders), against a plain PIL
-    decode + resize of the same JPEGs in one process."""
-    rng = np.random.default_rng(0)
-    pipelines = {"training": ((400, 501), shard_loader_factory), "evaluation": ((333, 376), folder_loader_factory)}
-    for what, (sides, loader_factory) in pipelines.items():
-        photos = [fake_photo(rng, int(rng.integers(*sides))) for _ in range(num_images)]
-        print(f"{what}: {num_images} JPEGs of shortest side {sides[0]}-{sides[1] - 1} px, "
-              f"mean {sum(map(len, photos)) / len(photos) / 1e3:.0f} kB, {image_size} px output")
-        t0 = time.perf_counter()
-        for photo in photos:
-            Image.open(io.BytesIO(photo)).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-        print(f"  plain PIL decode + resize (1 process): {num_images / (time.perf_counter() - t0):7.1f} images/s")
-        with tempfile.TemporaryDirectory() as tmp:
-            make_loader = loader_factory(photos, tmp, image_size, batch_size)
+def bench_pipelines(workers, num_images=256, out=None, image_size=224):
+    """Images/s of the training pipeline (CC12M-size and 256 px JPEGs from shards) and of the
+    evaluation pipeline (ImageNet-size JPEGs from class folders), against a plain PIL decode +
+    resize of the same JPEGs in one process. `out`: keep the shards and folders there."""
+    rates, cores = {}, len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed, (name, sides, what) in enumerate(PHOTO_SETS):
+            photos = make_photos(num_images, sides, seed, cores)
+            print(f"{what}: {num_images}, mean {sum(map(len, photos)) / len(photos) / 1e3:.0f} kB, "
+                  f"{image_size} px output")
+            t0 = time.perf_counter()
+            for photo in photos[:64]:
+                image = Image.open(io.BytesIO(photo)).convert("RGB")
+                image.resize((image_size, image_size), Image.BICUBIC)
+            rate = min(64, num_images) / (time.perf_counter() - t0)
+            print(f"  plain PIL decode + resize (1 process): {rate:7.1f} images/s")
+            where = write_photos(name, photos, os.path.join(out or tmp, name))
+            rates[name] = {"pil_1_process": rate, "where": where}
             for w in sorted({0, workers}):
-                rate = images_per_s(make_loader(w))
+                rate = images_per_s(make_loader(name, where, w, image_size))
                 per = f"{rate / max(w, 1):.1f} per {'worker' if w else 'process'}"
-                print(f"  {what + ' pipeline,':21}{w:2d} workers:{'':6}{rate:7.1f} images/s ({per})")
+                print(f"  {name + ' pipeline,':21}{w:2d} workers:{'':6}{rate:7.1f} images/s "
+                      f"({per})")
+                rates[name][f"{w}_workers"] = rate
+    return rates
 
 
 def data_main(argv):
-    """`python bench.py data`: images/s of the training and evaluation pipelines against a plain PIL decode."""
+    """`python bench.py data`: images/s of the training and evaluation pipelines against a plain
+    PIL decode."""
     p = data.OneLineParser(prog="bench.py data", description=bench_pipelines.__doc__.split("\n")[0])
-    p.add_argument("--workers", type=int, default=1, help="dataloader workers (also measured: 0, in-process)")
-    p.add_argument("--num-images", type=int, default=256, help="JPEGs to generate for each pipeline")
+    p.add_argument("--workers", type=int, default=1,
+                   help="dataloader workers (also measured: 0, in-process)")
+    p.add_argument("--num-images", type=int, default=256, help="JPEGs made for each pipeline")
+    p.add_argument("--out", help="keep the shards and folders here, and write data.json")
     args = p.parse_args(argv)
     if args.workers < 0 or args.num_images < 64:
         p.error("--workers must be >= 0 and --num-images >= 64 (two batches of 32 at least)")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a dataloader worker, so the in-process rate compares with theirs
+    # as in a dataloader worker, so the in-process rate compares with theirs
+    torch.set_num_threads(1)
     try:
-        bench_pipelines(args.workers, args.num_images)
+        rates = bench_pipelines(args.workers, args.num_images, args.out)
     finally:
         torch.set_num_threads(threads)
+    if args.out:
+        write_json(os.path.join(args.out, "data.json"), {"workers": args.workers, "rates": rates})
+    return rates
 
 
+# ----------------------------------------------------------------------------- the GPU check
+# `python bench.py gpu --out DIR`: every GPU figure of docs/speed.md in one run of under 8 minutes,
+# part by part in priority order, each in its own process under its own time limit, so that one
+# failure or hang loses nothing else; DIR gets each part's log and JSON and summary.md as it goes.
+# --small runs the same parts with the tiny preset on the CPU in a minute: the test suite's.
+
+GPU_CHECK_S = 450  # all parts together: 7.5 minutes, inside the 8 the lent machine's call allows
+PART_LIMITS_S = {"preflight": 20, "quick start": 90, "step": 150, "data": 50, "train 0%": 40,
+                 "train 90%": 40, "evaluation": 40}
+TRAIN_STEPS = 60  # train.py on the generated shards: enough windows past the first for data wait
+
+
+def gpu_main(argv):
+    p = data.OneLineParser(prog="bench.py gpu", description="Every GPU figure in one run.")
+    p.add_argument("--out", required=True, help="folder for the logs, JSON and summary.md")
+    p.add_argument("--small", action="store_true", help="the tiny preset on the CPU, a few steps "
+                   "(the test suite runs this)")
+    p.add_argument("--budget", type=float, default=GPU_CHECK_S, help="seconds for all parts")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    check = GPUCheck(os.path.abspath(args.out), args.small, time.time() + args.budget)
+    for name, run in [("preflight", check.preflight), ("quick start", check.quick_start),
+                      ("step", check.step), ("data", check.data),
+                      ("train 0%", lambda: check.train(0.0)),
+                      ("train 90%", lambda: check.train(0.9)), ("evaluation", check.evaluation)]:
+        check.part(name, run)
+    print(f"bench.py gpu: summary in {os.path.join(args.out, 'summary.md')}")
+    return check.results
+
+
+class GPUCheck:
+    """The parts of `bench.py gpu`. Each returns its headline figures as {label: text} and raises
+    PartFailed (a one-line reason) when it cannot give them."""
+
+    def __init__(self, out, small, deadline):
+        self.out, self.small, self.deadline, self.results, self.facts = out, small, deadline, [], {}
+        self.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        self.workers = 0 if small else max(1, len(os.sched_getaffinity(0)) - 1)
+        self.compile = self.openclip = False  # until the preflight finds a compiler, open_clip
+
+    def part(self, name, run):
+        limit = min(PART_LIMITS_S[name], self.deadline - time.time())
+        t0, self.limit = time.time(), limit
+        if limit < 5:
+            status, found = "skipped: the check's time is spent", {}
+        else:
+            try:
+                status, found = "ok", run()
+            except PartFailed as e:
+                status, found = f"failed: {e}", {}
+            except Exception as e:  # a bug in the check itself must not lose the other parts
+                status, found = f"failed: {type(e).__name__}: {e}", {}
+        self.results.append({"part": name, "status": status, "seconds": time.time() - t0,
+                             "figures": found})
+        print(f"bench.py gpu: {name}: {status} ({time.time() - t0:.0f} s)", flush=True)
+        self.write_summary()
+
+    def command(self, name, cmd):
+        """Run cmd (a list) with the part's time limit, output in <name>.log; its output's text."""
+        log = os.path.join(self.out, name.replace(" ", "_").replace("%", "") + ".log")
+        with open(log, "w") as f:
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
+                                    cwd=HERE, start_new_session=True)  # its workers: one group
+            try:
+                code = proc.wait(timeout=self.limit)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise PartFailed(f"timed out after {self.limit:.0f} s (see "
+                                 f"{os.path.basename(log)})")
+        with open(log) as f:
+            text = f.read()
+        if code:
+            last = text.strip().splitlines()[-1] if text.strip() else ""
+            raise PartFailed(f"exit {code}: {last[:200]} (see {os.path.basename(log)})")
+        return text
+
+    def preflight(self):
+        """The machine and what it has: the GPU, versions, cores, /dev/shm, a C compiler for
+        Triton (without one everything runs uncompiled), the optional packages."""
+        gpu = torch.cuda.is_available()
+        if not gpu and not self.small:
+            raise PartFailed("no CUDA device (torch.cuda.is_available() is False)")
+        driver = "-"
+        if gpu and shutil.which("nvidia-smi"):
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,"
+                                     "noheader"], capture_output=True, text=True).stdout.strip()
+        self.compile = bool(shutil.which("cc") or shutil.which("gcc")) and not self.small
+        optional = {m: importlib.util.find_spec(m) is not None
+                    for m in ("webdataset", "braceexpand", "ftfy", "wcwidth", "open_clip")}
+        self.openclip = optional["open_clip"]
+        shm = shutil.disk_usage("/dev/shm").free / 1e9 if os.path.isdir("/dev/shm") else 0.0
+        self.facts = {"device": torch.cuda.get_device_name() if gpu else "cpu",
+                      "driver": driver, "torch": torch.__version__,
+                      "cuda": torch.version.cuda or "-", "python": sys.version.split()[0],
+                      "cores": len(os.sched_getaffinity(0)), "dev/shm free GB": f"{shm:.1f}",
+                      "compile": "on" if self.compile else "off (--small)" if self.small
+                      else "off (no C compiler for Triton)",
+                      "packages": ", ".join(f"{m} {'yes' if ok else 'no'}"
+                                            for m, ok in optional.items())}
+        # 15 workers x 2 prefetched batches of 320 uint8 images of 224 px: ~1.4 GB of /dev/shm
+        if not self.small and shm < 2:
+            self.facts["warning"] = f"/dev/shm has {shm:.1f} GB free; the loaders need ~1.4 GB"
+        return dict(self.facts)
+
+    def quick_start(self):
+        """The README's first command on this machine (built-in data; bf16 and compiled on a GPU):
+        wall time, time per epoch, zero-shot top-1."""
+        cmd = [sys.executable, "train.py", "--mask", "gaussian", "--ratio", "0.5", "--log-dir",
+               os.path.join(self.out, "runs"), "--name", "quick-start"]
+        if self.small:
+            folder = write_photos("val", make_photos(20, (64, 65), 0, 1),
+                                  os.path.join(self.out, "tiny-val"))
+            cmd += ["--builtin-samples", "256", "--epochs", "1", "--batch-size", "32",
+                    "--zeroshot-data", folder, "--workers", "0"]
+        t0 = time.time()
+        self.command("quick start", cmd + ([] if self.compile else ["--no-compile"]))
+        evals = [r for r in read_records(os.path.join(self.out, "runs", "quick-start"))
+                 if "zeroshot_top1" in r]
+        epochs = [b["time"] - a["time"] for a, b in zip([{"time": 0.0}] + evals, evals)]
+        return {"wall time": f"{time.time() - t0:.0f} s",
+                "per epoch": ", ".join(f"{e:.0f} s" for e in epochs),
+                "top-1 unmasked / masked": f"{evals[-1]['zeroshot_top1']:.4f} / "
+                                           f"{evals[-1].get('zeroshot_masked_top1', 0):.4f}"}
+
+    def step(self):
+        """bench.py's step table: ViT-B-16, batch 256, bf16, compiled, at 0 / 50 / 75 / 90%, and
+        OpenCLIP's ViT-B-16 beside it when it imports."""
+        out = os.path.join(self.out, "step.json")
+        cmd = [sys.executable, "bench.py", "--json", out, "--check-sync", "--steps", "10",
+               "--warmup", "2"] + (["--compile"] if self.compile else [])
+        cmd += ["--openclip"] if self.openclip else []
+        if self.small:
+            cmd += ["--device", "cpu", "--model", "tiny", "--batch-size", "8", "--steps", "1",
+                    "--warmup", "1", "--ratios", "0.5"]
+        try:
+            self.command("step", cmd)
+        except PartFailed:  # our rows are written before OpenCLIP's run starts: keep them
+            if not os.path.exists(out):
+                raise
+        with open(out) as f:
+            result = json.load(f)
+        self.step_result = result
+        found = {f"{r['ratio']:.0%}": f"{r['samples_per_s']:.0f}/s, {r['speedup']:.2f}x of "
+                 f"{r['ideal_speedup']:.2f}x ideal" + (f", MFU {r['mfu']:.0%}" if r["mfu"] else "")
+                 for r in result["rows"]}
+        if "openclip_rows" in result:
+            found["ours / OpenCLIP"] = ", ".join(f"{r['samples_per_s'] / o['samples_per_s']:.2f}x"
+                                                 for r, o in zip(result["rows"],
+                                                                 result["openclip_rows"]))
+        else:
+            found["OpenCLIP"] = "skipped: open_clip does not import"
+        return found
+
+    def data(self):
+        """bench.py data with a worker per core but one, on generated shards and class folders;
+        they stay in data/ for the next parts."""
+        num = 64 if self.small else 4096
+        self.command("data", [sys.executable, "bench.py", "data", "--workers", self.workers,
+                              "--num-images", num, "--out", os.path.join(self.out, "data")])
+        with open(os.path.join(self.out, "data", "data.json")) as f:
+            self.rates = json.load(f)["rates"]
+        return {name: f"{r[f'{self.workers}_workers']:.0f} images/s with {self.workers} workers"
+                for name, r in self.rates.items()}
+
+    def train(self, ratio):
+        """train.py itself on the CC12M-size shards for TRAIN_STEPS steps: samples/s and data wait
+        (the share of the time blocked on the loader) past the first, compiling, step."""
+        if not hasattr(self, "rates"):
+            raise PartFailed("needs the data part's shards")
+        batch, steps = (16, 4) if self.small else (256, TRAIN_STEPS)
+        name = f"shards-{ratio:g}"
+        cmd = [sys.executable, "train.py", "--train-data", self.rates["cc12m"]["where"],
+               "--train-num-samples", batch * steps, "--dataset-resampled", "--epochs", "1",
+               "--batch-size", batch, "--mask", "random" if ratio else "none", "--ratio", ratio,
+               "--log-every", 1 if self.small else 10, "--log-dir", os.path.join(self.out, "runs"),
+               "--name", name, "--save-frequency", "0", "--workers", self.workers,
+               "--model", "tiny" if self.small else "ViT-B-16"]
+        self.command(f"train {ratio:.0%}", cmd + ([] if self.compile else ["--no-compile"]))
+        windows = [r for r in read_records(os.path.join(self.out, "runs", name))
+                   if r.get("samples_per_s")]
+        if not windows:
+            raise PartFailed("no timed log window")
+        rate = sum(r["samples_per_s"] for r in windows) / len(windows)
+        wait = sum(r["data_wait"] for r in windows) / len(windows)
+        mfu = [r["mfu"] for r in windows if r["mfu"]]
+        return {"samples/s": f"{rate:.0f}", "data wait": f"{wait:.0%}",
+                "MFU": f"{sum(mfu) / len(mfu):.0%}" if mfu else "-"}
+
+    def evaluation(self):
+        """eval.py's zero-shot pass over the ImageNet-size class folder: images/s, and how much of
+        it waited for data."""
+        if not hasattr(self, "rates"):
+            raise PartFailed("needs the data part's class folder")
+        name = "tiny" if self.small else "ViT-B-16"
+        tokenizer = train_tokenizer(CAPTIONS, 1024, M.PRESETS[name].context_length)
+        model = M.create_model(name, vocab_size=tokenizer.vocab_size)
+        path = os.path.join(self.out, "eval-model.pt")
+        torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(model.config),
+                    "model": name, "tokenizer": tokenizer.to_json()}, path)
+        text = self.command("evaluation", [
+            sys.executable, "eval.py", "--checkpoint", path, "--dataset",
+            self.rates["val"]["where"], "--workers", self.workers, "--output",
+            os.path.join(self.out, "eval.json")] + (["--device", "cpu"] if self.small else []))
+        done = [line for line in text.splitlines() if line.startswith("images (unmasked):")][-1]
+        return {"images": done.split(": ", 1)[1]}
+
+    def write_summary(self):
+        lines = [f"# GPU check, {self.started}", "",
+                 f"`python bench.py gpu --out DIR{' --small' if self.small else ''}`: "
+                 + ", ".join(f"{k} {v}" for k, v in self.facts.items()), "",
+                 "| part | status | seconds | figures |", "|---|---|---|---|"]
+        for r in self.results:
+            figures = "; ".join(f"{k}: {v}" for k, v in r["figures"].items()
+                                if r["part"] != "preflight")
+            lines.append(f"| {r['part']} | {r['status']} | {r['seconds']:.0f} | {figures} |")
+        if hasattr(self, "step_result"):
+            lines += ["", "Step benchmark (bench.py):", "", "```",
+                      format_table(self.step_result["rows"], self.step_result["memory"]), "```"]
+        if hasattr(self, "step_result") and hasattr(self, "rates"):  # does masking pay end to end?
+            lines += ["", "What a step consumes against what the loaders make "
+                      f"({self.workers} workers):", ""]
+            for r in self.step_result["rows"]:
+                made = {n: self.rates[n][f"{self.workers}_workers"] for n in ("cc12m", "s256")}
+                lines.append(f"- {r['ratio']:.0%} masking: {r['samples_per_s']:.0f} samples/s; "
+                             + ", ".join(f"{n} shards {v:.0f}/s"
+                                         + (" (data-bound)" if v < r["samples_per_s"] else "")
+                                         for n, v in made.items()))
+        with open(os.path.join(self.out, "summary.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        write_json(os.path.join(self.out, "summary.json"), {"facts": self.facts,
+                                                            "parts": self.results})
+
+
+class PartFailed(Exception):
+    pass
+
+
+def read_records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def main(argv=None):
-    """Run the benchmark for the given command line; print the table and return its rows (a list of dicts)."""
+    """Run the benchmark for the given command line; print the table and return its rows (a list of
+    dicts)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["data"]:
         return data_main(argv[1:])
+    if argv[:1] == ["gpu"]:
+        return gpu_main(argv[1:])
     args = parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on tensor cores
+        # fp32 leftovers on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     orig_model = M.create_model(args.model).to(device).train()
     cfg = orig_model.config
 
     grid = cfg.grid_size
     peak = M.peak_flops(device)
-    name = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} threads"
-    print(f"{args.model}: {sum(p.numel() for p in orig_model.parameters()) / 1e6:.2f}M parameters, {grid}x{grid} "
-          f"patches; batch {args.batch_size}, {args.precision}, compile {args.compile}, {args.mask} masking; text "
-          f"{', '.join(map(str, args.text_length))} of {cfg.context_length} tokens ({args.text_mask} when shorter)")
+    name = (torch.cuda.get_device_name(device) if on_gpu
+            else f"cpu, {torch.get_num_threads()} threads")
+    params = sum(p.numel() for p in orig_model.parameters())
+    print(f"{args.model}: {params / 1e6:.2f}M parameters, {grid}x{grid} patches; batch "
+          f"{args.batch_size}, {args.precision}, compile {args.compile}, {args.mask} masking; text "
+          f"{', '.join(map(str, args.text_length))} of {cfg.context_length} tokens "
+          f"({args.text_mask} when shorter)")
     print(f"device {name}, torch {torch.__version__}; peak for MFU: "
-          + ("none known (MFU not reported)" if peak is None else f"{peak / 1e12:.0f} TFLOP/s dense bf16"))
-    print(f"{args.warmup} warm-up + {args.steps} timed steps per row; forward GFLOPs per sample (x3 for a step), "
-          f"image tower + text tower:")
+          + ("none known (MFU not reported)" if peak is None
+             else f"{peak / 1e12:.0f} TFLOP/s dense bf16"))
+    print(f"{args.warmup} warm-up + {args.steps} timed steps per row; forward GFLOPs per sample "
+          f"(x3 for a step), image tower + text tower:")
     for ratio in args.ratios:
         kept = masking.num_kept(grid, ratio)  # every patch at ratio 0
-        flops = ", ".join(f"{M.flops_per_sample(cfg, kept, t) / 1e9:.3f} ({t} text tokens)" for t in args.text_length)
+        flops = ", ".join(f"{M.flops_per_sample(cfg, kept, t) / 1e9:.3f} ({t} text tokens)"
+                          for t in args.text_length)
         print(f"  ratio {ratio:4.2f}: {kept:4d} patches kept, {flops}")
     if args.check_sync and not on_gpu:
         print("--check-sync: skipped on the CPU (there is no device to synchronise with)")
 
-    memory_kind = "peak MiB" if on_gpu else "peak RSS MiB"  # GPU: allocated tensors; CPU: the whole process
+    # GPU: allocated tensors; CPU: the whole process
+    memory_kind = "peak MiB" if on_gpu else "peak RSS MiB"
     rows = bench_model(orig_model, cfg, args, device)
     print(format_table(rows, memory_kind))
     inference = inference_images_per_s(orig_model, cfg, args, device)
     print(f"inference, image tower unmasked as eval.py runs it: {inference:.1f} images/s")
-    result = {"settings": vars(args), "device": name, "torch": torch.__version__, "memory": memory_kind, "rows": rows,
-              "inference_images_per_s": inference}
+    result = {"settings": vars(args), "device": name, "torch": torch.__version__,
+              "memory": memory_kind, "rows": rows, "inference_images_per_s": inference}
     write_json(args.json, result)  # now, so that our table survives if OpenCLIP's run fails
     if args.openclip:
         del orig_model  # free its weights and optimizer state before the second model
@@ -409,9 +772,11 @@ def main(argv=None):
         oc_rows = bench_model(oc.to(device).train(), cfg, args, device, openclip=True)
         print(f"{label}, the same steps with its patch dropout:")
         print(format_table(oc_rows, memory_kind))
-        full_text = [r for r in rows if r["text_tokens"] == cfg.context_length]  # OpenCLIP's rows, in the same order
+        # OpenCLIP's rows, in the same order
+        full_text = [r for r in rows if r["text_tokens"] == cfg.context_length]
         print("ours / OpenCLIP samples/s: " + ", ".join(
-            f"{r['ratio']:.2f}: {r['samples_per_s'] / o['samples_per_s']:.2f}x" for r, o in zip(full_text, oc_rows)))
+            f"{r['ratio']:.2f}: {r['samples_per_s'] / o['samples_per_s']:.2f}x"
+            for r, o in zip(full_text, oc_rows)))
         write_json(args.json, result | {"openclip": label, "openclip_rows": oc_rows})
     return rows
 

@@ -83,6 +83,15 @@ def create_model(name, **overrides):
     return CLIP(replace(PRESETS[name], **overrides))
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose output has its input's dtype, as OpenCLIP's: CUDA autocast runs layer_norm
+    in fp32, and without the cast back a bf16 residual stream would turn fp32 after the first
+    one."""
+
+    def forward(self, x):
+        return super().forward(x).to(x.dtype)
+
+
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -116,9 +125,9 @@ class Block(nn.Module):
     def __init__(self, width, heads, mlp_ratio, quick_gelu):
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = LayerNorm(width)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = LayerNorm(width)
         # a Sequential with names, so keys read mlp.c_fc.weight as in OpenCLIP
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(width, hidden))
@@ -142,20 +151,20 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         num_patches = self.grid_size ** 2
         self.positional_embedding = nn.Parameter(scale * torch.randn(1 + num_patches, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.ln_pre = LayerNorm(width)
         self.blocks = nn.ModuleList(Block(width, cfg.vision_heads, cfg.mlp_ratio, cfg.quick_gelu)
                                     for _ in range(cfg.vision_layers))
-        self.ln_post = nn.LayerNorm(width)
+        self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
 
     def forward(self, images, keep=None):
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D): N = G*G patches, row-major
         # positions are added before dropping, so kept patches remember where
-        x = x + self.positional_embedding[1:]
+        x = x + self.positional_embedding[1:].to(x.dtype)  # in the activations' dtype, as OpenCLIP
         # FLIP / GDM-FLIP: encode only the kept patches, (B, N, D) -> (B, K, D)
         if keep is not None:
             x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        cls = self.class_embedding + self.positional_embedding[0]  # (D,): always kept
+        cls = (self.class_embedding + self.positional_embedding[0]).to(x.dtype)  # (D,): always kept
         cls = cls.expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = self.ln_pre(torch.cat([cls, x], dim=1))  # (B, 1+K, D)
         for block in self.blocks:
@@ -171,7 +180,7 @@ class TextTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, width))
         self.blocks = nn.ModuleList(Block(width, cfg.text_heads, cfg.mlp_ratio, cfg.quick_gelu)
                                     for _ in range(cfg.text_layers))
-        self.ln_final = nn.LayerNorm(width)
+        self.ln_final = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, cfg.embed_dim))  # OpenCLIP's text_projection
         nn.init.normal_(self.token_embedding.weight, std=0.02)  # CLIP's init
         nn.init.normal_(self.positional_embedding, std=0.01)
@@ -384,8 +393,8 @@ def train_flops_per_sample(cfg, ratio, text_length=None):
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets; used for MFU. The first
 # key found in the device name wins, so the PCIe and NVL cards (lower clocks and power) come before
 # the SXM "H100" and "H200" they also match.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-              "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12,
+              "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
 
 
 def peak_flops_by_name(name):
@@ -411,6 +420,17 @@ def autocast(device, precision=None):
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def compile_blocks(model, dynamic=False):
+    """torch.compile every Transformer block in place (PyTorch's regional compilation): the blocks
+    of a tower are one module class, so they share one compiled graph, and compiling takes seconds
+    where the whole model took minutes. The parameter names stay as they are (no `_orig_mod.`). A
+    new number of tokens (another masking ratio) compiles the blocks again, not the model; run
+    evaluation under torch.compiler.set_stance("force_eager") to use the eager blocks."""
+    for block in [*model.visual.blocks, *model.text.blocks]:
+        block.compile(dynamic=dynamic)
+    return model
 
 
 if __name__ == "__main__":

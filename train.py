@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -97,7 +97,10 @@ def parse_args(argv=None):
     a("--warmup", type=NATURAL, help=f"linear warmup steps (default: {OPENCLIP_WARMUP} as "
       "OpenCLIP, or 5%% of a run shorter than 20x that)")
     a("--precision", choices=["bf16", "fp32"], help="bf16 autocast (GPU default) or fp32 (CPU)")
-    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on GPU)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each Transformer "
+      "block (default: on GPU)")
+    a("--sync-debug", action="store_true", help="CUDA: raise at any host-device sync inside a "
+      "training step (torch.cuda.set_sync_debug_mode); the log window's one sync is outside")
     a("--seed", type=int, default=0, help="seed of the weights, data order, crops and masks")
     # evaluation
     a("--imagenet-val", help="ImageNet validation folder (a folder per WordNet id) for zero-shot")
@@ -165,6 +168,8 @@ def check_args(args):
     if steps_per_epoch(args, world_size) < 1:
         raise ValueError(f"--train-num-samples {args.train_num_samples} is smaller than one global "
                          f"batch ({args.batch_size * args.accum_freq * world_size})")
+    if args.sync_debug and not torch.cuda.is_available():
+        raise ValueError("--sync-debug needs a CUDA device: it checks host-device syncs")
     if args.imagenet_val and args.zeroshot_data:
         raise ValueError("pass --imagenet-val or --zeroshot-data, not both")
     if args.pretrained and args.resume:
@@ -274,9 +279,23 @@ def forward_backward(model, micro_batches, keeps, autocast, world_size, text_kee
     return loss.detach()
 
 
+@contextmanager
+def syncs_raise(enabled):
+    """Within it, with `enabled`, a host-device synchronisation raises (CUDA's sync debug mode)."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def train_step(model, orig_model, optimizer, micro, keeps, text_keeps, autocast, lr, world_size=1):
     """One optimizer step at learning rate `lr`: what the loop below runs and bench.py times.
-    Returns the loss, still on the device (no host-device sync). orig_model: the uncompiled one."""
+    Returns the loss, still on the device (no host-device sync). orig_model: the module inside
+    DDP's wrapper, whose temperature is clamped."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss = forward_backward(model, micro, keeps, autocast, world_size, text_keeps)
@@ -377,7 +396,12 @@ class LogWindow:
         self.reset()
 
     def reset(self):
-        self.losses, self.start, self.waited = [], time.time(), 0.0
+        self.losses, self.start, self.waited, self.untimed = [], time.time(), 0.0, 0
+
+    def start_clock(self):
+        """Time the window from here: the steps so far (the first after a start, which compiles)
+        count in its loss, not in its samples/s, MFU or data wait."""
+        self.start, self.waited, self.untimed = time.time(), 0.0, len(self.losses)
 
     def close(self, step, lr, logit_scale, elapsed):
         """The window's record for metrics.jsonl and its log line; stops on a non-finite loss."""
@@ -385,16 +409,21 @@ class LogWindow:
         if bad := [i for i, v in enumerate(losses) if not math.isfinite(v)]:
             fail(f"loss is {losses[bad[0]]} at step {step - len(losses) + bad[0] + 1}; stopping "
                  "without saving")
-        dt, n = time.time() - self.start, len(losses)
-        r = {"step": step, "epoch": round(step / self.per_epoch, 3), "loss": sum(losses) / n,
-             "lr": lr, "logit_scale": logit_scale, "samples_per_s": n * self.samples_per_step / dt,
-             "mfu": self.flops_per_step * n / dt / self.peak if self.peak else None,
-             "data_wait": self.waited / dt, "skipped": int(self.skipped), "time": elapsed}
+        dt, n = time.time() - self.start, len(losses) - self.untimed  # n: the timed steps
+        r = {"step": step, "epoch": round(step / self.per_epoch, 3),
+             "loss": sum(losses) / len(losses), "lr": lr, "logit_scale": logit_scale,
+             "samples_per_s": None, "mfu": None,
+             "data_wait": None, "skipped": int(self.skipped), "time": elapsed}
         line = (f"step {step}/{self.total_steps} epoch {r['epoch']:.2f} | loss {r['loss']:.4f} | "
-                f"lr {lr:.2e} | scale {logit_scale:.1f} | {r['samples_per_s']:.0f} samples/s"
-                + (f" | mfu {100 * r['mfu']:.1f}%" if r["mfu"] else "")
-                + f" | data wait {100 * r['data_wait']:.0f}% | skipped {r['skipped']}"
-                + f" | eta {(self.total_steps - step) * dt / n / 60:.1f} min")
+                f"lr {lr:.2e} | scale {logit_scale:.1f}")
+        if n:  # a window of the first step alone has nothing timed
+            r |= {"samples_per_s": n * self.samples_per_step / dt, "data_wait": self.waited / dt,
+                  "mfu": self.flops_per_step * n / dt / self.peak if self.peak else None}
+            line += (f" | {r['samples_per_s']:.0f} samples/s"
+                     + (f" | mfu {100 * r['mfu']:.1f}%" if r["mfu"] else "")
+                     + f" | data wait {100 * r['data_wait']:.0f}%")
+        line += f" | skipped {r['skipped']}"
+        line += f" | eta {(self.total_steps - step) * dt / n / 60:.1f} min" if n else ""
         self.reset()
         return r, line
 
@@ -442,10 +471,13 @@ def main(argv=None):
         if master:
             ckpt.continue_metrics(metrics, step)  # what was logged after the checkpoint goes
         say(f"resumed from {checkpoint['path']} at epoch {start_epoch}, step {step}")
-    t0 = time.time() - elapsed  # wall time counts on across resumes
-    model = torch.compile(orig_model) if args.compile else orig_model  # orig_model: to save, eval
+    t0, start_step = time.time() - elapsed, step  # wall time counts on across resumes
+    if args.compile:  # each block in place (regional): seconds, and no `_orig_mod.` in the keys
+        M.compile_blocks(orig_model)
+    model = orig_model  # DDP's wrapper around it on several ranks; orig_model is what is saved
     if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(orig_model, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy
 
     # the arithmetic of the run, printed (as nanoGPT does) and written to args.json
     per_epoch = steps_per_epoch(args, world_size)
@@ -477,13 +509,16 @@ def main(argv=None):
         mask_gen = torch.Generator(device).manual_seed(seed)
         batches = iter(loader)
         for _ in range(per_epoch):
-            micro, keeps, text_keeps = next_step_batches(batches, args, cfg.grid_size, device,
-                                                         mask_gen, log)
-            lr = lr_at(step, args.lr, args.warmup, total_steps)
-            loss = train_step(model, orig_model, optimizer, micro, keeps, text_keeps, autocast, lr,
-                              world_size)
+            with syncs_raise(args.sync_debug):  # --sync-debug: a host-device sync here raises
+                micro, keeps, text_keeps = next_step_batches(batches, args, cfg.grid_size, device,
+                                                             mask_gen, log)
+                lr = lr_at(step, args.lr, args.warmup, total_steps)
+                loss = train_step(model, orig_model, optimizer, micro, keeps, text_keeps, autocast,
+                                  lr, world_size)
             log.losses.append(loss)
             step += 1
+            if step == start_step + 1:
+                log.start_clock()  # the first step compiles: not counted in samples/s or MFU
             if step % args.log_every == 0 or step % per_epoch == 0:
                 scale = orig_model.logit_scale.exp().item()
                 record, line = log.close(step, lr, scale, time.time() - t0)
@@ -493,7 +528,8 @@ def main(argv=None):
 
         done, eval_root = epoch + 1, args.imagenet_val or args.zeroshot_data or test_dir
         if eval_root and (done % args.zeroshot_frequency == 0 or done == args.epochs):
-            record = evaluate(orig_model, tokenizer, args, eval_root, device)
+            with torch.compiler.set_stance("force_eager"):  # other shapes: no recompiles
+                record = evaluate(orig_model, tokenizer, args, eval_root, device)
             say("zero-shot " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if "top" in k))
             if master:
                 ckpt.append_metrics(metrics, {"step": step, "epoch": done, **record,
@@ -506,6 +542,7 @@ def main(argv=None):
             ckpt.save_checkpoint(state, ckpt_dir, done, numbered, args.delete_previous_checkpoint)
         if world_size > 1:
             dist.barrier()  # no rank runs ahead while rank 0 evaluates and saves
+        log.reset()  # the next window times training only
     say(f"done in {(time.time() - t0) / 60:.1f} min; checkpoints and metrics.jsonl in {run_dir}")
     if world_size > 1:
         dist.destroy_process_group()

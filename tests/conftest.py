@@ -1,5 +1,5 @@
-"""What several test files share: the top-level files importable as modules, synthetic batches, and a
-tiny model saved as train.py saves it."""
+"""What several test files share: the top-level files importable as modules, synthetic batches, and
+a tiny model saved as train.py saves it."""
 
 import os
 import sys

@@ -1,4 +1,5 @@
-"""train.py end to end on tiny shards written by the tests: learning, DDP equivalence, resume, tuning, bad input."""
+"""train.py end to end on tiny shards written by the tests: learning, DDP equivalence, resume,
+tuning, bad input."""
 
 import io
 import json
@@ -26,11 +27,13 @@ from eval import evaluate_folder
 from conftest import synthetic_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220),
+           "yellow": (230, 220, 30)}
 
 
 def write_shard(path, n, corrupt=0, seed=0):
-    """n image-caption samples ("a photo of a red square", ...) in img2dataset's layout, the first `corrupt` broken."""
+    """n image-caption samples ("a photo of a red square", ...) in img2dataset's layout, the first
+    `corrupt` broken."""
     g = torch.Generator().manual_seed(seed)
     with tarfile.open(path, "w") as tar:
         for i in range(n):
@@ -56,8 +59,8 @@ def shards(tmp_path_factory):
 
 
 def run_train(*args, check=True):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--batch-size", "16", "--workers", "0",
-           "--log-every", "2", *map(str, args)]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--batch-size", "16",
+           "--workers", "0", "--log-every", "2", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -76,7 +79,8 @@ def fixed_batch(n=16):
 def test_one_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = M.create_model("tiny")
-    opt = torch.optim.AdamW(M.param_groups(model, 0.2), lr=1e-4)  # small: one step must not overshoot
+    # small: one step must not overshoot
+    opt = torch.optim.AdamW(M.param_groups(model, 0.2), lr=1e-4)
     images, tokens = fixed_batch()
     keep = masking.keep_indices(16, 8, 0.5, "gaussian", generator=torch.Generator().manual_seed(0))
     before = train.forward_backward(model, [(images, tokens)], [keep], nullcontext(), 1)
@@ -93,7 +97,8 @@ def test_gradient_accumulation_equals_the_full_batch():
         torch.manual_seed(0)
         model = M.create_model("tiny")
         chunks = [(i, t) for i, t in zip(images.chunk(micro), tokens.chunk(micro))]
-        losses.append(train.forward_backward(model, chunks, list(keep.chunk(micro)), nullcontext(), 1))
+        masks = list(keep.chunk(micro))
+        losses.append(train.forward_backward(model, chunks, masks, nullcontext(), 1))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
     assert torch.allclose(grads[0], grads[1], atol=1e-5), (grads[0] - grads[1]).abs().max()
@@ -103,12 +108,15 @@ def test_text_masking_trains_on_the_kept_tokens_at_their_own_positions():
     torch.manual_seed(0)
     model = M.create_model("tiny")
     images, tokens = fixed_batch()
-    positions = masking.text_keep_indices(tokens, 8, "prioritized", generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    positions = masking.text_keep_indices(tokens, 8, "prioritized", generator=g)
     short = tokens.gather(1, positions)  # (16, 8)
     loss = train.forward_backward(model, [(images, short)], [None], nullcontext(), 1, [positions])
     with torch.no_grad():
-        assert loss == pytest.approx(M.clip_loss(*model(images, short, None, positions)).item(), abs=1e-6)
-        assert loss != pytest.approx(M.clip_loss(*model(images, short)).item(), abs=1e-4)  # not positions 0..7
+        assert loss == pytest.approx(M.clip_loss(*model(images, short, None, positions)).item(),
+                                     abs=1e-6)
+        # not positions 0..7
+        assert loss != pytest.approx(M.clip_loss(*model(images, short)).item(), abs=1e-4)
 
 
 def test_the_step_clamps_the_temperature_at_a_hundredth():
@@ -118,17 +126,21 @@ def test_the_step_clamps_the_temperature_at_a_hundredth():
     images, tokens = fixed_batch()
     with torch.no_grad():
         model.logit_scale.fill_(5.0)  # exp(5) = 148: above CLIP's ceiling of 100
-    train.train_step(model, model, optimizer, [(images, tokens)], [None], [None], nullcontext(), 1e-3)
+    train.train_step(model, model, optimizer, [(images, tokens)], [None], [None],
+                     nullcontext(), 1e-3)
     assert model.logit_scale.item() == pytest.approx(math.log(100))
     with torch.no_grad():
         model.logit_scale.fill_(-1.0)  # and no negative scale (a temperature above 1)
-    train.train_step(model, model, optimizer, [(images, tokens)], [None], [None], nullcontext(), 1e-3)
+    train.train_step(model, model, optimizer, [(images, tokens)], [None], [None],
+                     nullcontext(), 1e-3)
     assert model.logit_scale.item() == 0.0
 
 
 def test_warmup_is_openclips_for_long_runs_and_5_percent_of_short_ones():
-    assert train.default_warmup(257_000) == train.default_warmup(200_000) == 10_000  # the paper's run: OpenCLIP's
-    assert train.default_warmup(199_999) == 9_999 and train.default_warmup(500) == 25 and train.default_warmup(10) == 1
+    # the paper's run: OpenCLIP's
+    assert train.default_warmup(257_000) == train.default_warmup(200_000) == 10_000
+    assert (train.default_warmup(199_999) == 9_999 and train.default_warmup(500) == 25
+            and train.default_warmup(10) == 1)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -137,10 +149,41 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
 
 
+def test_the_first_step_counts_in_the_loss_but_not_in_the_speed():
+    log = train.LogWindow(samples_per_step=100, flops_per_step=1.0, peak_flops=None, total_steps=10,
+                          per_epoch=10)
+    log.losses.append(torch.tensor(4.0))  # the first step: compiles, slow
+    time.sleep(0.5)
+    log.start_clock()
+    log.losses += [torch.tensor(2.0), torch.tensor(3.0)]
+    record, line = log.close(step=3, lr=1e-3, logit_scale=14.3, elapsed=1.0)
+    assert record["loss"] == pytest.approx(3.0)  # all three steps
+    assert record["samples_per_s"] > 2 * 100 / 0.5  # two timed steps, the sleep not among them
+    log.losses.append(torch.tensor(1.0))
+    log.start_clock()  # a window of the first step alone: nothing timed
+    record, line = log.close(step=4, lr=1e-3, logit_scale=14.3, elapsed=1.0)
+    assert record["samples_per_s"] is None and "samples/s" not in line
+
+
+def test_sync_debug_needs_cuda_and_raises_only_inside_its_block(monkeypatch, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--sync-debug", "--log-dir", str(tmp_path / "logs")])
+    assert e.value.code == 2 and "--sync-debug needs a CUDA device" in capsys.readouterr().err
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    with pytest.raises(RuntimeError):
+        with train.syncs_raise(True):
+            raise RuntimeError("a step that failed")
+    with train.syncs_raise(False):
+        pass
+    assert modes == ["error", "default"]  # set for the step, and set back even when it raised
+
+
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     out = tmp_path / "ddp.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "tests", "ddp_check.py"), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", os.path.join(ROOT, "tests", "ddp_check.py"),
+                           str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env=os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -150,13 +193,15 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 
 
 def test_resume_follows_the_uninterrupted_run(shards, tmp_path):
-    data_args = ["--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "64", "--log-dir", tmp_path]
+    data_args = ["--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "64",
+                 "--log-dir", tmp_path]
     common = data_args + ["--epochs", "2", "--mask", "gaussian", "--ratio", "0.5", "--warmup", "2"]
     run_train(*common, "--name", "full")
     full = [r for r in read_metrics(tmp_path / "full") if "loss" in r]
     # an interrupted run leaves epoch_1.pt as its latest checkpoint: continue from exactly that
     os.makedirs(tmp_path / "resumed" / "checkpoints")
-    shutil.copy(tmp_path / "full" / "checkpoints" / "epoch_1.pt", tmp_path / "resumed" / "checkpoints" / "epoch_latest.pt")
+    shutil.copy(tmp_path / "full" / "checkpoints" / "epoch_1.pt",
+                tmp_path / "resumed" / "checkpoints" / "epoch_latest.pt")
     proc = run_train(*common, "--name", "resumed", "--resume", "latest")
     assert "resumed from" in proc.stdout
     resumed = [r for r in read_metrics(tmp_path / "resumed") if "loss" in r]
@@ -171,10 +216,11 @@ def test_resume_follows_the_uninterrupted_run(shards, tmp_path):
         features = model.encode_text(tokenizer(["a photo of a red square"]))
     assert features.shape == (1, model.config.embed_dim)
 
-    # unmasked tuning takes the weights only: with lr 0 they stay as loaded, and the optimizer starts afresh
+    # unmasked tuning takes the weights only: with lr 0 they stay as loaded, and the optimizer
+    # starts afresh
     pretrained = tmp_path / "full" / "checkpoints" / "epoch_2.pt"
-    run_train(*data_args, "--name", "tuned", "--pretrained", pretrained, "--mask", "none", "--epochs", "1",
-              "--lr", "0", "--warmup", "1")
+    run_train(*data_args, "--name", "tuned", "--pretrained", pretrained, "--mask", "none",
+              "--epochs", "1", "--lr", "0", "--warmup", "1")
     tuned = torch.load(tmp_path / "tuned" / "checkpoints" / "epoch_1.pt", weights_only=False)
     source = torch.load(pretrained, weights_only=False)
     assert tuned["epoch"] == 1 and tuned["step"] == 4
@@ -192,46 +238,51 @@ def test_the_crop_scale_and_resampling_flags_reach_the_loader(shards, tmp_path, 
 
     monkeypatch.setattr(train.data, "make_train_loader", loader_of_nothing)
     with pytest.raises(SystemExit, match="made the loader"):
-        train.main(start_args(shards, tmp_path, "--crop-scale", "0.5", "1.0", "--dataset-resampled"))
+        train.main(start_args(shards, tmp_path, "--crop-scale", "0.5", "1.0",
+                              "--dataset-resampled"))
     assert seen == {"scale": (0.5, 1.0), "resampled": True}
 
 
 def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
-    run_train("--train-data", str(shards / "corrupt-0.tar"), "--train-num-samples", "32", "--epochs", "1",
-              "--mask", "random", "--log-dir", tmp_path, "--name", "corrupt")
+    run_train("--train-data", str(shards / "corrupt-0.tar"), "--train-num-samples", "32",
+              "--epochs", "1", "--mask", "random", "--log-dir", tmp_path, "--name", "corrupt")
     metrics = [r for r in read_metrics(tmp_path / "corrupt") if "loss" in r]
     assert metrics[-1]["step"] == 2 and metrics[-1]["skipped"] > 0
-    assert all(0 < r["data_wait"] <= 1 for r in metrics)  # the share of the window's time spent waiting for batches
+    # the share of the window's time spent waiting for batches
+    assert all(0 < r["data_wait"] <= 1 for r in metrics)
     assert os.path.exists(tmp_path / "corrupt" / "checkpoints" / "epoch_1.pt")
 
 
 def test_reclip_pretrained_at_32_px_is_tuned_at_64_px(shards, class_folder, tmp_path):
-    data_args = ["--train-data", shards / "train-{0..1}.tar", "--train-num-samples", "128", "--zeroshot-data",
-                 class_folder, "--log-dir", tmp_path]
+    data_args = ["--train-data", shards / "train-{0..1}.tar", "--train-num-samples", "128",
+                 "--zeroshot-data", class_folder, "--log-dir", tmp_path]
     low = run_train(*data_args, "--image-size", "32", "--epochs", "2", "--name", "low")
     assert "16 of 16 patches encoded" in low.stdout  # a 4 x 4 grid at 32 px
     checkpoint = tmp_path / "low" / "checkpoints" / "epoch_latest.pt"
-    resume = run_train(*data_args, "--resume", checkpoint, "--image-size", "64", "--name", "other", check=False)
+    resume = run_train(*data_args, "--resume", checkpoint, "--image-size", "64", "--name", "other",
+                       check=False)
     assert resume.returncode == 1 and "--pretrained" in resume.stderr.strip().splitlines()[-1]
-    run_train(*data_args, "--pretrained", checkpoint, "--image-size", "64", "--epochs", "1", "--lr", "1e-4",
-              "--name", "tuned")
+    run_train(*data_args, "--pretrained", checkpoint, "--image-size", "64", "--epochs", "1",
+              "--lr", "1e-4", "--name", "tuned")
     tuned = torch.load(tmp_path / "tuned" / "checkpoints" / "epoch_1.pt", weights_only=True)
-    assert tuned["config"]["image_size"] == 64 and tuned["state_dict"]["visual.positional_embedding"].shape[0] == 65
+    assert (tuned["config"]["image_size"] == 64
+            and tuned["state_dict"]["visual.positional_embedding"].shape[0] == 65)
     record = [r for r in read_metrics(tmp_path / "tuned") if "zeroshot_top1" in r][-1]
     assert record["zeroshot_top1"] > 0.25  # above chance on the 4 colours
 
 
 def test_a_run_with_text_masking_reports_the_tokens_it_encodes(shards, tmp_path):
-    proc = run_train("--train-data", shards / "train-{0..1}.tar", "--train-num-samples", "32", "--epochs", "1",
-                     "--mask", "random", "--ratio", "0.75", "--text-length", "8", "--text-mask", "random",
-                     "--log-dir", tmp_path, "--name", "text")
+    proc = run_train("--train-data", shards / "train-{0..1}.tar", "--train-num-samples", "32",
+                     "--epochs", "1", "--mask", "random", "--ratio", "0.75", "--text-length", "8",
+                     "--text-mask", "random", "--log-dir", tmp_path, "--name", "text")
     assert "16 of 64 patches encoded, 8 of 32 text tokens (random)" in proc.stdout
     assert [r["step"] for r in read_metrics(tmp_path / "text") if "loss" in r] == [2]
 
 
 @pytest.fixture(scope="module")
 def class_folder(tmp_path_factory):
-    """A zero-shot test split of one's own: 3 images of each colour's square, one folder per class."""
+    """A zero-shot test split of one's own: 3 images of each colour's square, one folder per
+    class."""
     root = tmp_path_factory.mktemp("test")
     for name, colour in COLOURS.items():
         os.makedirs(root / name)
@@ -244,14 +295,16 @@ def class_folder(tmp_path_factory):
 
 
 def test_zeroshot_columns_are_eval_pys_unmasked_and_masked_passes(shards, class_folder, tmp_path):
-    run_train("--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "32", "--epochs",
-              "1", "--mask", "gaussian", "--ratio", "0.9", "--zeroshot-data", class_folder,
-              "--log-dir", tmp_path, "--name", "own")
+    run_train("--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "32",
+              "--epochs", "1", "--mask", "gaussian", "--ratio", "0.9", "--zeroshot-data",
+              class_folder, "--log-dir", tmp_path, "--name", "own")
     record = [r for r in read_metrics(tmp_path / "own") if "zeroshot_top1" in r][-1]
     assert record["epoch"] == 1 and record["zeroshot_unreadable"] == 0
-    # the same checkpoint through eval.py: inference unmasking, then the training mask (6 of 64 patches)
+    # the same checkpoint through eval.py: inference unmasking, then the training mask (6 of 64
+    # patches)
     model, tokenizer = ckpt.load_checkpoint(str(tmp_path / "own" / "checkpoints" / "epoch_1.pt"))
-    passes = {prefix: evaluate_folder(model, tokenizer, str(class_folder), workers=0, quiet=True, **kw)
+    folder = str(class_folder)
+    passes = {prefix: evaluate_folder(model, tokenizer, folder, workers=0, quiet=True, **kw)
               for prefix, kw in [("zeroshot", {}),
                                  ("zeroshot_masked", {"mask": "gaussian", "ratio": 0.9})]}
     assert passes["zeroshot"] != passes["zeroshot_masked"]  # 6 of 64 patches: other figures
@@ -261,33 +314,42 @@ def test_zeroshot_columns_are_eval_pys_unmasked_and_masked_passes(shards, class_
             assert record[f"{prefix}_{metric}"] == pytest.approx(result[key]), (prefix, metric)
 
 
-def test_two_ranks_share_one_run_folder_and_tokenizer_when_their_clocks_differ(shards, class_folder, tmp_path):
-    # rank 1's clock runs 1.5 s ahead: the run name and the trained tokenizer must still be rank 0's; both ranks
-    # evaluate, each on a slice of the class folder
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "tests", "skewed_clock.py"), "--model", "tiny", "--batch-size", "8",
-                           "--workers", "0", "--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples",
-                           "32", "--epochs", "1", "--zeroshot-data", str(class_folder), "--log-dir", str(tmp_path)],
+def test_two_ranks_share_one_run_folder_and_tokenizer_when_their_clocks_differ(
+        shards, class_folder, tmp_path):
+    # rank 1's clock runs 1.5 s ahead: the run name and the trained tokenizer must still be rank
+    # 0's; both ranks evaluate, each on a slice of the class folder
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", os.path.join(ROOT, "tests", "skewed_clock.py"),
+                           "--model", "tiny", "--batch-size", "8", "--workers", "0",
+                           "--train-data", str(shards / "train-{0..1}.tar"),
+                           "--train-num-samples", "32", "--epochs", "1",
+                           "--zeroshot-data", str(class_folder), "--log-dir", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env=os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = os.listdir(tmp_path)
     assert len(runs) == 1, runs
-    assert sorted(os.listdir(tmp_path / runs[0] / "checkpoints")) == ["epoch_1.pt", "epoch_latest.pt"]
+    checkpoints = tmp_path / runs[0] / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["epoch_1.pt", "epoch_latest.pt"]
     record = [r for r in read_metrics(tmp_path / runs[0]) if "zeroshot_top1" in r]
-    assert len(record) == 1 and record[0]["zeroshot_top5"] == 1.0  # the whole folder, 4 classes, written once
+    # the whole folder, 4 classes, written once
+    assert len(record) == 1 and record[0]["zeroshot_top5"] == 1.0
 
 
 def test_kill_9_then_resume_logs_every_step_exactly_once(shards, tmp_path):
-    common = ["--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "128", "--epochs", "3",
-              "--mask", "random", "--log-every", "1", "--log-dir", tmp_path, "--name", "killed"]  # 8 steps an epoch
+    # 8 steps an epoch
+    common = ["--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "128",
+              "--epochs", "3", "--mask", "random", "--log-every", "1", "--log-dir", tmp_path,
+              "--name", "killed"]
     run = tmp_path / "killed"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--batch-size", "16", "--workers", "0",
-           *map(str, common)]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--batch-size", "16",
+           "--workers", "0", *map(str, common)]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while first.poll() is None and time.time() < deadline:  # kill it in epoch 2, after epoch_1.pt and a few steps
-        if (run / "checkpoints" / "epoch_1.pt").exists() and max(logged_steps(run), default=0) >= 10:
+    # kill it in epoch 2, after epoch_1.pt and a few steps
+    while first.poll() is None and time.time() < deadline:
+        if ((run / "checkpoints" / "epoch_1.pt").exists()
+                and max(logged_steps(run), default=0) >= 10):
             break
         time.sleep(0.02)
     first.send_signal(signal.SIGKILL)
@@ -299,30 +361,35 @@ def test_kill_9_then_resume_logs_every_step_exactly_once(shards, tmp_path):
     assert "taking over" in resumed.stdout
     records = read_metrics(run)
     assert logged_steps(run) == list(range(1, 25))  # each step once, in order
-    assert [r["time"] for r in records] == sorted(r["time"] for r in records)  # wall time never jumps back
+    # wall time never jumps back
+    assert [r["time"] for r in records] == sorted(r["time"] for r in records)
     assert not (run / "lock").exists()
 
 
 def logged_steps(run_dir):
     try:
         return [r["step"] for r in read_metrics(run_dir) if "loss" in r]
-    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line half-written as we read
+    # not written yet, or a line half-written as we read
+    except (FileNotFoundError, json.JSONDecodeError):
         return []
 
 
 def start_args(shards, tmp_path, *extra):
-    return ["--model", "tiny", "--batch-size", "16", "--workers", "0", "--train-data", str(shards / "train-{0..1}.tar"),
-            "--train-num-samples", "32", "--epochs", "1", "--log-dir", str(tmp_path), *map(str, extra)]
+    return ["--model", "tiny", "--batch-size", "16", "--workers", "0",
+            "--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "32",
+            "--epochs", "1", "--log-dir", str(tmp_path), *map(str, extra)]
 
 
 def test_a_run_folder_is_held_by_one_live_run(shards, tmp_path):
     os.makedirs(tmp_path / "busy" / "checkpoints")
-    lock = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})  # this test process: alive
+    # this test process: alive
+    lock = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
     (tmp_path / "busy" / "lock").write_text(lock)
     with pytest.raises(SystemExit) as e:
         train.main(start_args(shards, tmp_path, "--name", "busy"))
     assert "in use by pid" in str(e.value.code) and "\n" not in str(e.value.code)
-    assert (tmp_path / "busy" / "lock").read_text() == lock and os.listdir(tmp_path / "busy" / "checkpoints") == []
+    assert ((tmp_path / "busy" / "lock").read_text() == lock
+            and os.listdir(tmp_path / "busy" / "checkpoints") == [])
 
 
 @pytest.mark.parametrize("flag", ["--pretrained", "--resume"])
@@ -351,15 +418,17 @@ def test_a_checkpoint_folder_that_cannot_be_written_fails_before_training(shards
 @pytest.mark.parametrize("flags, kept", [
     ([], ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "epoch_latest.pt"]),
     (["--delete-previous-checkpoint", "--save-most-recent"], ["epoch_3.pt", "epoch_latest.pt"]),
-    (["--save-frequency", "2"], ["epoch_2.pt", "epoch_3.pt", "epoch_latest.pt"]),  # and always the last epoch
+    # and always the last epoch
+    (["--save-frequency", "2"], ["epoch_2.pt", "epoch_3.pt", "epoch_latest.pt"]),
     (["--save-frequency", "0"], ["epoch_latest.pt"]),
 ])
 def test_which_checkpoints_are_kept(flags, kept, shards, tmp_path):
-    run_train("--train-data", shards / "train-{0..1}.tar", "--train-num-samples", "32", "--epochs", "3", "--log-dir",
-              tmp_path, "--name", "run", *flags)
+    run_train("--train-data", shards / "train-{0..1}.tar", "--train-num-samples", "32",
+              "--epochs", "3", "--log-dir", tmp_path, "--name", "run", *flags)
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == kept
     latest = torch.load(tmp_path / "run" / "checkpoints" / "epoch_latest.pt", weights_only=True)
-    assert latest["epoch"] == 3 and latest["step"] == 6  # epoch_latest.pt is always the newest, loadable
+    # epoch_latest.pt is always the newest, loadable
+    assert latest["epoch"] == 3 and latest["step"] == 6
 
 
 @pytest.mark.parametrize("args,words", [
@@ -383,7 +452,8 @@ def test_which_checkpoints_are_kept(flags, kept, shards, tmp_path):
     (["--lr", "-1"], "--lr must be >= 0"),
     (["--workers", "-1"], "--workers must be >= 0"),
     (["--crop-scale", "0", "0"], "--crop-scale must be"),
-    (["--train-data", "x.tar", "--train-num-samples", "8", "--batch-size", "16"], "smaller than one global batch"),
+    (["--train-data", "x.tar", "--train-num-samples", "8", "--batch-size", "16"],
+     "smaller than one global batch"),
     (["--pretrained", "/nonexistent/epoch_1.pt"], "no such file"),
     (["--resume", "latest"], "--name"),
 ])
@@ -406,23 +476,31 @@ def test_a_log_dir_that_is_a_file_or_under_one_is_refused(tmp_path, capsys):
 
 def test_the_built_in_dataset_is_the_same_whichever_command_makes_it_and_its_paths_are_printed(
         tmp_path, monkeypatch, capsys):
-    assert train.parse_args([]).builtin_samples == photographer.NUM_TRAIN  # train.py, photographer.py and repro.py
+    # train.py, photographer.py and repro.py
+    assert train.parse_args([]).builtin_samples == photographer.NUM_TRAIN
     monkeypatch.setenv("GDMFLIP_DATA", str(tmp_path))
     args = train.parse_args(["--builtin-samples", "64", "--batch-size", "16"])
     train_data, test_dir = train.prepare_data(args, 0, 1, print)
-    made = photographer.builtin_dataset(num_train=64)  # what `python photographer.py --num-train 64` makes
-    assert (train_data, test_dir) == (made["train"], made["test"]) and len(os.listdir(tmp_path)) == 1
+    # what `python photographer.py --num-train 64` makes
+    made = photographer.builtin_dataset(num_train=64)
+    assert ((train_data, test_dir) == (made["train"], made["test"])
+            and len(os.listdir(tmp_path)) == 1)
     out = capsys.readouterr().out
-    assert f"built-in training shards {train_data}" in out and f"built-in test split {test_dir}" in out
+    assert (f"built-in training shards {train_data}" in out
+            and f"built-in test split {test_dir}" in out)
 
 
 @pytest.mark.parametrize("what", ["missing", "empty", "corrupt"])
 def test_missing_empty_or_unreadable_shards_are_one_line_before_any_folder(what, tmp_path):
     pattern = str(tmp_path / "shard-{0..1}.tar")
     for i in range(2) if what != "missing" else []:
-        write_shard(tmp_path / f"shard-{i}.tar", 0 if what == "empty" else 8, corrupt=8)  # a valid empty tar, or all bad
-    proc = run_train("--train-data", pattern, "--train-num-samples", "32", "--log-dir", tmp_path / "logs", check=False)
-    *warnings, error = proc.stderr.strip().splitlines()  # bad samples are warned about, at most 5 lines, then limited
-    assert proc.returncode == 1 and error.startswith("train.py: error:") and str(tmp_path) in error, proc.stderr
+        # a valid empty tar, or all bad
+        write_shard(tmp_path / f"shard-{i}.tar", 0 if what == "empty" else 8, corrupt=8)
+    proc = run_train("--train-data", pattern, "--train-num-samples", "32",
+                     "--log-dir", tmp_path / "logs", check=False)
+    # bad samples are warned about, at most 5 lines, then limited
+    *warnings, error = proc.stderr.strip().splitlines()
+    assert (proc.returncode == 1 and error.startswith("train.py: error:")
+            and str(tmp_path) in error), proc.stderr
     assert len(warnings) <= 5 and all("warning: skipped" in w for w in warnings), proc.stderr
     assert not (tmp_path / "logs").exists()
