@@ -38,7 +38,7 @@ read smaller differences as noise; on a GPU step times repeat closely.
 """
 
 import dataclasses
-import importlib.util
+import importlib
 import io
 import json
 import multiprocessing
@@ -558,8 +558,8 @@ class GPUCheck:
             driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,"
                                      "noheader"], capture_output=True, text=True).stdout.strip()
         self.compile = bool(shutil.which("cc") or shutil.which("gcc")) and not self.small
-        optional = {m: importlib.util.find_spec(m) is not None
-                    for m in ("webdataset", "braceexpand", "ftfy", "wcwidth", "open_clip")}
+        optional = {m: importable(m) for m in ("webdataset", "braceexpand", "ftfy", "wcwidth",
+                                               "open_clip")}
         self.openclip = optional["open_clip"]
         shm = shutil.disk_usage("/dev/shm").free / 1e9 if os.path.isdir("/dev/shm") else 0.0
         self.facts = {"device": torch.cuda.get_device_name() if gpu else "cpu",
@@ -706,6 +706,15 @@ class GPUCheck:
 
 class PartFailed(Exception):
     pass
+
+
+def importable(module):
+    """Whether `module` imports here (open_clip needs timm >= 1.0.17 beside it, for one)."""
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:
+        return False
 
 
 def read_records(run_dir):

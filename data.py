@@ -62,9 +62,30 @@ class OneLineParser(argparse.ArgumentParser):
     wall. A `checked` type's complaint reads "--flag must be ..."."""
 
     def error(self, message):
-        message = re.sub(r"^argument ([\w/-]+): must be", r"\1 must be", message)
+        message = re.sub(r"^argument (--[\w-]+): ", r"\1 ", message)  # "--flag must be ..."
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def existing(kind, allowed=()):
+    """An argparse type: a path to an existing file or directory (`kind`), or one of `allowed`; else
+    the error "PATH: no such file"."""
+    def parse(text):
+        if text not in allowed and not (os.path.isfile if kind == "file" else os.path.isdir)(text):
+            raise argparse.ArgumentTypeError(f"{text}: no such {kind}")
+        return text
+
+    return parse
+
+
+def folder_to_make(text):
+    """An argparse type: a folder that is there or can be made (no file on its way)."""
+    existing = os.path.abspath(text)
+    while not os.path.exists(existing):  # the nearest part of the path that exists: a folder
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is a file, not a folder")
+    return text
 
 
 def checked(kind, ok, allowed):

@@ -358,6 +358,20 @@ def evaluate_folder(model, tokenizer, root, classnames=None, templates=None, bat
                                     f"images ({pass_name(mask, ratio, sigma, views)})")
 
 
+def training_record(model, tokenizer, root, mask="none", ratio=0.0, sigma=0.2, **settings):
+    """What train.py logs after an epoch: zero-shot with inference unmasking (every patch) as
+    zeroshot_top1 / _top5 / _mean_per_class_recall, and for a masked run the same with its training
+    mask as zeroshot_masked_*; zeroshot_unreadable. settings: evaluate_folder's."""
+    record = {}
+    for prefix, m in [("zeroshot", "none")] + [("zeroshot_masked", mask)] * (mask != "none"):
+        result = evaluate_folder(model, tokenizer, root, mask=m, ratio=ratio, sigma=sigma,
+                                 **settings)
+        record |= {f"{prefix}_top1": result["acc1"], f"{prefix}_top5": result["acc5"],
+                   f"{prefix}_mean_per_class_recall": result["mean_per_class_recall"],
+                   "zeroshot_unreadable": result["unreadable"]}
+    return record
+
+
 # ----------------------------------------------------------------------------- zero-shot retrieval
 
 

@@ -34,7 +34,7 @@ import data
 import masking
 import model as M
 import photographer
-from eval import evaluate_folder
+from eval import training_record
 from tokenizer import load_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -103,14 +103,18 @@ def parse_args(argv=None):
       "training step (torch.cuda.set_sync_debug_mode); the log window's one sync is outside")
     a("--seed", type=int, default=0, help="seed of the weights, data order, crops and masks")
     # evaluation
-    a("--imagenet-val", help="ImageNet validation folder (a folder per WordNet id) for zero-shot")
-    a("--zeroshot-data", help="any other class-folder test split (names from its classnames.txt "
-      "or folders, prompts from its templates.txt or OpenAI's 80)")
+    a("--imagenet-val", type=data.existing("directory"), help="ImageNet validation folder (a "
+      "folder per WordNet id) for zero-shot")
+    a("--zeroshot-data", type=data.existing("directory"), help="any other class-folder test "
+      "split (names from its classnames.txt or folders, prompts from its templates.txt or OpenAI's "
+      "80)")
     a("--zeroshot-frequency", type=COUNT, help="evaluate every N epochs and at the end (default: "
       "1 on built-in data, else 2 as OpenCLIP)")
     # checkpoints and logs
-    a("--pretrained", help="checkpoint to start from, weights only (unmasked tuning)")
-    a("--resume", help="checkpoint path, or 'latest' for this run's epoch_latest.pt")
+    a("--pretrained", type=data.existing("file"), help="checkpoint to start from, weights only "
+      "(unmasked tuning)")
+    a("--resume", type=data.existing("file", allowed=["latest"]), help="checkpoint path, or "
+      "'latest' for this run's epoch_latest.pt")
     a("--save-frequency", type=NATURAL, default=1, help="write epoch_K.pt every N epochs and at "
       "the end; 0: only epoch_latest.pt (OpenCLIP's flag)")
     a("--delete-previous-checkpoint", action="store_true", help="delete the previous epoch_K.pt "
@@ -118,7 +122,7 @@ def parse_args(argv=None):
     a("--save-most-recent", action="store_true", help="OpenCLIP's flag for epoch_latest.pt, always "
       "written here: accepted so that OpenCLIP command lines run")
     a("--log-every", type=COUNT, help="log every N steps (default: 10 on built-in data, else 100)")
-    a("--log-dir", default="./logs", help="root of the run folders")
+    a("--log-dir", type=data.folder_to_make, default="./logs", help="root of the run folders")
     a("--name", help="run name: the folder under --log-dir (default: date and settings)")
     args = p.parse_args(argv)
     try:
@@ -150,8 +154,8 @@ def settle_defaults(args):
 
 
 def check_args(args):
-    """What a flag's own type cannot check: flags that depend on each other, and paths; before any
-    folder, dataset or model is made (ValueError: one line)."""
+    """What a flag's own type cannot check: flags that depend on each other; before any folder,
+    dataset or model is made (ValueError: one line)."""
     cfg, world_size = M.PRESETS[args.model], M.launch_env()[2]
     if args.text_length is not None and not 2 <= args.text_length <= cfg.context_length:
         raise ValueError(f"--text-length must be in [2, {cfg.context_length}] (the start and "
@@ -177,15 +181,6 @@ def check_args(args):
                          "state), not both")
     if args.resume == "latest" and not args.name:
         raise ValueError("--resume latest needs the --name of the run to continue")
-    for flag in ("--pretrained", "--resume", "--imagenet-val", "--zeroshot-data"):
-        path, file = getattr(args, flag[2:].replace("-", "_")), flag in ("--pretrained", "--resume")
-        if path and path != "latest" and not (os.path.isfile if file else os.path.isdir)(path):
-            raise ValueError(f"{flag} {path}: no such {'file' if file else 'directory'}")
-    existing = os.path.abspath(args.log_dir)
-    while not os.path.exists(existing):  # the nearest part of --log-dir that exists: a folder
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--log-dir {args.log_dir}: {existing} is a file, not a folder")
 
 
 def steps_per_epoch(args, world_size):
@@ -314,73 +309,45 @@ def fail(message):
 
 
 def prepare_data(args, local_rank, world_size, say):
-    """(shard pattern, test folder or None). The built-in dataset is generated once per machine
-    (cached); shards are checked here, before anything is written: missing, empty or unreadable
-    data is one line, never a hang."""
-    train_data, test_dir = args.train_data, None
-    if train_data is None:
-        say("no --train-data: training on the built-in 'photographer' dataset (python "
-            "photographer.py --help);\n  for real data pass e.g. --train-data "
-            "'/data/cc12m/cc12m-train-{0000..2175}.tar' --train-num-samples 10968539 "
-            "--imagenet-val /data/imagenet/val --model ViT-B-16")
-        if local_rank != 0:
-            dist.barrier()  # local rank 0 generates it, the others then read it
-        builtin = photographer.builtin_dataset(args.builtin_layout, num_train=args.builtin_samples)
-        if local_rank == 0 and world_size > 1:
-            dist.barrier()
-        train_data, test_dir = builtin["train"], builtin["test"]
-        say(f"  built-in training shards {train_data}\n  built-in test split {test_dir}")
-    try:
-        data.check_train_data(train_data)  # a readable sample, or one line now
-    except (FileNotFoundError, ValueError) as e:
-        fail(e)
-    return train_data, test_dir
+    """(shard pattern, test folder or None): the built-in dataset is generated once per machine
+    (cached), by local rank 0."""
+    if args.train_data is not None:
+        return args.train_data, None
+    say("no --train-data: training on the built-in 'photographer' dataset (python photographer.py "
+        "--help);\n  for real data pass e.g. --train-data "
+        "'/data/cc12m/cc12m-train-{0000..2175}.tar' --train-num-samples 10968539 "
+        "--imagenet-val /data/imagenet/val --model ViT-B-16")
+    if local_rank != 0:
+        dist.barrier()  # local rank 0 generates it, the others then read it
+    builtin = photographer.builtin_dataset(args.builtin_layout, num_train=args.builtin_samples)
+    if local_rank == 0 and world_size > 1:
+        dist.barrier()
+    say(f"  built-in training shards {builtin['train']}\n  built-in test split {builtin['test']}")
+    return builtin["train"], builtin["test"]
 
 
 def build_model_and_tokenizer(args, checkpoint, rank, train_data):
     """(model on the CPU, tokenizer): --pretrained's weights, a --resume checkpoint's, or fresh
     from the preset. A tokenizer trained here is trained on rank 0 and sent to the others."""
-    try:
-        if args.pretrained:
-            model, tokenizer = ckpt.load_checkpoint(args.pretrained, args.model, args.tokenizer,
-                                                    image_size=args.image_size)
-            return model.train(), tokenizer
-        cfg = M.CLIPConfig(**checkpoint["config"]) if checkpoint else M.PRESETS[args.model]
-        if checkpoint and args.image_size not in (None, cfg.image_size):
-            raise ValueError(f"--resume continues at the checkpoint's {cfg.image_size} px, not "
-                             f"--image-size {args.image_size}; to start from its weights at "
-                             "another resolution use --pretrained")
-        spec = checkpoint["tokenizer"] if checkpoint else args.tokenizer
-        if spec is None and rank == 0:  # train a BPE on the captions, on rank 0
-            captions, vocab = data.read_captions(train_data), args.vocab_size or cfg.vocab_size
-            spec = train_tokenizer(captions, vocab, cfg.context_length).to_json()
-        tokenizer = load_tokenizer(M.from_rank_zero(spec), cfg.context_length)
-    except (FileNotFoundError, ValueError) as e:
-        fail(e)
+    if args.pretrained:
+        model, tokenizer = ckpt.load_checkpoint(args.pretrained, args.model, args.tokenizer,
+                                                image_size=args.image_size)
+        return model.train(), tokenizer
+    cfg = M.CLIPConfig(**checkpoint["config"]) if checkpoint else M.PRESETS[args.model]
+    if checkpoint and args.image_size not in (None, cfg.image_size):
+        raise ValueError(f"--resume continues at the checkpoint's {cfg.image_size} px, not "
+                         f"--image-size {args.image_size}; to start from its weights at another "
+                         "resolution use --pretrained")
+    spec = checkpoint["tokenizer"] if checkpoint else args.tokenizer
+    if spec is None and rank == 0:  # train a BPE on the captions, on rank 0
+        captions, vocab = data.read_captions(train_data), args.vocab_size or cfg.vocab_size
+        spec = train_tokenizer(captions, vocab, cfg.context_length).to_json()
+    tokenizer = load_tokenizer(M.from_rank_zero(spec), cfg.context_length)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if checkpoint:
         return M.CLIP(cfg), tokenizer
     size = {} if args.image_size is None else {"image_size": args.image_size}
     return M.create_model(args.model, vocab_size=tokenizer.vocab_size, **size), tokenizer
-
-
-def evaluate(model, tokenizer, args, root, device):
-    """Zero-shot top-1/top-5 with inference unmasking (every patch) and, for a masked run, with the
-    training mask. Every rank encodes its slice of the images and gets the whole set's figures."""
-    record = {}
-    passes = [("zeroshot", "none")] + ([("zeroshot_masked", args.mask)] * (args.mask != "none"))
-    for prefix, mask in passes:
-        try:
-            result = evaluate_folder(model, tokenizer, root, batch_size=max(args.batch_size, 256),
-                                     workers=args.workers, device=device, mask=mask,
-                                     ratio=args.ratio, sigma=args.sigma,
-                                     imagenet=bool(args.imagenet_val))
-        except ValueError as e:  # e.g. most images of the folder unreadable
-            fail(f"zero-shot evaluation on {root}: {e}")
-        record |= {f"{prefix}_top1": result["acc1"], f"{prefix}_top5": result["acc5"],
-                   f"{prefix}_mean_per_class_recall": result["mean_per_class_recall"],
-                   "zeroshot_unreadable": result["unreadable"]}
-    return record
 
 
 class LogWindow:
@@ -442,24 +409,21 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = M.autocast(device, args.precision)  # bf16 autocast, or a no-op for fp32
 
-    # data, model and tokenizer, the run folder
-    train_data, test_dir = prepare_data(args, local_rank, world_size, say)
-    try:
-        checkpoint = ckpt.resume_state(args.resume, os.path.join(args.log_dir, args.name))
-    except ValueError as e:
-        fail(e)
-    orig_model, tokenizer = build_model_and_tokenizer(args, checkpoint, rank, train_data)
-    cfg = orig_model.config
-    loader = data.make_train_loader(train_data, args.batch_size, args.train_num_samples,
-                                    cfg.image_size, tokenizer, args.workers, args.seed, rank,
-                                    world_size, scale=tuple(args.crop_scale),
-                                    resampled=args.dataset_resampled)
+    # data, model and tokenizer, the run folder: what cannot be read or written is one line now
     run_dir = os.path.join(args.log_dir, args.name)
     ckpt_dir, metrics = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "metrics.jsonl")
     try:
+        train_data, test_dir = prepare_data(args, local_rank, world_size, say)
+        checkpoint = ckpt.resume_state(args.resume, run_dir)
+        orig_model, tokenizer = build_model_and_tokenizer(args, checkpoint, rank, train_data)
+        loader = data.make_train_loader(train_data, args.batch_size, args.train_num_samples,
+                                        orig_model.config.image_size, tokenizer, args.workers,
+                                        args.seed, rank, world_size, scale=tuple(args.crop_scale),
+                                        resampled=args.dataset_resampled)
         ckpt.open_run_folder(run_dir, resuming=checkpoint is not None, rank=rank)
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:
         fail(e)
+    cfg = orig_model.config
 
     # the optimizer, or the whole state of a --resume checkpoint
     orig_model.to(device)
@@ -529,7 +493,13 @@ def main(argv=None):
         done, eval_root = epoch + 1, args.imagenet_val or args.zeroshot_data or test_dir
         if eval_root and (done % args.zeroshot_frequency == 0 or done == args.epochs):
             with torch.compiler.set_stance("force_eager"):  # other shapes: no recompiles
-                record = evaluate(orig_model, tokenizer, args, eval_root, device)
+                try:
+                    record = training_record(orig_model, tokenizer, eval_root, args.mask,
+                                             args.ratio, args.sigma, workers=args.workers,
+                                             batch_size=max(args.batch_size, 256), device=device,
+                                             imagenet=bool(args.imagenet_val))
+                except ValueError as e:  # e.g. most images of the folder unreadable
+                    fail(f"zero-shot evaluation on {eval_root}: {e}")
             say("zero-shot " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if "top" in k))
             if master:
                 ckpt.append_metrics(metrics, {"step": step, "epoch": done, **record,

@@ -442,7 +442,7 @@ def test_which_checkpoints_are_kept(flags, kept, shards, tmp_path):
     (["--save-frequency", "-1"], "--save-frequency must be >= 0"),
     (["--train-data", "x.tar"], "--train-num-samples"),
     (["--zeroshot-data", "/nonexistent/val"], "/nonexistent/val"),
-    (["--imagenet-val", "a", "--zeroshot-data", "b"], "not both"),
+    (["--imagenet-val", ROOT, "--zeroshot-data", ROOT], "not both"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--batch-size", "-4"], "--batch-size must be >= 1"),
     (["--log-every", "0"], "--log-every must be >= 1"),
