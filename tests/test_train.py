@@ -165,6 +165,14 @@ def test_the_first_step_counts_in_the_loss_but_not_in_the_speed():
     assert record["samples_per_s"] is None and "samples/s" not in line
 
 
+def test_a_run_times_its_windows_from_the_second_step(shards, tmp_path):
+    run_train("--train-data", shards / "train-{0..1}.tar", "--train-num-samples", "32", "--epochs",
+              "1", "--log-every", "1", "--log-dir", tmp_path, "--name", "timed")
+    first, second = [r for r in read_metrics(tmp_path / "timed") if "loss" in r]
+    assert first["samples_per_s"] is None and first["data_wait"] is None  # the step that compiles
+    assert second["samples_per_s"] > 0 and 0 <= second["data_wait"] <= 1
+
+
 def test_sync_debug_needs_cuda_and_raises_only_inside_its_block(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--sync-debug", "--log-dir", str(tmp_path / "logs")])
