@@ -1,6 +1,6 @@
 """
 Training-step throughput per masking ratio: how much faster does dropping patches make CLIP, next to
-the FLOP ideal?
+the FLOP ideal? Also the data pipelines, and the GPU check: every GPU figure in one run.
 
     python bench.py                                   # on a GPU: ViT-B-16, batch 256, bf16, TF32
     python bench.py --compile --check-sync            # compiled, and prove no host-device sync
@@ -9,8 +9,9 @@ the FLOP ideal?
     python bench.py --text-length 16 32               # also 16 and 32 of 77 text tokens (FLIP's)
     python bench.py --compile --openclip              # beside OpenCLIP's model of the same name
     python bench.py data --workers 15                 # images/s of the training and eval pipelines
+    python bench.py gpu --out DIR                     # the GPU check (docs/speed.md#the-gpu-check)
 
-A step is what train.py does for one batch, on synthetic tensors so that data loading is not
+A step is train.py's own (train.train_step), on synthetic tensors so that data loading is not
 measured: masking.keep_indices (and masking.text_keep_indices) -> model(images, tokens, keep,
 positions) -> clip_loss -> backward -> AdamW -> clamp of the logit scale. Ratio 0 with the whole
 context of text is the unmasked baseline (keep=None, positions=None, as `train.py --mask none`) and
@@ -33,7 +34,7 @@ the same step, optimizer, precision, compilation and synthetic batch, with OpenC
 dropout (FLIP's random masking, at the same place and keeping the same number of patches) doing the
 masking, with the whole text only (its text tower takes the whole context). open_clip_torch is not a
 dependency of this project; install it beside it to compare. The models run one after the other: on
-a shared CPU that order alone moves the comparison by a few percent (README), so there repeat it and
+a shared CPU that order alone moves the comparison by a few percent (docs/speed.md), so repeat it and
 read smaller differences as noise; on a GPU step times repeat closely.
 """
 
