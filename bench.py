@@ -34,8 +34,8 @@ the same step, optimizer, precision, compilation and synthetic batch, with OpenC
 dropout (FLIP's random masking, at the same place and keeping the same number of patches) doing the
 masking, with the whole text only (its text tower takes the whole context). open_clip_torch is not a
 dependency of this project; install it beside it to compare. The models run one after the other: on
-a shared CPU that order alone moves the comparison by a few percent (docs/speed.md), so repeat it and
-read smaller differences as noise; on a GPU step times repeat closely.
+a shared CPU that order alone moves the comparison by a few percent (docs/speed.md), so repeat it
+and read smaller differences as noise; on a GPU step times repeat closely.
 """
 
 import dataclasses

@@ -13,15 +13,19 @@ their keys, and a checkpoint trained on another grid of patches (RECLIP) gets it
 embedding resized.
 """
 
-import atexit
+import contextlib
+import fcntl
 import json
 import math
 import os
 import re
+import shutil
+import signal
 import socket
 from dataclasses import asdict, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import model as M
@@ -32,6 +36,7 @@ TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 EXPECTED = ("expected a torch.save file: a train.py checkpoint, an OpenCLIP checkpoint or a state "
             "dict")
 RESUME_KEYS = {"state_dict", "config", "tokenizer", "optimizer", "epoch", "step"}
+HELD_LOCKS = []  # the run folders' lock files this process holds open
 
 
 # ----------------------------------------------------------------------------- reading
@@ -51,8 +56,13 @@ def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated archive, a pickle of code rather than tensors, ...
-        reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
-        reason = " ".join(reason.split())[:160] or type(e).__name__  # torch's own words
+        words = " ".join(str(e).split())
+        if "central directory" in words or "zip archive" in words:  # torch.save's zip, cut short
+            raise ValueError(f"{path} is a torch.save file that is truncated or damaged (its zip "
+                             f"archive has no end: {os.path.getsize(path)} bytes); it cannot be "
+                             "read") from None
+        reason = words.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        reason = reason.split(". ")[0].strip(" .") or type(e).__name__  # torch's first sentence
         raise ValueError(f"{path}: torch.load cannot read it as weights ({reason}); "
                          f"{EXPECTED}") from None
     if not isinstance(ckpt, dict):
@@ -187,28 +197,52 @@ def load_checkpoint(path, model_name="ViT-B-16", tokenizer=None, device="cpu", i
 # ----------------------------------------------------------------------------- the training state
 
 
-def training_state(model, optimizer, tokenizer, args, epoch, step, elapsed):
+def training_state(model, optimizer, tokenizer, args, epoch, step, elapsed, position=None):
     """What a checkpoint holds: the weights and what evaluation needs to use them (config, preset
-    name, tokenizer), and what --resume needs to continue exactly (optimizer, epoch, step, time,
-    RNG)."""
+    name, tokenizer), and what --resume needs to continue exactly (optimizer, epochs done, step,
+    time, RNG). position: for a checkpoint in the middle of an epoch, each rank's loader position
+    and mask generator, and the log window so far (train.py's `position`)."""
     return {"state_dict": model.state_dict(), "config": asdict(model.config), "model": args.model,
             "tokenizer": tokenizer.to_json(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "step": step, "time": elapsed, "args": vars(args), "rng_state": torch.get_rng_state()}
+            "step": step, "time": elapsed, "args": vars(args), "rng_state": torch.get_rng_state(),
+            "position": position}
 
 
 def resume_state(resume, run_dir):
-    """The checkpoint dict to --resume from (a path, or "latest": run_dir's epoch_latest.pt), or
-    None without --resume. ValueError (one line) when it is missing or not a train.py checkpoint."""
+    """The checkpoint dict to --resume from, or None to start fresh: None without --resume, and
+    for "latest" when the run has no checkpoint yet (so one command line serves the first start
+    and every restart). "latest" is run_dir's epoch_latest.pt or, when that cannot be read, the
+    newest readable epoch_K.pt, with a line saying so. ValueError (one line) otherwise."""
     if resume is None:
         return None
-    path = os.path.join(run_dir, "checkpoints", "epoch_latest.pt") if resume == "latest" else resume
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint to resume at {path}")
-    checkpoint = read_checkpoint(path)
-    if missing := RESUME_KEYS - set(checkpoint):
-        raise ValueError(f"{path} is not a train.py checkpoint (no {', '.join(sorted(missing))}); "
-                         "to start from its weights use --pretrained")
-    return checkpoint | {"path": path}
+    folder = os.path.join(run_dir, "checkpoints")
+    candidates = [resume]
+    if resume == "latest":
+        numbered = [f for f in os.listdir(folder) if re.fullmatch(r"epoch_\d+\.pt", f)] \
+            if os.path.isdir(folder) else []
+        newest_first = sorted(numbered, key=lambda f: -int(f[6:-3]))
+        candidates = [os.path.join(folder, f) for f in ["epoch_latest.pt", *newest_first]
+                      if os.path.isfile(os.path.join(folder, f))]
+        if not candidates:
+            print(f"train.py: --resume latest: {folder} holds no checkpoint yet; starting fresh")
+            return None
+    errors = []
+    for path in candidates:
+        try:
+            checkpoint = read_checkpoint(path)
+        except (FileNotFoundError, ValueError) as e:
+            errors.append(str(e))
+            continue
+        if missing := RESUME_KEYS - set(checkpoint):
+            raise ValueError(f"{path} is not a train.py checkpoint (no "
+                             f"{', '.join(sorted(missing))}); to start from its weights use "
+                             "--pretrained")
+        if errors:
+            print(f"train.py: warning: {errors[0]}; resuming from {path} instead")
+        return checkpoint | {"path": path}
+    raise ValueError(errors[0] + ("" if len(errors) == 1 else
+                                  f"; and none of the {len(errors) - 1} epoch_K.pt beside it can "
+                                  "be read either"))
 
 
 def restore_training_state(checkpoint, model, optimizer):
@@ -222,12 +256,34 @@ def restore_training_state(checkpoint, model, optimizer):
 # ----------------------------------------------------------------------------- writing
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file at
-    `path`."""
+def save_atomic(obj, path, write=None):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file at `path`.
+    When the write fails (a full disk: torch.save says "unexpected pos ..."), the temporary file
+    is removed, the file at `path` is left as it was, and the error is one line (OSError) naming
+    the folder and the bytes it needs. write(obj, path): torch.save, or another writer."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        (write or torch.save)(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        needed, free = tensor_bytes(obj), shutil.disk_usage(folder).free
+        why = "no space left on device" if free < needed else " ".join(str(e).split())[:200]
+        raise OSError(f"cannot write {path}: {why} ({folder} has {free / 1e6:.0f} MB free; the "
+                      f"checkpoint needs about {needed / 1e6:.0f} MB)") from None
+
+
+def tensor_bytes(obj):
+    """The bytes of the tensors in a (nested) checkpoint: about what torch.save writes."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_checkpoint(state, ckpt_dir, epoch, numbered=True, delete_previous=False):
@@ -253,13 +309,51 @@ def save_checkpoint(state, ckpt_dir, epoch, numbered=True, delete_previous=False
                 os.remove(os.path.join(ckpt_dir, name))
 
 
+# ----------------------------------------------------------------------------- preemption
+
+PREEMPTED = 75  # the exit status of a preempted run (sysexits' EX_TEMPFAIL: run it again)
+
+
+class Preemption:
+    """SIGTERM (what SLURM sends before a time limit or a preemption, Kubernetes before an
+    eviction, torchrun when it stops) and SIGUSR1 (sbatch --signal=USR1@120) are noted, not acted
+    on at once: the training loop asks `requested()` after every step, and every rank gets the same
+    answer at the same step, so all stop together at a step boundary and rank 0 can save it."""
+
+    def __init__(self, world_size):
+        self.signal, self.pid = 0, os.getpid()
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self.note)
+        # one CPU collective per step; on NCCL a gloo group keeps it off the GPU and its stream
+        self.group = None
+        if world_size > 1 and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")
+        self.world_size = world_size
+
+    def note(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked child (a dataloader worker): end as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signal = signum
+
+    def requested(self):
+        """The signal any rank got (its number; 0: none), the same on every rank."""
+        if self.world_size == 1:
+            return self.signal
+        flag = torch.tensor([self.signal])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
+
+
 # ----------------------------------------------------------------------------- run folders
 
 
 def open_run_folder(run_dir, resuming, rank):
     """<log-dir>/<name>: on rank 0 made, locked for this run and tested for writing, before any
-    training. Every rank raises the same one-line ValueError when it cannot be."""
-    error = None
+    training; then every rank must see it (a folder on a file system all nodes share: resuming
+    needs rank 0's checkpoints on every node). Every rank raises the same one-line ValueError when
+    any of this fails."""
+    error, token = None, os.urandom(8).hex()
     if rank == 0:
         try:
             latest = os.path.join(run_dir, "checkpoints", "epoch_latest.pt")
@@ -268,70 +362,59 @@ def open_run_folder(run_dir, resuming, rank):
                                  "another --name")
             os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
             take_lock(run_dir)
-            atexit.register(release_lock, run_dir)
-            # fail now, not after an epoch
-            for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
-                probe = os.path.join(folder, f".write-test-{os.getpid()}")
-                with open(probe, "w") as f:
-                    f.write("ok")
-                os.remove(probe)
+            # fail now, not after an epoch; the probe is what the other ranks look for
+            for folder in (os.path.join(run_dir, "checkpoints"), run_dir):
+                write_text(token, os.path.join(folder, ".write-test"))
+            os.remove(os.path.join(run_dir, "checkpoints", ".write-test"))
         except (OSError, ValueError) as e:
             error = str(e)
     if error := M.from_rank_zero(error):
         raise ValueError(error)
+    probe, token = os.path.join(run_dir, ".write-test"), M.from_rank_zero(token)
+    seen = os.path.isfile(probe) and open(probe).read() == token
+    blind = [r for r, ok in enumerate(M.all_ranks(seen)) if not ok]
+    M.barrier()  # every rank has looked before rank 0 removes it
+    if rank == 0:
+        os.remove(probe)
+    if blind:
+        raise ValueError(f"{run_dir} is not on a file system every node shares: rank {blind[0]} "
+                         f"(of {len(blind)} that cannot see it) does not find rank 0's files "
+                         "there; put --log-dir on a shared file system (resume reads rank 0's "
+                         "checkpoints on every node)")
 
 
 def take_lock(run_dir):
-    """A run folder is held by one live run: `lock` holds the owner's pid and host. A lock whose
-    process is dead (same host) is taken over with a message; a live one, or another host's, is an
-    error."""
-    path, me = os.path.join(run_dir, "lock"), {"pid": os.getpid(), "host": socket.gethostname()}
+    """Hold `lock` in run_dir for as long as this process lives: an exclusive flock, which the
+    kernel releases when the process ends however it ends (kill -9 too), so a dead run's lock is
+    never in the way and two live runs never share the folder. The file also names its owner, for
+    the message. flock holds on local disks and, on Linux, on NFS (emulated with fcntl locks) and
+    the cluster file systems that support it (Lustre mounted with -o flock, GPFS, CephFS)."""
+    path = os.path.join(run_dir, "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            with open(path) as f:
-                owner = json.load(f)
-        except (OSError, ValueError):
-            owner = {}
-        if owner.get("host") != me["host"] or pid_alive(owner.get("pid")):
-            pid, host = owner.get("pid"), owner.get("host")
-            raise ValueError(f"{run_dir} is in use by pid {pid} on {host} "
-                             f"(its lock file {path}); stop that run, or delete the lock if it is "
-                             "dead, or pass another --name") from None
-        print(f"train.py: taking over {path} from pid {owner.get('pid')}, which is no longer "
-              "running")
-        os.remove(path)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-def release_lock(run_dir):
-    try:
-        os.remove(os.path.join(run_dir, "lock"))
-    except FileNotFoundError:
-        pass
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ValueError(f"{run_dir} is in use by a live run ({owner}; its lock {path}): stop it "
+                         "or pass another --name") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    HELD_LOCKS.append(fd)  # open, so locked, until this process exits
 
 
 def write_run_config(run_dir, args, config, world_size, tokenizer=None):
     """args.json: every flag as settled, the model config and the world size; tokenizer.json when
     the run trained its own tokenizer, for other tools."""
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args) | {"config": asdict(config), "world_size": world_size}, f, indent=1)
+    settings = vars(args) | {"config": asdict(config), "world_size": world_size}
+    save_atomic(json.dumps(settings, indent=1), os.path.join(run_dir, "args.json"), write_text)
     if tokenizer is not None:
-        with open(os.path.join(run_dir, "tokenizer.json"), "w") as f:
-            f.write(tokenizer.to_json())
+        save_atomic(tokenizer.to_json(), os.path.join(run_dir, "tokenizer.json"), write_text)
+
+
+def write_text(text, path):
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def append_metrics(path, record):

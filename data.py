@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import random
 import re
+import select
 import sys
 import tarfile
 import time
@@ -34,7 +35,7 @@ import zlib
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from tokenizer import read_text
@@ -47,10 +48,12 @@ CROP_RATIO = (3 / 4, 4 / 3)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
 FOLDER_IMAGE_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")  # also read from image folders
 # Pillow's decompression-bomb limit (1024 ** 3 // 4 // 3); larger is a bad sample
+EXIF_ORIENTATION = 0x0112  # the EXIF tag phones set instead of rotating the pixels
 MAX_IMAGE_PIXELS = 89_478_485
 # samples per worker, OpenCLIP's; encoded bytes: at ~70 kB (400-500 px JPEGs) ~350 MB per worker
 SHUFFLE_BUFFER = 5_000
 PREFETCH_BATCHES = 2  # per worker
+SHARD_STALL_S = 120.0  # a shard that sends no byte for this long is skipped (curl retries for 60 s)
 # bad-sample warnings: the first few, then at most one a minute per process
 WARN_FIRST, WARN_EVERY_S = 5, 60
 # for errors about data without samples
@@ -146,9 +149,11 @@ def random_resized_crop_box(width, height, scale, rng, ratio=CROP_RATIO):
 
 
 def train_transform(image_size, scale=(0.9, 1.0), generator=None):
-    """PIL image -> (3, S, S) uint8: random resized crop (OpenCLIP's default scale (0.9, 1); FLIP
-    used (0.5, 1)), bicubic, RGB. `generator`: a `random.Random` (default: the global one); the
-    loader seeds one per worker, epoch.
+    """transform(PIL image, rng=generator) -> (3, S, S) uint8: random resized crop (OpenCLIP's
+    default scale (0.9, 1); FLIP used (0.5, 1)), bicubic, RGB, drawn with `rng`, a `random.Random`
+    (default: `generator`, else the global one); the loader seeds one per sample. The photo is
+    turned upright first as its EXIF orientation says, and 16-bit images are scaled to 8 bits
+    (`to_rgb`).
 
     Not normalised here: train.py normalises whole batches on the GPU (`normalize`), so that the
     dataloader workers convert, stack, share and pin a quarter of the bytes (uint8, not float32):
@@ -159,21 +164,36 @@ def train_transform(image_size, scale=(0.9, 1.0), generator=None):
     without copying it out first."""
     if not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {scale}")
-    rng = generator or random
-
-    def transform(img):
+    def transform(img, rng=None):
+        rng = rng or generator or random
+        if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # a phone photo stored sideways
+            img = ImageOps.exif_transpose(img)  # decodes it whole: no draft for these few
         width, height = img.size
         left, top, w, h = random_resized_crop_box(width, height, scale, rng)
         drafted = img.draft("RGB", (math.ceil(width * image_size / w),
                                     math.ceil(height * image_size / h)))
         # draft box = the whole image in the reduced image's pixels
         f = drafted[1][2] / width if drafted else 1.0
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb(img)
         box = (left * f, top * f, min((left + w) * f, img.width), min((top + h) * f, img.height))
         return to_uint8_tensor(img.resize((image_size, image_size), Image.BICUBIC, box=box))
 
     return transform
+
+
+def to_rgb(img):
+    """Any PIL image -> 8-bit RGB. 16-bit grey ("I;16", or "I" with 16-bit values, as Pillow reads
+    16-bit PNGs) is scaled to 8 bits, where convert("RGB") would clip it to white; palette, grey,
+    alpha and CMYK images are converted as OpenCLIP converts them (alpha dropped). A mode with no
+    meaningful 8-bit form (32-bit integer or float pixels) is a BadSample: skipped and counted."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        pixels = np.asarray(img, dtype=np.int64)  # (H, W)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise BadSample(f"{img.mode} image with values outside 16 bits")
+        img = Image.fromarray((pixels >> 8).astype(np.uint8))  # the high byte: 16 -> 8 bits
+    elif img.mode == "F":
+        raise BadSample("floating-point (mode F) image: no 8-bit RGB form to train on")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def shortest_side_size(width, height, size):
@@ -213,10 +233,17 @@ def eval_transform(image_size):
 
 # --------------------------------------------------------------------------------------------------
 # shards
+def is_url(path):
+    """Whether a shard is opened by webdataset's gopen rather than as a local file: pipe:CMD,
+    http(s)://, and the other schemes gopen knows (file: and plain paths are local)."""
+    return re.match(r"^[a-z][a-z0-9+.-]*:", path) is not None and not path.startswith("file:")
+
+
 def expand_urls(pattern):
-    """Shard paths from brace patterns (`/data/cc12m-{0000..2175}.tar`), several joined with `::`
-    (as OpenCLIP), or a folder of .tar files. Raises FileNotFoundError when a pattern matches no
-    file; missing shards are a warning."""
+    """Shards from brace patterns (`/data/cc12m-{0000..2175}.tar`), several joined with `::` (as
+    OpenCLIP), or a folder of .tar files. Local paths must exist (FileNotFoundError when a pattern
+    matches none; a missing few are a warning); URLs (`pipe:aws s3 cp s3://b/x-{0..9}.tar -`,
+    `https://...`) are taken as they are: they are opened, and checked, when read."""
     urls = []
     for part in str(pattern).split("::"):
         if os.path.isdir(part):
@@ -224,14 +251,14 @@ def expand_urls(pattern):
             candidates = found
         else:
             candidates = wds.shardlists.expand_urls(part)  # brace expansion
-            found = [u for u in candidates if os.path.isfile(u)]
+            found = [u for u in candidates if is_url(u) or os.path.isfile(u)]
         if not found:
             folder = os.path.dirname(candidates[0]) if candidates else part
             why = ("no such directory" if folder and not os.path.isdir(folder)
                    else "no matching file")
             raise FileNotFoundError(f"training data {part}: {why} ({folder or '.'})")
         if len(found) < len(candidates):
-            missing = next(u for u in candidates if not os.path.isfile(u))
+            missing = next(u for u in candidates if u not in found)
             print(f"data.py: warning: {len(candidates) - len(found)} of {len(candidates)} shards "
                   f"of {part} are missing (e.g. {missing}); using the other {len(found)}",
                   file=sys.stderr)
@@ -239,13 +266,45 @@ def expand_urls(pattern):
     return urls
 
 
-def read_shard(path):
+class StallGuard:
+    """A shard's byte stream, as webdataset's gopen opened it, whose reads give up with a
+    TimeoutError when no byte comes for SHARD_STALL_S seconds (a pipe or download that hangs):
+    the shard is then skipped and counted, not waited for. Local files read as they are."""
+
+    def __init__(self, url):
+        self.url, self.stream = url, wds.gopen(url, "rb")
+        self.pipe = getattr(self.stream, "proc", None)  # a subprocess: pipe:, curl for http(s)
+
+    def read(self, size=-1):
+        if self.pipe is None:
+            return self.stream.read(size)
+        fd = self.stream.stream.fileno()
+        ready, _, _ = select.select([fd], [], [], SHARD_STALL_S)
+        if not ready:
+            raise TimeoutError(f"no data for {SHARD_STALL_S:g} s")
+        chunk = os.read(fd, size if size > 0 else 1 << 20)  # what is there, as a raw read
+        if not chunk and (status := self.pipe.wait(SHARD_STALL_S)):  # the end: did it fail?
+            raise OSError(f"{self.url} exited with status {status}")
+        return chunk
+
+    def close(self):
+        if self.pipe is not None and self.pipe.poll() is None:
+            self.pipe.kill()  # stalled, or we stopped reading early
+        try:
+            self.stream.close()
+        except OSError:  # the exit status of a command we stopped
+            pass
+
+
+def read_shard(url):
     """The samples of one tar shard, in file order: {"__key__": key, ext: bytes}, files grouped by
-    key as webdataset does ("a/b.c.jpg" -> key "a/b", ext "c.jpg"). A tar that is truncated or
-    corrupt ends early with a None."""
-    sample = None
+    key as webdataset does ("a/b.c.jpg" -> key "a/b", ext "c.jpg"). A local path or any URL
+    webdataset's gopen opens. A tar that is truncated, corrupt, fails to open or stalls ends early
+    with a None (counted as a bad sample)."""
+    sample, stream = None, None
     try:
-        with tarfile.open(path, mode="r|*") as tar:  # streaming: never seeks, reads each shard once
+        stream = StallGuard(url)
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:  # streaming: never seeks
             for member in tar:
                 # streaming mode would otherwise keep every header of the shard in memory
                 tar.members = []
@@ -260,9 +319,12 @@ def read_shard(path):
                 sample[ext.lower()] = tar.extractfile(member).read()
         if sample is not None:
             yield sample
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        warn_bad(f"the rest of shard {path}", e)
+    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
+        warn_bad(f"the rest of shard {url}", e)
         yield None
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 class BadSample(ValueError):
@@ -415,51 +477,68 @@ def resampled_samples(urls, rng):
 
 class TrainStream(IterableDataset):
     """One rank's batches of an epoch: (images (B, 3, S, S) uint8, tokens (B, T), skipped), skipped
-    (a 0-d long tensor) counting the bad samples this worker passed over since its previous batch.
+    (a 0-d long tensor) counting the bad samples this worker passed over for the batch.
 
     Each epoch reads the shards in a fresh order, a permutation drawn from (seed, epoch) and so the
     same on every rank, split between all ranks' dataloader workers without overlap (split_samples);
     resampled: each worker draws shards with replacement instead. Every worker makes a fixed number
     of whole batches (DDP needs as many steps on every rank), so batches differ with the number of
-    workers. The stream (shards, shuffle, crops) is a function of (seed, epoch, rank, worker) only:
-    a run resumed at an epoch boundary sees what an uninterrupted one saw."""
+    workers. Batch i of the epoch is made by worker i % W (the DataLoader takes them in turn); its
+    stream (shard order, shuffle) is a function of (seed, epoch, rank, worker), and the crop of the
+    n-th sample it reads is drawn from (that, n). So a run resumed in the middle of an epoch (from
+    set_epoch's position) reads past what each worker had read, without decoding it, and then sees
+    exactly what the uninterrupted run saw."""
 
     def __init__(self, urls, batch_size, num_batches, image_size, tokenizer, scale, seed, rank,
-                 world_size, resampled):
+                 world_size, resampled, workers):
         self.urls, self.batch_size, self.num_batches = urls, batch_size, num_batches
         self.image_size, self.tokenizer, self.scale, self.seed = image_size, tokenizer, scale, seed
         self.rank, self.world_size, self.resampled = rank, world_size, resampled
-        # shared memory: persistent workers see set_epoch
-        self.epoch = multiprocessing.Value("i", 0)
+        # shared memory, so that persistent workers see set_epoch: the epoch, the batches of it
+        # already trained on, and the samples each worker's stream had read for them
+        self.epoch, self.start = multiprocessing.Value("i", 0), multiprocessing.Value("q", 0)
+        self.read_before = multiprocessing.Array("q", max(1, workers))
 
-    def set_epoch(self, epoch):
-        self.epoch.value = epoch
+    def set_epoch(self, epoch, start=0, read_before=()):
+        self.epoch.value, self.start.value = epoch, start
+        for role, count in enumerate(read_before):
+            self.read_before[role] = count
 
     def __len__(self):
         return self.num_batches
 
     def __iter__(self):
         worker, num_workers = worker_split()
-        epoch = self.epoch.value
-        rng = random.Random(derived_seed(self.seed, epoch, self.rank, worker))
-        transform = train_transform(self.image_size, self.scale, generator=rng)
+        epoch, start, n = self.epoch.value, self.start.value, self.num_batches
+        role = (start + worker) % num_workers  # the stream of batch start + worker, start + ...
+        stream_seed = derived_seed(self.seed, epoch, self.rank, role)
+        rng = random.Random(stream_seed)  # shard order and shuffle; crops have their own
+        transform = train_transform(self.image_size, self.scale)
         if self.resampled:
             samples = shuffled(resampled_samples(self.urls, rng), SHUFFLE_BUFFER, rng)
         else:
             shard_rng = random.Random(derived_seed(self.seed, "shards", epoch))
             order = shard_rng.sample(self.urls, len(self.urls))
-            samples = shuffled_passes(order, self.rank * num_workers + worker,
+            samples = shuffled_passes(order, self.rank * num_workers + role,
                                       self.world_size * num_workers, rng)
-        # sums to num_batches
-        my_batches = self.num_batches // num_workers + (worker < self.num_batches % num_workers)
-        for _ in range(my_batches):
-            yield self.next_batch(samples, transform)
+        read = self.read_before[role] if start else 0
+        for _ in range(read):  # resuming mid-epoch: tar bytes only, nothing decoded
+            next(samples)
+        # the batches i >= start with i % W == role: its share of n, less those made before
+        made = start // num_workers + (role < start % num_workers)
+        for _ in range(n // num_workers + (role < n % num_workers) - made):
+            batch = self.next_batch(samples, transform, f"{stream_seed}/", read)
+            read += len(batch[0]) + int(batch[2])
+            yield batch
 
-    def next_batch(self, samples, transform):
+    def next_batch(self, samples, transform, crop_seed, read):
+        """A batch from the stream; the crop of the stream's n-th sample is drawn from crop_seed + n
+        (`read` samples were read before this batch)."""
         images, captions, skipped = [], [], 0
         while len(images) < self.batch_size:
-            sample = next(samples)
-            decoded = None if sample is None else decode_sample(sample, transform)
+            sample, n = next(samples), read + len(images) + skipped
+            crop = functools.partial(transform, rng=random.Random(f"{crop_seed}{n}"))
+            decoded = None if sample is None else decode_sample(sample, crop)
             if decoded is None:
                 skipped += 1
                 # everything is bad: fail instead of spinning forever
@@ -472,21 +551,55 @@ class TrainStream(IterableDataset):
         return torch.stack(images), self.tokenizer(captions), torch.tensor(skipped)
 
 
-def default_workers(on_gpu):
+class TrainLoader:
+    """The DataLoader over a rank's TrainStream, and where in the epoch it is: the batches taken
+    and the samples each worker's stream read for them (good and bad), which is all a checkpoint
+    needs to resume in the middle of an epoch (position, then set_epoch(epoch, position))."""
+
+    def __init__(self, stream, workers):
+        self.stream, self.workers, self.num_batches = stream, workers, stream.num_batches
+        self.loader = DataLoader(stream, batch_size=None, num_workers=workers,
+                                 persistent_workers=workers > 0,
+                                 pin_memory=torch.cuda.is_available(),
+                                 prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch, position=None):
+        """Before each epoch; a position from a checkpoint continues that epoch where it stopped."""
+        position = position or {"batches": 0, "read": [0] * max(1, self.workers)}
+        if len(position["read"]) != max(1, self.workers):
+            raise ValueError(f"the checkpoint stopped mid-epoch with {len(position['read'])} "
+                             f"dataloader workers per rank; resume it with --workers "
+                             f"{len(position['read'])} (each worker's stream is its own)")
+        self.epoch, self.batches, self.read = epoch, position["batches"], list(position["read"])
+        self.stream.set_epoch(epoch, self.batches, self.read)
+
+    def position(self):
+        return {"epoch": self.epoch, "batches": self.batches, "read": list(self.read)}
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        for images, tokens, skipped in self.loader:
+            self.read[self.batches % len(self.read)] += len(images) + int(skipped)
+            self.batches += 1
+            yield images, tokens, skipped
+
+
+def default_workers(on_gpu, ranks_here=1):
     """Dataloader workers per rank (training) or process (evaluation). On GPUs, every core but one
-    per rank: at FLIP's step rates, and in an ImageNet pass, JPEG decoding is the bottleneck (a
-    worker makes ~400 images/s; a masked ViT-B/16 step consumes thousands). On the CPU, one: the
-    model needs the cores itself."""
+    per rank (ranks_here: the ranks on this machine): at FLIP's step rates, and in an ImageNet
+    pass, JPEG decoding is the bottleneck (a worker makes ~400 images/s; a masked ViT-B/16 step
+    consumes thousands). On the CPU, one: the model needs the cores itself."""
     if not on_gpu:
         return 1
-    # set by torchrun: GPUs used on this machine
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, len(os.sched_getaffinity(0)) // ranks_here - 1)
 
 
 def check_train_data(pattern):
-    """The shard paths of `pattern`, once one of their samples decodes (shards are read in order up
-    to the first good sample: a moment on good data); a one-line ValueError when none does, before
+    """The shards of `pattern`, once one of their samples decodes (shards are read in order up to
+    the first good sample: a moment on good data); a one-line ValueError when none does, before
     any worker starts."""
     urls = expand_urls(pattern)
     for url in urls:
@@ -499,17 +612,12 @@ def check_train_data(pattern):
 
 def make_train_loader(pattern, batch_size, num_samples, image_size, tokenizer, workers=4, seed=0,
                       rank=0, world_size=1, scale=(0.9, 1.0), resampled=False):
-    """A DataLoader over this rank's TrainStream, with `num_batches` per epoch (num_samples //
-    (batch_size * world_size), the same on every rank) and `set_epoch(epoch)`, to call before each
-    epoch."""
+    """This rank's TrainLoader, with `num_batches` per epoch (num_samples // (batch_size *
+    world_size), the same on every rank); call set_epoch(epoch) before each epoch."""
     urls = check_train_data(pattern)
     stream = TrainStream(urls, batch_size, num_samples // (batch_size * world_size), image_size,
-                         tokenizer, tuple(scale), seed, rank, world_size, resampled)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
-    loader.num_batches, loader.set_epoch = stream.num_batches, stream.set_epoch
-    return loader
+                         tokenizer, tuple(scale), seed, rank, world_size, resampled, workers)
+    return TrainLoader(stream, workers)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -602,7 +602,8 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     if args.workers is None:  # JPEG decoding bounds an ImageNet pass on a GPU: use the cores
-        args.workers = data.default_workers(on_gpu=torch.device(args.device).type == "cuda")
+        on_gpu = torch.device(args.device).type == "cuda"
+        args.workers = data.default_workers(on_gpu, M.launch_env()[3])
     return args
 
 
@@ -639,15 +640,23 @@ def run(args):
 
 
 def main(argv=None):
+    """Launched by torchrun or srun (several ranks, as train.py reads them), zero-shot
+    classification shares the images between the ranks; rank 0 prints and writes the result."""
     args = parse_args(argv)
     try:
+        if M.launch_env()[2] > 1:
+            if args.linear_probe or args.retrieval:
+                raise ValueError("--linear-probe and --retrieval run in one process: start eval.py "
+                                 "without torchrun or srun")
+            args.device = M.setup_distributed()[3]  # this rank's GPU, or the CPU
         result = run(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"eval.py: error: {e}")
-    print(json.dumps(result, indent=2))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+    if M.rank_and_world()[0] == 0:
+        print(json.dumps(result, indent=2))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Run `python model.py` to print the presets and their parameter counts.
 
 import math
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -266,20 +267,39 @@ def clamp_logit_scale(model):
 
 
 def launch_env():
-    """(rank, local rank, world size) from torchrun's environment; a plain `python` is rank 0 of
-    1."""
-    return tuple(int(os.environ.get(k, default))
-                 for k, default in [("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)])
+    """(rank, local rank, world size, ranks on this machine) from the launcher's environment:
+    torchrun's RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE; else SLURM's, for `srun python
+    train.py` with one task per GPU (SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS /
+    SLURM_NTASKS_PER_NODE, as OpenCLIP reads them); else a plain `python`: rank 0 of 1."""
+    env = os.environ
+    if "RANK" in env or "WORLD_SIZE" in env:
+        world = int(env.get("WORLD_SIZE", 1))
+        return (int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), world,
+                int(env.get("LOCAL_WORLD_SIZE", world)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = int(env["SLURM_NTASKS"])
+        # SLURM_TASKS_PER_NODE reads "4(x2)" for 4 tasks on each of 2 nodes
+        per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", str(world))
+        return (int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world,
+                int(re.match(r"\d+", per_node).group()))
+    return 0, 0, 1, 1
 
 
 def setup_distributed(timeout=PROCESS_GROUP_TIMEOUT):
-    """(rank, local_rank, world_size, device): one GPU per process (NCCL), or the CPU (gloo)."""
-    rank, local_rank, world = launch_env()
+    """(rank, local_rank, world_size, device): one GPU per process (NCCL), or the CPU (gloo). The
+    rendezvous is MASTER_ADDR:MASTER_PORT from the environment (torchrun sets them; under SLURM the
+    sbatch script does, as OpenCLIP's does)."""
+    rank, local_rank, world, _ = launch_env()
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        if not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+            raise ValueError(f"rank {rank} of {world}: set MASTER_ADDR and MASTER_PORT (e.g. "
+                             "MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n "
+                             "1) MASTER_PORT=29500) to start the process group")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                rank=rank, world_size=world)
     return rank, local_rank, world, device
 
 
@@ -298,6 +318,12 @@ def from_rank_zero(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def barrier():
+    """Wait for every rank (nothing to wait for alone)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
 
 
 def all_ranks(obj):

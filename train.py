@@ -21,6 +21,7 @@ image keeps (masking.keep_indices) -> model(images, tokens, keep) -> clip_loss o
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -119,6 +120,8 @@ def parse_args(argv=None):
       "the end; 0: only epoch_latest.pt (OpenCLIP's flag)")
     a("--delete-previous-checkpoint", action="store_true", help="delete the previous epoch_K.pt "
       "after writing a new one (OpenCLIP's flag)")
+    a("--save-every-n-steps", type=NATURAL, default=0, help="also write epoch_latest.pt every N "
+      "steps, mid-epoch (resume continues from that step exactly); 0: only at epochs' ends")
     a("--save-most-recent", action="store_true", help="OpenCLIP's flag for epoch_latest.pt, always "
       "written here: accepted so that OpenCLIP command lines run")
     a("--log-every", type=COUNT, help="log every N steps (default: 10 on built-in data, else 100)")
@@ -148,7 +151,8 @@ def settle_defaults(args):
     on_gpu = torch.cuda.is_available()
     args.precision = args.precision or ("bf16" if on_gpu else "fp32")
     args.compile = on_gpu if args.compile is None else args.compile
-    args.workers = data.default_workers(on_gpu) if args.workers is None else args.workers
+    args.workers = (data.default_workers(on_gpu, M.launch_env()[3]) if args.workers is None
+                    else args.workers)
     if args.warmup is None and args.train_num_samples:
         args.warmup = default_warmup(args.epochs * steps_per_epoch(args, M.launch_env()[2]))
 
@@ -395,13 +399,41 @@ class LogWindow:
         return r, line
 
 
+def where_in_epoch(loader, mask_gen, log):
+    """What a checkpoint in the middle of an epoch needs to go on exactly: every rank's loader
+    position and mask generator (gathered on every rank), and the open log window."""
+    ranks = M.all_ranks({"loader": loader.position(), "masks": mask_gen.get_state()})
+    return {"ranks": ranks, "window": [float(v) for v in log.losses], "skipped": int(log.skipped)}
+
+
+def save(state, ckpt_dir, epoch, master, numbered, delete_previous=False):
+    """Rank 0 writes the checkpoint (one line when it cannot: the previous one stays); all wait."""
+    if master:
+        try:
+            ckpt.save_checkpoint(state, ckpt_dir, epoch, numbered, delete_previous)
+        except OSError as e:
+            fail(e)
+    M.barrier()  # no rank runs ahead while rank 0 evaluates and saves
+
+
+def stop(signum, step, rank, run_dir):
+    """Exit, preempted: one line and a status (75) that requeue logic can tell from a crash's."""
+    print(f"train.py: preempted by {signal.Signals(signum).name} at step {step} (rank {rank}); "
+          f"{run_dir}/checkpoints/epoch_latest.pt holds it: run the same command with --resume "
+          "latest to continue", file=sys.stderr)
+    sys.exit(ckpt.PREEMPTED)
+
+
 # -----------------------------------------------------------------------------
 # the run
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, local_rank, world_size, device = M.setup_distributed()
+    try:
+        rank, local_rank, world_size, device = M.setup_distributed()
+    except ValueError as e:
+        fail(e)
     master = rank == 0  # prints, writes checkpoints and metrics.jsonl
     say = print if master else (lambda *a, **k: None)
     args.name = M.from_rank_zero(args.name)  # the name holds a time: rank 0's
@@ -420,7 +452,7 @@ def main(argv=None):
                                         orig_model.config.image_size, tokenizer, args.workers,
                                         args.seed, rank, world_size, scale=tuple(args.crop_scale),
                                         resampled=args.dataset_resampled)
-        ckpt.open_run_folder(run_dir, resuming=checkpoint is not None, rank=rank)
+        ckpt.open_run_folder(run_dir, resuming=args.resume == "latest" or checkpoint, rank=rank)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
     cfg = orig_model.config
@@ -429,12 +461,14 @@ def main(argv=None):
     orig_model.to(device)
     betas = (args.beta1, args.beta2)
     optimizer = M.configure_optimizer(orig_model, args.lr, args.wd, betas, args.eps)
-    start_epoch, step, elapsed = 0, 0, 0.0
+    start_epoch, step, elapsed, position = 0, 0, 0.0, None
     if checkpoint:
         start_epoch, step, elapsed = ckpt.restore_training_state(checkpoint, orig_model, optimizer)
+        position = checkpoint.get("position")  # None at an epoch's end
         if master:
             ckpt.continue_metrics(metrics, step)  # what was logged after the checkpoint goes
-        say(f"resumed from {checkpoint['path']} at epoch {start_epoch}, step {step}")
+        say(f"resumed from {checkpoint['path']} at epoch {start_epoch}, step {step}"
+            + (" (in the middle of the epoch)" if position else ""))
     t0, start_step = time.time() - elapsed, step  # wall time counts on across resumes
     if args.compile:  # each block in place (regional): seconds, and no `_orig_mod.` in the keys
         M.compile_blocks(orig_model)
@@ -463,16 +497,25 @@ def main(argv=None):
         ckpt.write_run_config(run_dir, args, cfg, world_size, tokenizer if trained_here else None)
     flops_per_step = flops * args.batch_size * args.accum_freq  # this rank's, against its own GPU
     log = LogWindow(global_batch, flops_per_step, M.peak_flops(device), total_steps, per_epoch)
+    if position:  # the log window the interrupted run had open goes on
+        log.losses, log.skipped = [torch.tensor(v) for v in position["window"]], position["skipped"]
 
+    preemption = ckpt.Preemption(world_size)  # SIGTERM / SIGUSR1: stop at a step and save it
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        loader.set_epoch(epoch)
+        mine = position["ranks"][rank] if position and epoch == start_epoch else None
+        try:
+            loader.set_epoch(epoch, mine and mine["loader"])  # mid-epoch: reads past, no decoding
+        except ValueError as e:
+            fail(e)
         # an epoch's masks are a function of (seed, epoch, rank): a resumed run draws what the
         # uninterrupted one drew
         seed = data.derived_seed(args.seed, "masks", epoch, rank)
         mask_gen = torch.Generator(device).manual_seed(seed)
+        if mine:
+            mask_gen.set_state(mine["masks"])
         batches = iter(loader)
-        for _ in range(per_epoch):
+        for _ in range(step - epoch * per_epoch, per_epoch):  # all of it, or what a resume left
             with syncs_raise(args.sync_debug):  # --sync-debug: a host-device sync here raises
                 micro, keeps, text_keeps = next_step_batches(batches, args, cfg.grid_size, device,
                                                              mask_gen, log)
@@ -489,6 +532,15 @@ def main(argv=None):
                 say(line)
                 if master:
                     ckpt.append_metrics(metrics, record)
+            signum = preemption.requested()  # the same on every rank, at the same step
+            if signum or (args.save_every_n_steps and step % args.save_every_n_steps == 0
+                          and step % per_epoch):  # mid-epoch: epoch_latest.pt, of this step
+                where = where_in_epoch(loader, mask_gen, log)  # gathered from every rank
+                state = ckpt.training_state(orig_model, optimizer, tokenizer, args, epoch, step,
+                                            time.time() - t0, where) if master else None
+                save(state, ckpt_dir, epoch, master, numbered=False)
+            if signum:
+                stop(signum, step, rank, run_dir)
 
         done, eval_root = epoch + 1, args.imagenet_val or args.zeroshot_data or test_dir
         if eval_root and (done % args.zeroshot_frequency == 0 or done == args.epochs):
@@ -504,15 +556,14 @@ def main(argv=None):
             if master:
                 ckpt.append_metrics(metrics, {"step": step, "epoch": done, **record,
                                               "time": time.time() - t0})
-        if master:
-            state = ckpt.training_state(orig_model, optimizer, tokenizer, args, done, step,
-                                        time.time() - t0)
-            numbered = args.save_frequency > 0 and (done % args.save_frequency == 0
-                                                    or done == args.epochs)
-            ckpt.save_checkpoint(state, ckpt_dir, done, numbered, args.delete_previous_checkpoint)
-        if world_size > 1:
-            dist.barrier()  # no rank runs ahead while rank 0 evaluates and saves
+        state = ckpt.training_state(orig_model, optimizer, tokenizer, args, done, step,
+                                    time.time() - t0) if master else None
+        numbered = args.save_frequency > 0 and (done % args.save_frequency == 0
+                                                or done == args.epochs)
+        save(state, ckpt_dir, done, master, numbered, args.delete_previous_checkpoint)
         log.reset()  # the next window times training only
+        if signum := preemption.requested():  # during evaluation or saving: saved already
+            stop(signum, step, rank, run_dir)
     say(f"done in {(time.time() - t0) / 60:.1f} min; checkpoints and metrics.jsonl in {run_dir}")
     if world_size > 1:
         dist.destroy_process_group()

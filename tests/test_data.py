@@ -252,7 +252,7 @@ def test_a_worker_whose_shards_hold_no_sample_raises_instead_of_spinning(tmp_pat
     # past the check: only s-1
     for resampled, error in [(False, "no sample in part"), (True, "without a sample")]:
         stream = data.TrainStream([str(tmp_path / "s-1.tar")], 4, 2, 8, tok, (0.9, 1), 0, 0, 1,
-                                  resampled)
+                                  resampled, workers=0)
         with pytest.raises(ValueError, match=error):
             next(iter(stream))
 
@@ -525,12 +525,10 @@ def test_convert_class_folders_and_captioned_folders(tmp_path):
 
 def test_default_workers_share_the_cores_between_the_gpus_of_a_machine(monkeypatch):
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     # one GPU, 16 cores: all but the training process's own
-    assert data.default_workers(on_gpu=True) == 15
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert data.default_workers(on_gpu=True, ranks_here=1) == 15
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(96)))
-    assert data.default_workers(on_gpu=True) == 11  # 96 cores over 8 ranks
+    assert data.default_workers(on_gpu=True, ranks_here=8) == 11  # 96 cores over 8 ranks
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(4)))
-    assert data.default_workers(on_gpu=True) == 1  # never none
+    assert data.default_workers(on_gpu=True, ranks_here=8) == 1  # never none
     assert data.default_workers(on_gpu=False) == 1
