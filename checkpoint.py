@@ -1,16 +1,23 @@
 """
-Checkpoints and run folders: everything train.py writes besides the model's output, and everything
-train.py and eval.py read back.
+Checkpoints and run folders: everything train.py writes besides the model's output, everything
+train.py and eval.py read back, and the export to the formats the field's tools load.
 
     model, tokenizer = load_checkpoint("logs/RUN/checkpoints/epoch_30.pt")  # or OpenCLIP's
     open_run_folder("logs/my-run", resuming=False, rank=0)     # made, locked, tested for writing
     save_checkpoint(training_state(...), "logs/my-run/checkpoints", epoch=3)  # epoch_3.pt + latest
+
+    python checkpoint.py export logs/RUN/checkpoints/epoch_30.pt out.pt --format open_clip
+    python checkpoint.py export logs/RUN/checkpoints/epoch_30.pt out-hf --format hf
 
 A checkpoint is one torch.save dict (docs/reference.md#checkpoints). It is written to a temporary
 file and renamed, so no crash leaves a half-written one, and read with weights_only=True: a
 checkpoint is data, never code to run. OpenCLIP's and OpenAI's state dicts load after a renaming of
 their keys, and a checkpoint trained on another grid of patches (RECLIP) gets its positional
 embedding resized.
+
+`export` writes OpenCLIP's state dict (with a model config and the tokenizer beside it when
+OpenCLIP has neither) or a Hugging Face CLIPModel folder; each gives our features in its library
+(docs/reference.md#export) and reads back here tensor for tensor.
 """
 
 import contextlib
@@ -22,14 +29,16 @@ import re
 import shutil
 import signal
 import socket
+import sys
 from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import data
 import model as M
-from tokenizer import load_tokenizer
+from tokenizer import PAD, hf_tokenizer_files, is_clip_bpe, load_tokenizer
 
 # torch.save's zip archive; a pickle (torch.save before PyTorch 1.6)
 TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
@@ -139,6 +148,32 @@ def fit_state_dict_to(model, state_dict):
     return state_dict | {key: resize_pos_embed(state_dict[key], model.visual.grid_size)}
 
 
+def weights_and_config(path, model_name, tokenizer):
+    """(state dict in this model's keys, CLIPConfig, the model's name for messages, tokenizer spec)
+    of any file or folder load_checkpoint reads; a checkpoint's own config and tokenizer win over
+    `model_name` and `tokenizer`."""
+    if os.path.isdir(path):  # a Hugging Face CLIPModel folder
+        state_dict, config, folder_tokenizer = read_hf_folder(path)
+        return state_dict, config, "from config.json", folder_tokenizer or tokenizer
+    ckpt = read_checkpoint(path)
+    state_dict = checkpoint_weights(ckpt, path)
+    if "config" in ckpt:  # ours
+        try:
+            config = M.CLIPConfig(**ckpt["config"])
+        except TypeError as e:  # a config field this model.py does not know
+            raise ValueError(f"{path}: config does not fit this model.py ({e})") from None
+        model_name = ckpt.get("model", "from the config")
+        tokenizer = ckpt.get("tokenizer") or tokenizer  # the model was trained with this vocabulary
+        return state_dict, config, model_name, tokenizer
+    if model_name not in M.PRESETS:
+        raise ValueError(f"unknown model {model_name!r}; presets are {', '.join(M.PRESETS)}")
+    rows = {"vocab_size": "text.token_embedding.weight",
+            "context_length": "text.positional_embedding"}
+    config = replace(M.PRESETS[model_name],
+                     **{f: state_dict[k].shape[0] for f, k in rows.items() if k in state_dict})
+    return state_dict, config, model_name, tokenizer
+
+
 def load_checkpoint(path, model_name="ViT-B-16", tokenizer=None, device="cpu", image_size=None):
     """(model in eval mode on `device`, tokenizer) from one of these files:
 
@@ -146,27 +181,14 @@ def load_checkpoint(path, model_name="ViT-B-16", tokenizer=None, device="cpu", i
       self-contained;
     - a state dict of this project's model, an OpenCLIP training checkpoint {"state_dict": ...}, or
       a plain OpenCLIP / OpenAI state dict. These need `model_name` and a `tokenizer` spec (e.g.
-      CLIP's BPE vocab); the vocabulary size and context length are read off the weights.
+      CLIP's BPE vocab); the vocabulary size and context length are read off the weights;
+    - a Hugging Face CLIPModel folder (`python checkpoint.py export --format hf`): config.json,
+      model.safetensors and, when there, its CLIPTokenizer files.
 
     image_size: build the model for this resolution (default: the checkpoint's config, else the
     preset's). A checkpoint of another grid of patches gets its positional embedding resized.
     """
-    ckpt = read_checkpoint(path)
-    state_dict = checkpoint_weights(ckpt, path)
-    if "config" in ckpt:  # ours
-        try:
-            config = M.CLIPConfig(**ckpt["config"])
-            model_name = ckpt.get("model", "from the config")
-        except TypeError as e:  # a config field this model.py does not know
-            raise ValueError(f"{path}: config does not fit this model.py ({e})") from None
-        tokenizer = ckpt.get("tokenizer") or tokenizer  # the model was trained with this vocabulary
-    else:
-        if model_name not in M.PRESETS:
-            raise ValueError(f"unknown model {model_name!r}; presets are {', '.join(M.PRESETS)}")
-        rows = {"vocab_size": "text.token_embedding.weight",
-                "context_length": "text.positional_embedding"}
-        config = replace(M.PRESETS[model_name],
-                         **{f: state_dict[k].shape[0] for f, k in rows.items() if k in state_dict})
+    state_dict, config, model_name, tokenizer = weights_and_config(path, model_name, tokenizer)
     if tokenizer is None:
         raise ValueError(f"{path} carries no tokenizer: pass one (e.g. --tokenizer "
                          "bpe_simple_vocab_16e6.txt.gz)")
@@ -256,23 +278,35 @@ def restore_training_state(checkpoint, model, optimizer):
 # ----------------------------------------------------------------------------- writing
 
 
-def save_atomic(obj, path, write=None):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file at `path`.
-    When the write fails (a full disk: torch.save says "unexpected pos ..."), the temporary file
-    is removed, the file at `path` is left as it was, and the error is one line (OSError) naming
-    the folder and the bytes it needs. write(obj, path): torch.save, or another writer."""
+def write_atomic(path, write, needed=0):
+    """write(temporary path), then rename it to `path`: a crash never leaves a half-written file at
+    `path`. When the write fails (a full disk: torch.save says "unexpected pos ..."), the temporary
+    file is removed, the file at `path` is left as it was, and the error is one line (OSError)
+    naming the folder, its free bytes and the `needed` ones."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        (write or torch.save)(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         folder = os.path.dirname(os.path.abspath(path))
-        needed, free = tensor_bytes(obj), shutil.disk_usage(folder).free
+        free = shutil.disk_usage(folder).free
         why = "no space left on device" if free < needed else " ".join(str(e).split())[:200]
-        raise OSError(f"cannot write {path}: {why} ({folder} has {free / 1e6:.0f} MB free; the "
-                      f"checkpoint needs about {needed / 1e6:.0f} MB)") from None
+        raise OSError(f"cannot write {path}: {why} ({folder} has {free / 1e6:.0f} MB free"
+                      + (f"; it needs about {needed / 1e6:.0f} MB)" if needed else ")")) from None
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), tensor_bytes(obj))
+
+
+def write_text_atomic(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomic(path, write, len(text.encode()))
 
 
 def tensor_bytes(obj):
@@ -364,7 +398,7 @@ def open_run_folder(run_dir, resuming, rank):
             take_lock(run_dir)
             # fail now, not after an epoch; the probe is what the other ranks look for
             for folder in (os.path.join(run_dir, "checkpoints"), run_dir):
-                write_text(token, os.path.join(folder, ".write-test"))
+                write_text_atomic(os.path.join(folder, ".write-test"), token)
             os.remove(os.path.join(run_dir, "checkpoints", ".write-test"))
         except (OSError, ValueError) as e:
             error = str(e)
@@ -407,14 +441,9 @@ def write_run_config(run_dir, args, config, world_size, tokenizer=None):
     """args.json: every flag as settled, the model config and the world size; tokenizer.json when
     the run trained its own tokenizer, for other tools."""
     settings = vars(args) | {"config": asdict(config), "world_size": world_size}
-    save_atomic(json.dumps(settings, indent=1), os.path.join(run_dir, "args.json"), write_text)
+    write_text_atomic(os.path.join(run_dir, "args.json"), json.dumps(settings, indent=1))
     if tokenizer is not None:
-        save_atomic(tokenizer.to_json(), os.path.join(run_dir, "tokenizer.json"), write_text)
-
-
-def write_text(text, path):
-    with open(path, "w") as f:
-        f.write(text)
+        write_text_atomic(os.path.join(run_dir, "tokenizer.json"), tokenizer.to_json())
 
 
 def append_metrics(path, record):
@@ -439,3 +468,314 @@ def continue_metrics(path, step):
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- export
+# Files the field's tools load unchanged: OpenCLIP's state dict (open_clip, CLIP_benchmark) and
+# a Hugging Face CLIPModel folder (transformers). docs/reference.md#export has the commands and
+# our features compared with both libraries'.
+
+# OpenCLIP's own model configs that are presets of ours: for these its name is all OpenCLIP needs
+OPENCLIP_BUILTIN = {"ViT-B-16": M.PRESETS["ViT-B-16"],
+                    "ViT-B-16-quickgelu": replace(M.PRESETS["ViT-B-16"], quick_gelu=True),
+                    "ViT-S-16": M.PRESETS["ViT-S-16"]}
+
+
+def to_openclip_state_dict(state_dict):
+    """This model's keys -> OpenCLIP's: the inverse of convert_openclip_state_dict. The tensors are
+    shared, not copied."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.replace("blocks.", "transformer.resblocks.")
+        key = key.replace("attn.in_proj.", "attn.in_proj_")  # nn.MultiheadAttention's names
+        # OpenCLIP keeps the text tower's parameters at the top level
+        out["text_projection" if key == "text.proj" else key.removeprefix("text.")] = value
+    return out
+
+
+def openclip_builtin_name(config):
+    """The name of OpenCLIP's own model config that is `config`, or None."""
+    return next((name for name, c in OPENCLIP_BUILTIN.items() if c == config), None)
+
+
+def openclip_model_config(config, tokenizer_folder=None):
+    """OpenCLIP's model config (the fields of its model_configs/*.json) of a CLIPConfig; OpenCLIP
+    counts the image tower's heads as width / head_width. tokenizer_folder: CLIPTokenizer files for
+    OpenCLIP's HFTokenizer, whose clean-up "lower" is clean_caption's."""
+    c = config
+    vision = {"image_size": c.image_size, "patch_size": c.patch_size, "width": c.vision_width,
+              "layers": c.vision_layers, "head_width": c.vision_width // c.vision_heads,
+              "mlp_ratio": c.mlp_ratio}
+    text = {"context_length": c.context_length, "vocab_size": c.vocab_size, "width": c.text_width,
+            "heads": c.text_heads, "layers": c.text_layers, "mlp_ratio": c.mlp_ratio}
+    if tokenizer_folder is not None:
+        text |= {"hf_tokenizer_name": os.path.abspath(tokenizer_folder),
+                 "tokenizer_kwargs": {"clean": "lower"}}
+    return {"embed_dim": c.embed_dim, "quick_gelu": c.quick_gelu, "vision_cfg": vision,
+            "text_cfg": text}
+
+
+def export_openclip(model, tokenizer, out):
+    """`out` (e.g. out.pt): the state dict in OpenCLIP's keys, which
+    open_clip.create_model_and_transforms(name, pretrained=out) loads strictly. Beside it, for a
+    model OpenCLIP has no config of, STEM.json, its config under the name STEM; for a tokenizer
+    other than CLIP's BPE, STEM-tokenizer/ (CLIPTokenizer files), which STEM.json names. Returns
+    (the paths written, Python lines that load them)."""
+    stem = os.path.splitext(out)[0]
+    name = openclip_builtin_name(model.config)
+    written, usage = [], []
+    tokenizer_folder = None if is_clip_bpe(tokenizer) else stem + "-tokenizer"
+    if tokenizer_folder:
+        write_files(tokenizer_folder, hf_tokenizer_files(tokenizer))
+        written.append(os.path.join(tokenizer_folder, ""))
+    if name is None or tokenizer_folder:  # a config for the name, or one naming the tokenizer
+        name = os.path.basename(stem)
+        config = openclip_model_config(model.config, tokenizer_folder)
+        write_text_atomic(stem + ".json", json.dumps(config, indent=1))
+        written.append(stem + ".json")
+        usage.append(f"open_clip.add_model_config({stem + '.json'!r})")
+    save_atomic(to_openclip_state_dict(model.state_dict()), out)
+    usage.append(f"model, _, preprocess = open_clip.create_model_and_transforms({name!r}, "
+                 f"pretrained={out!r})")
+    usage.append(f"tokenizer = open_clip.get_tokenizer({name!r})  # " + (
+        "OpenCLIP's default: CLIP's BPE" if tokenizer_folder is None else
+        f"HFTokenizer on {tokenizer_folder} (needs transformers)"))
+    return [out, *written], usage
+
+
+# ours -> transformers' CLIPModel, whole dot-separated parts of a key; q, k and v are split from
+# in_proj first, and the projections transposed
+HF_NAMES = {
+    "visual.conv1": "vision_model.embeddings.patch_embedding",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre": "vision_model.pre_layrnorm",  # sic: transformers' spelling
+    "visual.blocks": "vision_model.encoder.layers",
+    "visual.ln_post": "vision_model.post_layernorm",
+    "visual.proj": "visual_projection.weight",
+    "text.token_embedding": "text_model.embeddings.token_embedding",
+    "text.positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "text.blocks": "text_model.encoder.layers",
+    "text.ln_final": "text_model.final_layer_norm",
+    "text.proj": "text_projection.weight",
+    "ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+    "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj", "attn.out_proj": "self_attn.out_proj",
+}
+PROJECTIONS = ("visual.proj", "text.proj")  # x @ proj here; nn.Linear computes x @ weight.T
+
+
+def rename(key, names):
+    """`key` with every whole dot-separated run of parts that is a key of `names` replaced by its
+    value, in one pass (longest first)."""
+    runs = sorted(names, key=len, reverse=True)
+    pattern = "|".join(rf"(?<![^.]){re.escape(run)}(?![^.])" for run in runs)
+    return re.sub(pattern, lambda m: names[m[0]], key)
+
+
+def to_hf_state_dict(state_dict):
+    """This model's keys -> transformers' CLIPModel's: q, k, v split from the stacked in_proj
+    (nn.MultiheadAttention's order), the projections transposed into nn.Linear weights. The tensors
+    are ones safetensors stores: contiguous, none sharing memory with another."""
+    out = {}
+    for key, value in state_dict.items():
+        if ".attn.in_proj." in key:
+            for part, chunk in zip("qkv", value.chunk(3)):  # (3D, ...) -> (D, ...) each
+                out[rename(key.replace("in_proj", f"{part}_proj"), HF_NAMES)] = chunk.clone()
+        else:
+            out[rename(key, HF_NAMES)] = (value.T if key in PROJECTIONS else value).contiguous()
+    return out
+
+
+def from_hf_state_dict(hf_state_dict):
+    """transformers' CLIPModel keys -> this model's: the inverse of to_hf_state_dict. position_ids,
+    a buffer older transformers saved, is dropped."""
+    names = {hf: ours for ours, hf in HF_NAMES.items()}
+    out, qkv = {}, {}
+    for key, value in hf_state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        key = rename(key, names)
+        if m := re.fullmatch(r"(.+\.attn\.)([qkv])_proj\.(weight|bias)", key):
+            qkv.setdefault(f"{m[1]}in_proj.{m[3]}", {})[m[2]] = value
+        else:
+            out[key] = value.T.contiguous() if key in PROJECTIONS else value
+    for key, parts in qkv.items():
+        if len(parts) < 3:
+            raise ValueError(f"{key}: transformers' weights lack {set('qkv') - set(parts)} of q, k "
+                             "and v")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])  # (3D, ...)
+    return out
+
+
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which model.LayerNorm keeps
+
+
+def hf_config(config, tokenizer):
+    """transformers' CLIPConfig (config.json) of a CLIPConfig. transformers pools the text tower at
+    the first eos_token_id (at the ids' argmax only when it is 2, a legacy value); ours pools at the
+    argmax, the end-of-text token, the largest id: the same position with eos_token_id = eot."""
+    c, act = config, "quick_gelu" if config.quick_gelu else "gelu"
+    tower = {"hidden_act": act, "layer_norm_eps": LAYER_NORM_EPS, "projection_dim": c.embed_dim,
+             "attention_dropout": 0.0}
+    pad = tokenizer.hf.get_vocab().get(PAD, tokenizer.eot)  # as hf_tokenizer_files pads
+    text = tower | {
+        "model_type": "clip_text_model", "vocab_size": c.vocab_size, "hidden_size": c.text_width,
+        "intermediate_size": int(c.text_width * c.mlp_ratio), "num_hidden_layers": c.text_layers,
+        "num_attention_heads": c.text_heads, "max_position_embeddings": c.context_length,
+        "bos_token_id": tokenizer.sot, "eos_token_id": tokenizer.eot, "pad_token_id": pad}
+    vision = tower | {
+        "model_type": "clip_vision_model", "hidden_size": c.vision_width,
+        "intermediate_size": int(c.vision_width * c.mlp_ratio),
+        "num_hidden_layers": c.vision_layers, "num_attention_heads": c.vision_heads,
+        "image_size": c.image_size, "patch_size": c.patch_size, "num_channels": 3}
+    return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": c.embed_dim,
+            "text_config": text, "vision_config": vision, "dtype": "float32"}
+
+
+def config_from_hf(hf, path):
+    """The CLIPConfig of a transformers CLIPConfig dict; one-line ValueError for one that model.py
+    does not build."""
+    try:
+        text, vision = hf["text_config"], hf["vision_config"]
+        acts = {text["hidden_act"], vision["hidden_act"]}
+        ratios = {t["intermediate_size"] / t["hidden_size"] for t in (text, vision)}
+        eps = {text["layer_norm_eps"], vision["layer_norm_eps"]}
+        config = M.CLIPConfig(
+            embed_dim=hf["projection_dim"], image_size=vision["image_size"],
+            patch_size=vision["patch_size"], vision_width=vision["hidden_size"],
+            vision_layers=vision["num_hidden_layers"], vision_heads=vision["num_attention_heads"],
+            context_length=text["max_position_embeddings"], vocab_size=text["vocab_size"],
+            text_width=text["hidden_size"], text_layers=text["num_hidden_layers"],
+            text_heads=text["num_attention_heads"], mlp_ratio=max(ratios),
+            quick_gelu="quick_gelu" in acts)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}/config.json is not a CLIPModel's config (no {e})") from None
+    if acts not in ({"gelu"}, {"quick_gelu"}) or len(ratios) > 1 or eps != {LAYER_NORM_EPS}:
+        raise ValueError(f"{path}/config.json is a CLIP model.py does not build: it needs one "
+                         f"activation, gelu or quick_gelu (has {sorted(acts)}), one MLP ratio "
+                         f"(has {sorted(ratios)}) and LayerNorm eps {LAYER_NORM_EPS} (has "
+                         f"{sorted(eps)})")
+    return config
+
+
+def hf_image_processor(image_size):
+    """transformers' CLIPImageProcessor settings of data.eval_transform: the shorter side resized to
+    S (bicubic), an S x S centre crop, [0, 1], OpenAI's mean and std."""
+    return {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True,
+            "do_resize": True, "size": {"shortest_edge": image_size}, "resample": 3,  # PIL bicubic
+            "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(data.OPENAI_MEAN), "image_std": list(data.OPENAI_STD)}
+
+
+def safetensors_torch():
+    """safetensors.torch, which the Hugging Face format needs; an optional package, not in
+    requirements.txt."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError("the Hugging Face format keeps its weights in model.safetensors: pip "
+                          "install safetensors") from None
+    return safetensors.torch
+
+
+def write_files(folder, files):
+    """{name: text} into `folder` (made if need be), each file written whole."""
+    os.makedirs(folder, exist_ok=True)
+    for name, text in files.items():
+        write_text_atomic(os.path.join(folder, name), text)
+
+
+def export_hf(model, tokenizer, out):
+    """The folder `out` that transformers.CLIPModel.from_pretrained loads: model.safetensors (fp32,
+    transformers' keys), the tokenizer as CLIPTokenizer files, preprocessor_config.json (so
+    CLIPProcessor loads too) and, last, config.json. Returns (the paths written, Python lines that
+    load them)."""
+    save_file = safetensors_torch().save_file
+    tensors = to_hf_state_dict(model.state_dict())
+    os.makedirs(out, exist_ok=True)
+    write_atomic(os.path.join(out, "model.safetensors"),
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    files = hf_tokenizer_files(tokenizer) | {
+        "preprocessor_config.json": json.dumps(hf_image_processor(model.config.image_size),
+                                               indent=1),
+        "config.json": json.dumps(hf_config(model.config, tokenizer), indent=1)}
+    write_files(out, files)  # config.json last: a folder without it is no model
+    usage = [f"model = transformers.CLIPModel.from_pretrained({out!r})",
+             f"processor = transformers.CLIPProcessor.from_pretrained({out!r})"]
+    return [f"{os.path.join(out, '')} ({', '.join(['model.safetensors', *files])})"], usage
+
+
+def read_hf_folder(path):
+    """(state dict in this model's keys, CLIPConfig, Tokenizer or None) of a transformers CLIPModel
+    folder: config.json, model.safetensors and, when there, CLIPTokenizer files."""
+    config_path = os.path.join(path, "config.json")
+    weights_path = os.path.join(path, "model.safetensors")
+    for file in (config_path, weights_path):
+        if not os.path.isfile(file):
+            raise ValueError(f"{path} is a folder without {os.path.basename(file)}; expected a "
+                             "checkpoint file or a Hugging Face CLIPModel folder (config.json, "
+                             "model.safetensors)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = config_from_hf(json.load(f), path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{config_path} is not JSON ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not JSON ({e})") from None
+    load_file = safetensors_torch().load_file
+    try:
+        tensors = load_file(weights_path)
+    except Exception as e:  # safetensors' own error: a truncated file, or not one of its files
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise ValueError(f"{weights_path}: safetensors cannot read it ({reason})") from None
+    tokenizer = None
+    if all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
+        tokenizer = load_tokenizer(path, config.context_length)
+    return from_hf_state_dict(tensors), config, tokenizer
+
+
+def check_export_path(out, fmt):
+    """One line for an OUT the format cannot write, before the checkpoint is read."""
+    if fmt == "hf":
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"{out} is a file; --format hf writes a folder")
+        safetensors_torch()
+    elif os.path.isdir(out):
+        raise ValueError(f"{out} is a folder; --format open_clip writes a file (e.g. "
+                         f"{os.path.join(out, 'model.pt')})")
+    elif out.endswith(".json"):
+        raise ValueError(f"{out}: the model config beside the weights is STEM.json; name the "
+                         "weights otherwise (e.g. model.pt)")
+
+
+def main(argv=None):
+    parser = data.OneLineParser(prog="checkpoint.py", description=__doc__.strip().split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("export", help="a checkpoint -> OpenCLIP's state dict or a Hugging "
+                                           "Face CLIPModel folder")
+    p.add_argument("checkpoint", help="train.py checkpoint, OpenCLIP checkpoint or state dict, or "
+                                      "a Hugging Face CLIPModel folder")
+    p.add_argument("out", help="open_clip: the file to write (e.g. out.pt); hf: the folder")
+    p.add_argument("--format", required=True, choices=["open_clip", "hf"],
+                   help="open_clip: for open_clip.create_model_and_transforms and CLIP_benchmark; "
+                        "hf: for transformers.CLIPModel.from_pretrained")
+    p.add_argument("--model", default="ViT-B-16", choices=list(M.PRESETS),
+                   help="preset for state dicts and OpenCLIP checkpoints")
+    p.add_argument("--tokenizer", help="vocabulary for state dicts and OpenCLIP checkpoints "
+                                       "(CLIP's bpe_simple_vocab_16e6.txt.gz or tokenizer.json)")
+    args = parser.parse_args(argv)
+    try:
+        check_export_path(args.out, args.format)
+        model, tokenizer = load_checkpoint(args.checkpoint, args.model, args.tokenizer)
+        export = export_openclip if args.format == "open_clip" else export_hf
+        written, usage = export(model, tokenizer, args.out)
+    except (OSError, ValueError, ImportError) as e:
+        sys.exit(f"checkpoint.py: error: {e}")
+    print(f"checkpoint.py: wrote {', '.join(written)}; in Python:")
+    print("\n".join("    " + line for line in usage))
+
+
+if __name__ == "__main__":
+    main()

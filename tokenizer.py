@@ -8,6 +8,9 @@ Two vocabularies, one layout:
   given), small enough for the `tiny` preset, with the same clean-up, pre-split and `</w>` word
   endings.
 
+Either one is also written and read as Hugging Face's CLIPTokenizer files (vocab.json, merges.txt),
+which transformers and OpenCLIP's HFTokenizer load (checkpoint.py export).
+
 Captions are cleaned as OpenCLIP's default tokenizer cleans them (`clean_caption`) before the BPE
 sees them.
 
@@ -15,6 +18,7 @@ sees them.
     tok(["a photo of a dog."])  # (1, 77) LongTensor; eot is the largest id
     tok = train_tokenizer(captions, vocab_size=1024, context_length=32)
     load_tokenizer(tok.to_json())  # a tokenizer is saved in a checkpoint as its JSON
+    hf_tokenizer_files(tok)  # {"vocab.json": ..., "merges.txt": ..., "tokenizer_config.json": ...}
 """
 
 import gzip
@@ -33,6 +37,7 @@ from tokenizers import Tokenizer as HFTokenizer
 SOT, EOT, PAD = "<|startoftext|>", "<|endoftext|>", "<pad>"
 # OpenAI CLIP reads only the first 48894 merges of its BPE file: 49408 tokens in all
 CLIP_NUM_MERGES = 49152 - 256 - 2
+CLIP_VOCAB_SIZE = 512 + CLIP_NUM_MERGES + 2  # byte tokens, the same with </w>, merges, sot and eot
 # CLIP's pre-split: contractions, runs of letters, single digits, runs of other non-space
 # characters; spaces vanish. Case-insensitive as CLIP's: on lower-cased text that still matters for
 # the long s, "dog'ſ" -> "dog", "'ſ".
@@ -143,6 +148,53 @@ def clip_bpe_merges(path):
     return [tuple(line.split()) for line in lines[1:CLIP_NUM_MERGES + 1] if line.strip()]
 
 
+def is_clip_bpe(tok):
+    """Whether `tok` is CLIP's own BPE (bpe_simple_vocab_16e6), whose ids OpenCLIP's default
+    tokenizer gives: CLIP's layout (no pad token) and its 49,408 ids."""
+    return PAD not in tok.hf.get_vocab() and tok.vocab_size == CLIP_VOCAB_SIZE
+
+
+def hf_tokenizer_files(tok):
+    """{file name: text} of Hugging Face's CLIPTokenizer format for `tok`: vocab.json, merges.txt
+    and tokenizer_config.json (the special tokens and the context). transformers' CLIPTokenizer
+    builds from them the same pre-split, bytes and `</w>`, so its ids are ours on a cleaned
+    caption (its own clean-up is NFC, whitespace and lower case, without ftfy or HTML
+    unescaping); OpenCLIP's HFTokenizer(folder, clean="lower") cleans as clean_caption first.
+    CLIP's BPE pads with eot there, as transformers' CLIP tokenizers do; the text tower is causal,
+    so what follows eot is never read."""
+    bpe = json.loads(tok.to_json())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]  # by version
+    config = {"tokenizer_class": "CLIPTokenizer", "bos_token": SOT, "eos_token": EOT,
+              "unk_token": EOT, "pad_token": PAD if PAD in bpe["vocab"] else EOT,
+              "model_max_length": tok.context_length}
+    return {"vocab.json": json.dumps(bpe["vocab"], ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(m + "\n" for m in merges),
+            "tokenizer_config.json": json.dumps(config, indent=1)}
+
+
+def read_hf_tokenizer(folder, context_length=None):
+    """A Tokenizer from CLIPTokenizer files (vocab.json, merges.txt: hf_tokenizer_files', or those
+    published with CLIP models on the Hugging Face Hub). The ids are rebuilt from the merges in
+    CLIP's layout and must be vocab.json's. context_length: default tokenizer_config.json's
+    model_max_length, else 77."""
+    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    lines = read_text(os.path.join(folder, "merges.txt")).split("\n")
+    lines = lines[1:] if lines[0].startswith("#version") else lines  # the header line
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    hf = bpe_tokenizer(merges, pad=PAD in vocab)
+    if hf.get_vocab() != vocab:
+        raise ValueError(f"{folder}: vocab.json is not the vocabulary its merges.txt gives in "
+                         "CLIP's layout (byte tokens, the same with </w>, merges, sot, eot)")
+    config_path, max_length = os.path.join(folder, "tokenizer_config.json"), None
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            max_length = json.load(f).get("model_max_length")
+    if not isinstance(max_length, int) or max_length >= 10**6:  # transformers' int(1e30): no limit
+        max_length = 77
+    return Tokenizer(hf, context_length or max_length)
+
+
 def train_tokenizer(captions, vocab_size=1024, context_length=77):
     """A BPE tokenizer learnt from captions (clean_caption, CLIP's pre-split, bytes, `</w>`), laid
     out like CLIP's: pad = 0, the 512 byte characters, up to vocab_size - 515 merges, then sot =
@@ -166,9 +218,10 @@ def train_tokenizer(captions, vocab_size=1024, context_length=77):
 
 def load_tokenizer(spec, context_length=None):
     """A Tokenizer from: a CLIP BPE file (`bpe_simple_vocab_16e6.txt.gz`, ids as OpenCLIP's), a
-    `tokenizer.json` or its text (`Tokenizer.to_json()`), or a captions file / folder of .txt files
-    to train one on (one caption per line). context_length: default 77, or the one stored in a
-    tokenizer.json."""
+    `tokenizer.json` or its text (`Tokenizer.to_json()`), a folder of CLIPTokenizer files
+    (vocab.json + merges.txt), or a captions file / folder of .txt files to train one on (one
+    caption per line). context_length: default 77, or the one stored in a tokenizer.json or
+    tokenizer_config.json."""
     if isinstance(spec, Tokenizer):
         spec = spec.to_json()
     spec = str(spec)
@@ -178,6 +231,8 @@ def load_tokenizer(spec, context_length=None):
         raise FileNotFoundError(f"tokenizer {spec}: no such file or directory")
     if os.path.isfile(spec) and spec.endswith(".json"):
         return Tokenizer(HFTokenizer.from_file(spec), context_length)
+    if all(os.path.isfile(os.path.join(spec, f)) for f in ("vocab.json", "merges.txt")):
+        return read_hf_tokenizer(spec, context_length)
     files = [spec] if os.path.isfile(spec) else sorted(
         os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs if f.endswith(".txt"))
     texts = [read_text(path) for path in files]

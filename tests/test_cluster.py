@@ -350,7 +350,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_nothing_half_made(tmp_
         ckpt.save_checkpoint(state | {"epoch": 2}, str(tmp_path), 2)
     message = str(e.value)
     assert "no space left on device" in message and str(tmp_path) in message
-    assert "needs about" in message and "\n" not in message
+    assert "it needs about" in message and "\n" not in message
     assert sorted(os.listdir(tmp_path)) == ["epoch_1.pt", "epoch_latest.pt"]  # no .tmp left
     assert (tmp_path / "epoch_latest.pt").read_bytes() == before
 
