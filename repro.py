@@ -197,11 +197,14 @@ def pretrain(args, run_dir, common, flags, env):
                                             "--train-num-samples", SAMPLES], env)
 
 
-def run_one(args, data_flags, env, method, mask, ratio, seed):
-    """(masked, unmasked, tuned) zero-shot top-1 of one pre-training run and its unmasked tuning."""
-    run_dir = os.path.join(args.log_dir, f"{args.dataset}-{method}-{ratio:g}-s{seed}")
+def run_one(args, data_flags, env, method, mask, ratio, seed, sigma=0.2):
+    """(masked, unmasked, tuned) zero-shot top-1 of one pre-training run and its unmasked tuning;
+    sigma: Gaussian masking's (the paper's 0.2 keeps the run folder's name of before)."""
+    name = f"{args.dataset}-{method}-{ratio:g}" + (f"-sigma{sigma:g}" if sigma != 0.2 else "")
+    run_dir = os.path.join(args.log_dir, f"{name}-s{seed}")
     common = common_flags(args, data_flags, seed)
-    pre = pretrain(args, run_dir, common, ["--mask", mask, "--ratio", ratio], env)
+    pre = pretrain(args, run_dir, common, ["--mask", mask, "--ratio", ratio, "--sigma", sigma],
+                   env)
     if mask == "none":
         result = None, pre["zeroshot_top1"], None
     else:
@@ -289,6 +292,8 @@ def main(argv=None):
     p.add_argument("--reclip", action="store_true", help="RECLIP at 48, 32, 24 px beside FLIP and "
                    "GDM-FLIP at the same patch budgets (43.75%%, 75%%, 85.9%% masking) instead of "
                    "--ratios")
+    p.add_argument("--sigmas", type=float, nargs="+", help="GDM-FLIP at each of these sigmas (the "
+                   "sweep of docs/results.md#sigma) beside FLIP at --ratios, no CLIP row")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each with cores/jobs threads")
     p.add_argument("--log-dir", default="logs/repro", help="where the runs go")
@@ -317,16 +322,23 @@ def main(argv=None):
             for row in [(f"RECLIP {size} px", "reclip", "none", size)] + [
                 (f"{label} {budget_ratio(size):.2%}", method, mask, budget_ratio(size))
                 for label, method, mask in masked]]
+    elif args.sigmas:  # per ratio: FLIP, then GDM-FLIP at each sigma
+        runs = [row for ratio in args.ratios for row in [(f"FLIP {ratio:.1%}", "flip", "random",
+                                                          ratio, 0.2)] + [
+            (f"GDM-FLIP {ratio:.1%} sigma {s:g}", "gdmflip", "gaussian", ratio, s)
+            for s in args.sigmas]]
     else:
         runs = [("CLIP", "clip", "none", 0.0)] + [(f"{label} {ratio:.0%}", method, mask, ratio)
                                                   for ratio in args.ratios
                                                   for label, method, mask in masked]
+    runs = [run if len(run) == 5 else (*run, 0.2) for run in runs]  # (label, ..., value, sigma)
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {label: [pool.submit(run_reclip, args, data_flags, test_dir, env, value, s)
                            if method == "reclip"
-                           else pool.submit(run_one, args, data_flags, env, method, mask, value, s)
+                           else pool.submit(run_one, args, data_flags, env, method, mask, value, s,
+                                            sigma)
                            for s in args.seeds]
-                   for label, method, mask, value in runs}
+                   for label, method, mask, value, sigma in runs}
         rows = {label: [f.result() for f in fs] for label, fs in futures.items()}
     result = (f"zero-shot top-1 (%) on the {args.dataset} test split, seeds {args.seeds}, "
               f"{args.epochs} epochs of {SAMPLES} samples, {(time.time() - t0) / 60:.0f} min:\n\n"
@@ -338,7 +350,8 @@ def main(argv=None):
         result += ("\nshare of the subject's area kept, GDM-FLIP against FLIP: "
                    + ", ".join(kept) + "\n")
     print("\n" + result)
-    table_file = f"{args.dataset}{'-reclip' if args.reclip else ''}-table.md"
+    kind = "-reclip" if args.reclip else "-sigmas" if args.sigmas else ""
+    table_file = f"{args.dataset}{kind}-table.md"
     with open(os.path.join(args.log_dir, table_file), "w") as f:
         f.write(result)
 
