@@ -64,8 +64,11 @@ def parse_args(argv=None):
     a("--mask", default="none", choices=["none", *masking.MODES],
       help="none = CLIP, random = FLIP, gaussian = GDM-FLIP")
     a("--ratio", type=FRACTION, default=0.5, help="fraction of the patches --mask drops")
-    a("--sigma", type=POSITIVE, default=0.2, help="Gaussian masking's sigma: a variance, as in the "
-      "paper's code")
+    a("--sigma", type=data.checked(sigma, lambda v: v == "auto" or v > 0, "> 0 or auto"),
+      default=0.2,
+      help="Gaussian masking's sigma: a variance, as in the paper's code; auto: the paper's 0.2 "
+      "unless it leaves patches kept under 1%% of the time, else the smallest sigma that does not "
+      "(masking.auto_sigma)")
     a("--text-length", type=COUNT, help="text tokens per caption in training (FLIP's text masking; "
       "default: the whole context); evaluation reads the whole caption")
     a("--text-mask", default="truncate", choices=masking.TEXT_MODES, help="which tokens "
@@ -137,6 +140,10 @@ def parse_args(argv=None):
     return args
 
 
+def sigma(text):
+    return text if text == "auto" else float(text)
+
+
 def settle_defaults(args):
     """Every default that depends on the data or the machine, in one place: args.json records the
     values the run used."""
@@ -148,6 +155,11 @@ def settle_defaults(args):
         args.train_num_samples = args.builtin_samples
     if args.mask == "none":
         args.ratio = 0.0  # CLIP: every patch
+    args.sigma_auto = args.sigma == "auto"
+    if args.sigma_auto:  # from the ratio and the patch grid the run trains on
+        cfg = M.PRESETS[args.model]
+        grid = (args.image_size or cfg.image_size) // cfg.patch_size
+        args.sigma = masking.auto_sigma(grid, args.ratio) if args.ratio else 0.2
     on_gpu = torch.cuda.is_available()
     args.precision = args.precision or ("bf16" if on_gpu else "fp32")
     args.compile = on_gpu if args.compile is None else args.compile
@@ -485,7 +497,8 @@ def main(argv=None):
     kept, text = M.encoded_tokens(cfg, args.ratio, args.text_length)
     params = sum(p.numel() for p in orig_model.parameters())
     say(f"run {run_dir}: {args.model} ({params / 1e6:.2f}M parameters), mask {args.mask}, ratio "
-        f"{args.ratio:g}, sigma {args.sigma:g}: {kept} of {cfg.grid_size ** 2} patches encoded, "
+        f"{args.ratio:g}, sigma {args.sigma:g}{' (auto)' * args.sigma_auto}: {kept} of "
+        f"{cfg.grid_size ** 2} patches encoded, "
         f"{text} of {cfg.context_length} text tokens"
         + (f" ({args.text_mask})" if text < cfg.context_length else ""))
     say(f"global batch {args.batch_size} x {args.accum_freq} accum x {world_size} ranks = "

@@ -4,6 +4,7 @@ metrics.jsonl logs.
 
     python visualize.py  # -> docs/sigma_comparison.png, the figure in the README
     python visualize.py --out fig.pdf --sigma 0.1 0.2 0.8 --ratio 0.5 --image my_photo.jpg
+    python visualize.py coverage --table  # -> docs/sigma_coverage.png: patches kept < 1%, by sigma
     python visualize.py curves logs/flip/metrics.jsonl logs/gdm-flip/metrics.jsonl --out curves.png
     python visualize.py compute logs/repro/centered-{reclip-32px,gdmflip-0.75}-s0-tuned
 
@@ -246,10 +247,73 @@ def compute_curves(run_dirs):
     return fig
 
 
+# ----------------------------------------------------------------- coverage against sigma
+
+COVERAGE_RATIOS = (0.5, 0.75, 0.918)  # the paper's ratios
+COVERAGE_SIGMAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+
+def coverage_table(grids=(14, 8), ratios=COVERAGE_RATIOS, sigmas=COVERAGE_SIGMAS, samples=4000,
+                   seed=0):
+    """Markdown rows: per grid and ratio, for each sigma the share of patches kept less than 1% of
+    the time and the smallest keep probability (masking.coverage), then the share measured over
+    `samples` draws of keep_indices."""
+    lines = ["| grid, ratio (kept) | " + " | ".join(f"sigma {s:g}" for s in sigmas) + " |",
+             "|---|" + "---|" * len(sigmas)]
+    for grid in grids:
+        for ratio in ratios:
+            cells = []
+            for sigma in sigmas:
+                share, least = masking.coverage(grid, ratio, sigma)
+                drawn = (keep_rate_map(grid, ratio, "gaussian", sigma, samples, seed) < 0.01)
+                cells.append(f"{share:.0%} / {least:.3f} ({drawn.double().mean().item():.0%})")
+            kept = masking.num_kept(grid, ratio)
+            lines.append(f"| {grid} x {grid}, {ratio:.1%} ({kept}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def coverage_figure(grids=(14, 8), ratios=COVERAGE_RATIOS):
+    """Against sigma, a column per grid: the share of the patches kept less than 1% of the time
+    (top) and the smallest keep probability (bottom), a curve per ratio, `--sigma auto`'s choice
+    dotted."""
+    sigmas = np.geomspace(0.03, 3, 60)
+    fig, axes = plt.subplots(2, len(grids), figsize=(5.2 * len(grids), 6.4), squeeze=False,
+                             sharex=True)
+    for col, grid in enumerate(grids):
+        for i, ratio in enumerate(ratios):
+            share, least = zip(*[masking.coverage(grid, ratio, s) for s in sigmas])
+            label = f"{ratio:.1%} masking ({masking.num_kept(grid, ratio)} kept)"
+            axes[0, col].plot(sigmas, share, color=f"C{i}", label=label)
+            axes[1, col].plot(sigmas, np.maximum(least, 1e-4), color=f"C{i}")
+            for ax in axes[:, col]:
+                ax.axvline(masking.auto_sigma(grid, ratio), color=f"C{i}", linestyle=":")
+        for ax in axes[:, col]:
+            ax.axvline(0.2, color="grey", linestyle="--", linewidth=1)
+            ax.grid(alpha=0.3)
+        axes[0, col].set(title=f"{grid} x {grid} patches", ylabel="share of patches kept < 1%",
+                         ylim=(-0.02, 1))
+        axes[0, col].legend(fontsize=8)
+        axes[1, col].axhline(0.01, color="black", linewidth=0.8)
+        axes[1, col].set(xscale="log", yscale="log", xlabel="sigma (a variance)",
+                         ylabel="smallest keep probability (floor 1e-4)")
+    fig.suptitle("Gaussian masking's coverage of the patch grid (dashed: the paper's sigma 0.2; "
+                 "dotted: --sigma auto)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- command line
 
 
 def parse_args(argv):
+    if argv and argv[0] == "coverage":
+        p = data.OneLineParser(prog="visualize.py coverage", description=coverage_figure.__doc__)
+        p.add_argument("--out", default="docs/sigma_coverage.png",
+                       help="output file; .png, .pdf or .svg, from the name")
+        p.add_argument("--table", action="store_true", help="also print the coverage table")
+        args = p.parse_args(argv[1:])
+        args.coverage = True
+        return args
     if argv and argv[0] == "compute":
         p = data.OneLineParser(prog="visualize.py compute", description=compute_curves.__doc__)
         p.add_argument("runs", nargs="+", help="train.py run folders (args.json and metrics.jsonl)")
@@ -287,7 +351,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        if hasattr(args, "runs"):
+        if hasattr(args, "coverage"):
+            fig = coverage_figure()
+            if args.table:
+                print(coverage_table())
+        elif hasattr(args, "runs"):
             fig = compute_curves(args.runs)
         elif hasattr(args, "logs"):
             fig = training_curves(args.logs)

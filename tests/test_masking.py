@@ -209,3 +209,25 @@ def test_text_masks_usable_inside_a_compiled_function(mode):
     assert ((out == VOCAB - 1).sum(1) == 1).all()
     if mode == "truncate":
         assert torch.equal(out, kept_tokens(tokens))
+
+
+def test_coverage_counts_the_patches_gaussian_masking_hardly_ever_keeps():
+    # 91.8% of ViT-B/16's 14 x 14 grid keeps 16 patches; at the paper's sigma 0.2 most border
+    # patches are kept less than 1% of the time, measured over draws as by the formula
+    share, least = masking.coverage(14, 0.918, 0.2)
+    g = torch.Generator().manual_seed(0)
+    keep = masking.keep_indices(4000, 14, 0.918, "gaussian", 0.2, generator=g)
+    drawn = torch.bincount(keep.flatten(), minlength=196).double() / 4000
+    assert 0.55 < share < 0.75 and least < 1e-3
+    assert abs((drawn < 0.01).double().mean().item() - share) < 0.06
+    assert masking.coverage(14, 0.5, 0.2) == (0.0, pytest.approx(0.298, abs=0.01))
+    assert masking.coverage(14, 0.918, 0.8)[0] == 0.0  # a flatter Gaussian reaches every patch
+
+
+def test_auto_sigma_keeps_the_papers_sigma_until_patches_go_untrained():
+    for grid in (14, 8):
+        assert masking.auto_sigma(grid, 0.5) == masking.auto_sigma(grid, 0.75) == 0.2
+        sigma = masking.auto_sigma(grid, 0.918)
+        assert 0.6 < sigma < 1.0
+        assert masking.coverage(grid, 0.918, sigma)[1] >= 0.01  # every patch kept >= 1%
+        assert masking.coverage(grid, 0.918, 0.95 * sigma)[1] < 0.01  # and no flatter than that

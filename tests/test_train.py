@@ -173,6 +173,15 @@ def test_a_run_times_its_windows_from_the_second_step(shards, tmp_path):
     assert second["samples_per_s"] > 0 and 0 <= second["data_wait"] <= 1
 
 
+def test_sigma_auto_is_settled_from_the_ratio_and_the_grid():
+    high = train.parse_args(["--mask", "gaussian", "--ratio", "0.918", "--sigma", "auto"])
+    assert high.sigma == masking.auto_sigma(8, 0.918) and high.sigma_auto  # tiny: 8 x 8
+    assert train.parse_args(["--mask", "gaussian", "--sigma", "auto"]).sigma == 0.2  # 50%
+    big = train.parse_args(["--mask", "gaussian", "--ratio", "0.918", "--sigma", "auto",
+                            "--image-size", "112"])
+    assert big.sigma == masking.auto_sigma(14, 0.918)  # 112 px in 8 px patches
+
+
 def test_sync_debug_needs_cuda_and_raises_only_inside_its_block(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--sync-debug", "--log-dir", str(tmp_path / "logs")])
@@ -451,7 +460,7 @@ def test_which_checkpoints_are_kept(flags, kept, shards, tmp_path):
 
 @pytest.mark.parametrize("args,words", [
     (["--mask", "gaussian", "--ratio", "1.5"], "--ratio must be in [0, 1)"),
-    (["--mask", "gaussian", "--sigma", "0"], "--sigma must be > 0"),
+    (["--mask", "gaussian", "--sigma", "0"], "--sigma must be > 0 or auto"),
     (["--mask", "centre"], "--mask"),
     (["--text-length", "1"], "--text-length must be in [2, 32]"),
     (["--text-length", "33"], "--text-length must be in [2, 32]"),

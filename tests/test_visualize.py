@@ -213,3 +213,13 @@ def test_compute_counts_the_text_tokens_a_run_encodes():
     shorter = visualize.flops_per_step(args | {"text_length": 8})  # train.py --text-length 8
     assert (shorter == 3 * M.flops_per_sample(M.PRESETS["tiny"], 16, 8) * 32
             and shorter < visualize.flops_per_step(args))
+
+
+def test_coverage_figure_and_table(tmp_path, capsys):
+    out = tmp_path / "coverage.png"
+    visualize.main(["coverage", "--out", str(out), "--table"])
+    assert out.read_bytes().startswith(b"\x89PNG")
+    table = capsys.readouterr().out
+    assert "| 14 x 14, 91.8% (16) |" in table and "| 8 x 8, 91.8% (5) |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| 14 x 14, 91.8%"))
+    assert row.split(" | ")[3].startswith("65% / 0.000")  # sigma 0.2: 65% of patches under 1%
