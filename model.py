@@ -61,10 +61,15 @@ class CLIPConfig:
         return self.image_size // self.patch_size
 
 
-# ViT-B-16 and ViT-S-16 are OpenCLIP's model configs; ViT-Ti-16 (DeiT-Ti's image tower) and `tiny`
-# (tests, CPU demo) are ours. OpenAI's original weights need quick_gelu=True.
+# ViT-B-16, ViT-L-16, ViT-H-14 and ViT-S-16 are OpenCLIP's model configs (its image heads: width /
+# head_width, 64 unless the config says 80 as ViT-H-14's); ViT-Ti-16 (DeiT-Ti's image tower) and
+# `tiny` (tests, CPU demo) are ours. OpenAI's original weights need quick_gelu=True.
 PRESETS = {
     "ViT-B-16": CLIPConfig(),
+    "ViT-L-16": CLIPConfig(embed_dim=768, vision_width=1024, vision_layers=24, vision_heads=16,
+                           text_width=768, text_heads=12),
+    "ViT-H-14": CLIPConfig(embed_dim=1024, patch_size=14, vision_width=1280, vision_layers=32,
+                           vision_heads=16, text_width=1024, text_layers=24, text_heads=16),
     "ViT-S-16": CLIPConfig(embed_dim=384, vision_width=384, vision_heads=6, text_width=384,
                            text_heads=6),
     "ViT-Ti-16": CLIPConfig(embed_dim=256, vision_width=192, vision_heads=3, text_width=256,
@@ -435,7 +440,8 @@ def compile_blocks(model, dynamic=False):
 
 if __name__ == "__main__":
     for name in PRESETS:
-        model = create_model(name)
+        with torch.device("meta"):  # shapes only: ViT-H-14's 986M parameters are never allocated
+            model = create_model(name)
         n_vis = sum(p.numel() for p in model.visual.parameters())
         n_all = sum(p.numel() for p in model.parameters())
         print(f"{name:10s} {n_all / 1e6:7.2f}M parameters ({n_vis / 1e6:.2f}M image tower), "

@@ -36,6 +36,24 @@ def test_vit_b16_has_openclip_shapes():
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
 
 
+@pytest.mark.parametrize("name, params, vision_params, positions, heads, text", [
+    # counted in open_clip_torch 3.3.0's create_model(name) (2026-12-01): the whole model, its
+    # image tower; ViT-H-14 has 14 px patches (a 16 x 16 grid at 224 px) and 80-wide image heads
+    ("ViT-L-16", 427_739_393, 304_089_088, (197, 1024), 16, (768, 12, 12)),
+    ("ViT-H-14", 986_109_441, 632_076_800, (257, 1280), 16, (1024, 16, 24)),
+])
+def test_large_presets_have_openclip_shapes(name, params, vision_params, positions, heads, text):
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+        model = M.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert sum(p.numel() for p in model.visual.parameters()) == vision_params
+    assert model.visual.positional_embedding.shape == positions
+    assert model.visual.blocks[0].attn.heads == heads
+    width, text_heads, layers = text
+    assert (model.text.blocks[0].attn.heads, len(model.text.blocks)) == (text_heads, layers)
+    assert model.text.proj.shape == (width, model.config.embed_dim)
+
+
 def test_vit_b16_masked_forward_and_backward_on_cpu():
     model = M.create_model("ViT-B-16")
     images, tokens = batch(model, 2)
