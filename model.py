@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import masking
 
@@ -161,6 +162,7 @@ class VisionTransformer(nn.Module):
                                     for _ in range(cfg.vision_layers))
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+        self.grad_checkpointing = False  # CLIP.set_grad_checkpointing
 
     def forward(self, images, keep=None):
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D): N = G*G patches, row-major
@@ -172,8 +174,7 @@ class VisionTransformer(nn.Module):
         cls = (self.class_embedding + self.positional_embedding[0]).to(x.dtype)  # (D,): always kept
         cls = cls.expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = self.ln_pre(torch.cat([cls, x], dim=1))  # (B, 1+K, D)
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.ln_post(x[:, 0]) @ self.proj  # class token -> (B, embed_dim)
 
 
@@ -191,6 +192,7 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.proj, std=width ** -0.5)
         init_text_blocks(self.blocks, width, cfg.text_layers)
+        self.grad_checkpointing = False
 
     def forward(self, tokens, positions=None):
         """tokens: (B, L) ids; positions: (B, L) where in the caption each one was
@@ -201,8 +203,7 @@ class TextTransformer(nn.Module):
         pos = pe[: tokens.shape[1]] if positions is None else pe[positions]
         x = self.token_embedding(tokens) + pos  # (B, L, D): a kept token remembers where it stood
         # causal over the kept tokens in order, so the end-of-text one sees all before it
-        for block in self.blocks:
-            x = block(x, causal=True)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing, causal=True)
         x = self.ln_final(x)
         # pool at the end-of-text token, the largest id in the vocabulary (CLIP's convention)
         eot = tokens.argmax(dim=-1)  # (B,)
@@ -228,10 +229,29 @@ class CLIP(nn.Module):
         the ids stood in the caption (kept by masking.text_keep_indices), None for 0..L-1."""
         return self.text(tokens, positions)
 
+    def set_grad_checkpointing(self, enable=True):
+        """Activation checkpointing of every Transformer block (OpenCLIP's method and
+        --grad-checkpointing): a training forward keeps each block's input only, and backward runs
+        the block's forward again for the rest. Less activation memory (docs/speed.md) for one more
+        forward of the blocks; the same loss and gradients."""
+        self.visual.grad_checkpointing = self.text.grad_checkpointing = enable
+
     def forward(self, images, tokens, keep=None, positions=None):
         image_features = F.normalize(self.encode_image(images, keep), dim=-1)
         text_features = F.normalize(self.encode_text(tokens, positions), dim=-1)
         return image_features, text_features, self.logit_scale.exp()
+
+
+def run_blocks(blocks, x, grad_checkpointing, causal=False):
+    """x (B, T, D) through the blocks in turn. Checkpointed (in training only: without gradients
+    there is nothing to keep), a block's forward saves nothing for backward but its input: the
+    non-reentrant checkpoint, which composes with compiled blocks, DDP and torch.autograd.grad."""
+    for block in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, causal, use_reentrant=False)
+        else:
+            x = block(x, causal)
+    return x
 
 
 def init_text_blocks(blocks, width, layers):

@@ -99,6 +99,8 @@ def parse_args(argv=None):
     a("--precision", choices=["bf16", "fp32"], help="bf16 autocast (GPU default) or fp32 (CPU)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each Transformer "
       "block (default: on GPU)")
+    a("--grad-checkpointing", action="store_true", help="recompute each Transformer block's "
+      "activations in backward instead of keeping them: less memory, one more forward")
     a("--sync-debug", action="store_true", help="CUDA: raise at any host-device sync inside a "
       "training step (torch.cuda.set_sync_debug_mode); the log window's one sync is outside")
     a("--seed", type=int, default=0, help="seed of the weights, data order, crops and masks")
@@ -427,6 +429,7 @@ def main(argv=None):
 
     # the optimizer, or the whole state of a --resume checkpoint
     orig_model.to(device)
+    orig_model.set_grad_checkpointing(args.grad_checkpointing)
     betas = (args.beta1, args.beta2)
     optimizer = M.configure_optimizer(orig_model, args.lr, args.wd, betas, args.eps)
     start_epoch, step, elapsed = 0, 0, 0.0
@@ -457,7 +460,8 @@ def main(argv=None):
     say(f"global batch {args.batch_size} x {args.accum_freq} accum x {world_size} ranks = "
         f"{global_batch}; {per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps; "
         f"warmup {args.warmup} steps; {flops / 1e9:.2f} GFLOPs per sample per step; {device}, "
-        f"{args.precision}, compile {args.compile}, {args.workers} workers")
+        f"{args.precision}, compile {args.compile}, {args.workers} workers"
+        + (", blocks checkpointed" if args.grad_checkpointing else ""))
     if master:
         trained_here = not (args.tokenizer or checkpoint or args.pretrained)
         ckpt.write_run_config(run_dir, args, cfg, world_size, tokenizer if trained_here else None)

@@ -193,6 +193,48 @@ def test_blocks_compiled_in_place_give_the_eager_features_and_keep_their_names()
             assert torch.allclose(eager, reference.encode_image(images[:3]), atol=1e-5)
 
 
+def loss_grads_and_saved_bytes(model, images, tokens, keep, positions):
+    """(loss, flat gradient, bytes of activations autograd saves for backward) of one training
+    forward and backward; each storage counted once, the parameters' not at all. A checkpointed
+    block's tensors go to the checkpoint's own hooks (innermost wins), so they are not counted."""
+    params, saved = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = M.clip_loss(*model(images, tokens, keep, positions))
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return loss.detach(), grads, sum(n for ptr, n in saved.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_grad_checkpointing_keeps_loss_and_gradients_and_saves_less(compiled):
+    images, tokens = batch(tiny(), 4)
+    keep = masking.keep_indices(4, 8, 0.5, "gaussian", generator=torch.Generator().manual_seed(0))
+    positions = masking.text_keep_indices(tokens, 16, "prioritized")
+    tokens = tokens.gather(1, positions)
+    plain, checkpointed = tiny().train(), tiny().train()
+    checkpointed.set_grad_checkpointing(True)
+    if compiled:  # the blocks compiled in place, as train.py --compile: checkpointed all the same
+        M.compile_blocks(checkpointed)
+    loss, grads, saved = loss_grads_and_saved_bytes(plain, images, tokens, keep, positions)
+    loss_c, grads_c, saved_c = loss_grads_and_saved_bytes(checkpointed, images, tokens, keep,
+                                                          positions)
+    tolerance = 1e-5 if compiled else 1e-6  # compiled kernels round differently; eager recomputes
+    torch.testing.assert_close(loss_c, loss, rtol=0, atol=tolerance)
+    torch.testing.assert_close(grads_c, grads, rtol=0, atol=tolerance)
+    # the 8 blocks' activations are recomputed in backward, not saved: what is left is the patch
+    # embedding, ln_pre, ln_post, the projections and the loss
+    assert saved_c < saved / 4, (saved_c, saved)
+    with torch.no_grad():  # no gradients, nothing to recompute: the same features either way
+        for a, b in zip(checkpointed(images, tokens, keep, positions),
+                        plain(images, tokens, keep, positions)):
+            torch.testing.assert_close(a, b, rtol=0, atol=tolerance)
+
+
 def test_the_image_towers_residual_stream_is_in_the_activation_dtype():
     # under bf16 autocast the patch embedding is bf16; the positions and the class token are cast to
     # it, as OpenCLIP does, so the blocks carry bf16, not an fp32 stream promoted by a parameter

@@ -251,6 +251,24 @@ def test_the_crop_scale_and_resampling_flags_reach_the_loader(shards, tmp_path, 
     assert seen == {"scale": (0.5, 1.0), "resampled": True}
 
 
+def test_grad_checkpointing_checkpoints_every_block_of_a_training_step(shards, tmp_path,
+                                                                       monkeypatch):
+    calls = []
+
+    def counted(*args, **kwargs):  # torch.utils.checkpoint.checkpoint, as model.run_blocks calls it
+        calls.append(args[0])
+        return checkpoint(*args, **kwargs)
+
+    checkpoint = M.checkpoint
+    monkeypatch.setattr(M, "checkpoint", counted)
+    train.main(start_args(shards, tmp_path, "--mask", "gaussian", "--grad-checkpointing", "--name",
+                          "checkpointed"))
+    # 2 steps (32 samples, batch 16) x the 4 + 4 blocks of tiny; the loss and gradients are those
+    # of the blocks run plainly (tests/test_model.py)
+    assert len(calls) == 2 * 8 and len(set(map(id, calls))) == 8
+    assert [r["step"] for r in read_metrics(tmp_path / "checkpointed") if "loss" in r] == [2]
+
+
 def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
     run_train("--train-data", str(shards / "corrupt-0.tar"), "--train-num-samples", "32",
               "--epochs", "1", "--mask", "random", "--log-dir", tmp_path, "--name", "corrupt")
