@@ -348,6 +348,40 @@ def gather_features(features):
     return torch.cat(gathered)
 
 
+class GatherWithGrad(torch.autograd.Function):
+    """gather_features whose backward also reaches the other ranks: the gradient that every rank's
+    loss sends to this rank's rows is summed here (a reduce-scatter). What a loss over each rank's
+    own rows needs (local_clip_loss), where no rank computes the whole loss."""
+
+    @staticmethod
+    def forward(ctx, features):  # (B, E) -> (W*B, E), rank by rank
+        gathered = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, features.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):  # (W*B, E) on every rank -> the sum of their rows of this rank, (B, E)
+        shares = list(grad.contiguous().chunk(dist.get_world_size()))
+        own = torch.empty_like(shares[0])
+        dist.reduce_scatter(own, shares)
+        return own
+
+
+def local_clip_loss(image_features, text_features, logit_scale):
+    """This rank's share of clip_loss over the global batch (OpenCLIP's --local-loss with
+    --gather-with-grad): its B images against all W*B texts and its B texts against all W*B images,
+    so the logits are two (B, W*B) matrices instead of (W*B, W*B). The mean of the W shares is the
+    global loss; the gather carries gradients back to the rank whose features they are, so the
+    ranks' gradients, averaged, are the global loss's."""
+    rank, world = rank_and_world()
+    gather = GatherWithGrad.apply if world > 1 else (lambda features: features)
+    all_images, all_texts = gather(image_features), gather(text_features)  # (W*B, E) each
+    B = image_features.shape[0]
+    labels = torch.arange(rank * B, (rank + 1) * B, device=image_features.device)  # where mine are
+    return (F.cross_entropy(logit_scale * image_features @ all_texts.T, labels)
+            + F.cross_entropy(logit_scale * text_features @ all_images.T, labels)) / 2
+
+
 # ----------------------------------------------------------------------------- optimisation
 
 

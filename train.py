@@ -88,6 +88,9 @@ def parse_args(argv=None):
     # optimisation
     a("--batch-size", type=COUNT, help="per-GPU batch (default: 128 on built-in data, else 64)")
     a("--accum-freq", type=COUNT, default=1, help="micro-batches per step (the full-batch loss)")
+    a("--local-loss", action="store_true", help="each rank computes the loss of its own images and "
+      "texts against all: logits / ranks, the same gradients (OpenCLIP's flag, with its "
+      "--gather-with-grad)")
     a("--epochs", type=COUNT, help="epochs (default: 4 on built-in data, else 32 as OpenCLIP)")
     a("--lr", type=NON_NEGATIVE, help="peak learning rate (default: 1e-3 built-in, else 5e-4)")
     a("--wd", type=NON_NEGATIVE, default=0.2, help="AdamW weight decay (OpenCLIP's rule: model.py)")
@@ -239,7 +242,8 @@ def next_step_batches(batches, args, grid_size, device, generator, log):
     return micro, keeps, text_keeps
 
 
-def forward_backward(model, micro_batches, keeps, autocast, world_size, text_keeps=None):
+def forward_backward(model, micro_batches, keeps, autocast, world_size, text_keeps=None,
+                     local_loss=False):
     """Loss and gradients of the contrastive loss over the whole global batch, micro-batch by
     micro-batch.
 
@@ -250,9 +254,14 @@ def forward_backward(model, micro_batches, keeps, autocast, world_size, text_kee
     that micro-batch; DDP all-reduces only on the last one (no_sync). Gradients through the other
     ranks' features arrive by DDP's average, hence the factor world_size. The logit scale is the
     exception: every rank and micro-batch sees all of it, so its gradient is divided.
+    local_loss: each rank computes its share of the loss instead (model.local_clip_loss, logits
+    world_size times smaller); the other ranks' gradients reach its features through the gather, and
+    DDP's average of the shares' gradients is the global loss's: no factor. The returned loss is
+    the global one either way (the shares' mean).
     keeps: each micro-batch's (B, K) kept patches or None; text_keeps: its (B, L) positions or None.
     """
     n = len(micro_batches)
+    weight = 1 if local_loss else world_size  # the gradient's factor, as above
     steps = list(zip(micro_batches, keeps, text_keeps or [None] * n))
     cached = None
     if n > 1:
@@ -268,12 +277,19 @@ def forward_backward(model, micro_batches, keeps, autocast, world_size, text_kee
                                            + [c[0] for c in cached[j + 1:]])
                 text_features = torch.cat([c[1] for c in cached[:j]] + [text_features]
                                           + [c[1] for c in cached[j + 1:]])
-            if scale.requires_grad:  # every rank and micro-batch sees all of it: count it once
-                scale.register_hook(lambda grad: grad / (n * world_size))
-            loss = M.clip_loss(M.gather_features(image_features.float()),
-                               M.gather_features(text_features.float()), scale)
-            (loss * world_size).backward()
-    return loss.detach()
+            if scale.requires_grad:  # each micro-batch (and rank, but for shares) sees all of it
+                scale.register_hook(lambda grad: grad / (n * weight))
+            if local_loss:
+                loss = M.local_clip_loss(image_features.float(), text_features.float(), scale)
+            else:
+                loss = M.clip_loss(M.gather_features(image_features.float()),
+                                   M.gather_features(text_features.float()), scale)
+            (loss * weight).backward()
+    loss = loss.detach()
+    if local_loss and world_size > 1:  # no host-device sync: the sum stays on the device
+        dist.all_reduce(loss)
+        loss /= world_size
+    return loss
 
 
 @contextmanager
@@ -289,13 +305,14 @@ def syncs_raise(enabled):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def train_step(model, orig_model, optimizer, micro, keeps, text_keeps, autocast, lr, world_size=1):
+def train_step(model, orig_model, optimizer, micro, keeps, text_keeps, autocast, lr, world_size=1,
+               local_loss=False):
     """One optimizer step at learning rate `lr`: what the loop below runs and bench.py times.
     Returns the loss, still on the device (no host-device sync). orig_model: the module inside
     DDP's wrapper, whose temperature is clamped."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = forward_backward(model, micro, keeps, autocast, world_size, text_keeps)
+    loss = forward_backward(model, micro, keeps, autocast, world_size, text_keeps, local_loss)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     M.clamp_logit_scale(orig_model)
@@ -482,7 +499,7 @@ def main(argv=None):
                                                              mask_gen, log)
                 lr = lr_at(step, args.lr, args.warmup, total_steps)
                 loss = train_step(model, orig_model, optimizer, micro, keeps, text_keeps, autocast,
-                                  lr, world_size)
+                                  lr, world_size, args.local_loss)
             log.losses.append(loss)
             step += 1
             if step == start_step + 1:

@@ -187,17 +187,35 @@ def test_sync_debug_needs_cuda_and_raises_only_inside_its_block(monkeypatch, cap
     assert modes == ["error", "default"]  # set for the step, and set back even when it raised
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
-    out = tmp_path / "ddp.json"
+@pytest.fixture(scope="module")
+def two_gloo_ranks(tmp_path_factory):
+    """tests/ddp_check.py's results: each case's differences from one process's loss and
+    gradients on 2 gloo ranks."""
+    out = tmp_path_factory.mktemp("ddp") / "ddp.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", os.path.join(ROOT, "tests", "ddp_check.py"),
                            str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env=os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", ["global", "global, accum 2"])
+def test_two_gloo_ranks_equal_one_process(two_gloo_ranks, case):
+    result = two_gloo_ranks[case]
     assert result["loss_diff"] < 1e-5
     assert result["grad_diff"] < 1e-5 * max(1.0, result["grad_scale"]), result
+
+
+@pytest.mark.parametrize("case", ["local", "local, accum 2"])
+def test_local_loss_has_the_global_loss_and_gradients_with_logits_over_world_size(two_gloo_ranks,
+                                                                                  case):
+    result = two_gloo_ranks[case]
+    assert result["loss_diff"] < 1e-5  # the mean of the two ranks' shares
+    assert result["grad_diff"] < 1e-5 * max(1.0, result["grad_scale"]), result
+    # each rank's 4 images against all 8 texts: (4, 8), where the global loss makes (8, 8)
+    assert result["logits"] == two_gloo_ranks["global"]["logits"] / 2 == 4 * 8
 
 
 def test_resume_follows_the_uninterrupted_run(shards, tmp_path):
@@ -251,22 +269,28 @@ def test_the_crop_scale_and_resampling_flags_reach_the_loader(shards, tmp_path, 
     assert seen == {"scale": (0.5, 1.0), "resampled": True}
 
 
-def test_grad_checkpointing_checkpoints_every_block_of_a_training_step(shards, tmp_path,
-                                                                       monkeypatch):
-    calls = []
+def test_grad_checkpointing_and_local_loss_reach_every_training_step(shards, tmp_path,
+                                                                     monkeypatch):
+    checkpointed, shares = [], []
 
     def counted(*args, **kwargs):  # torch.utils.checkpoint.checkpoint, as model.run_blocks calls it
-        calls.append(args[0])
+        checkpointed.append(args[0])
         return checkpoint(*args, **kwargs)
 
-    checkpoint = M.checkpoint
+    def share(image_features, *args):  # model.local_clip_loss
+        shares.append(len(image_features))
+        return local_clip_loss(image_features, *args)
+
+    checkpoint, local_clip_loss = M.checkpoint, M.local_clip_loss
     monkeypatch.setattr(M, "checkpoint", counted)
-    train.main(start_args(shards, tmp_path, "--mask", "gaussian", "--grad-checkpointing", "--name",
-                          "checkpointed"))
+    monkeypatch.setattr(M, "local_clip_loss", share)
+    train.main(start_args(shards, tmp_path, "--mask", "gaussian", "--grad-checkpointing",
+                          "--local-loss", "--name", "scaled"))
     # 2 steps (32 samples, batch 16) x the 4 + 4 blocks of tiny; the loss and gradients are those
-    # of the blocks run plainly (tests/test_model.py)
-    assert len(calls) == 2 * 8 and len(set(map(id, calls))) == 8
-    assert [r["step"] for r in read_metrics(tmp_path / "checkpointed") if "loss" in r] == [2]
+    # of the blocks run plainly (tests/test_model.py) and of the global loss (ddp_check.py)
+    assert len(checkpointed) == 2 * 8 and len(set(map(id, checkpointed))) == 8
+    assert shares == [16, 16]  # one process: its share is the whole batch
+    assert [r["step"] for r in read_metrics(tmp_path / "scaled") if "loss" in r] == [2]
 
 
 def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
