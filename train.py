@@ -127,6 +127,8 @@ def parse_args(argv=None):
     a("--save-most-recent", action="store_true", help="OpenCLIP's flag for epoch_latest.pt, always "
       "written here: accepted so that OpenCLIP command lines run")
     a("--log-every", type=COUNT, help="log every N steps (default: 10 on built-in data, else 100)")
+    a("--report-to", type=ckpt.report_to, default=[], help="also log metrics.jsonl's records to "
+      "tensorboard, wandb or both: 'tensorboard,wandb' (OpenCLIP's flag)")
     a("--log-dir", type=data.folder_to_make, default="./logs", help="root of the run folders")
     a("--name", help="run name: the folder under --log-dir (default: date and settings)")
     args = p.parse_args(argv)
@@ -430,7 +432,7 @@ def main(argv=None):
 
     # data, model and tokenizer, the run folder: what cannot be read or written is one line now
     run_dir = os.path.join(args.log_dir, args.name)
-    ckpt_dir, metrics = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "metrics.jsonl")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
     try:
         train_data, test_dir = prepare_data(args, local_rank, world_size, say)
         checkpoint = ckpt.resume_state(args.resume, run_dir)
@@ -439,7 +441,9 @@ def main(argv=None):
                                         orig_model.config.image_size, tokenizer, args.workers,
                                         args.seed, rank, world_size, scale=tuple(args.crop_scale),
                                         resampled=args.dataset_resampled)
-        ckpt.open_run_folder(run_dir, resuming=checkpoint is not None, rank=rank)
+        # metrics.jsonl and --report-to's writers, on rank 0 (None elsewhere)
+        metrics = ckpt.open_run_folder(run_dir, checkpoint["step"] if checkpoint else None, rank,
+                                       args.report_to, vars(args))
     except (FileNotFoundError, ValueError) as e:
         fail(e)
     cfg = orig_model.config
@@ -452,8 +456,6 @@ def main(argv=None):
     start_epoch, step, elapsed = 0, 0, 0.0
     if checkpoint:
         start_epoch, step, elapsed = ckpt.restore_training_state(checkpoint, orig_model, optimizer)
-        if master:
-            ckpt.continue_metrics(metrics, step)  # what was logged after the checkpoint goes
         say(f"resumed from {checkpoint['path']} at epoch {start_epoch}, step {step}")
     t0, start_step = time.time() - elapsed, step  # wall time counts on across resumes
     if args.compile:  # each block in place (regional): seconds, and no `_orig_mod.` in the keys
@@ -509,7 +511,7 @@ def main(argv=None):
                 record, line = log.close(step, lr, scale, time.time() - t0)
                 say(line)
                 if master:
-                    ckpt.append_metrics(metrics, record)
+                    metrics.append(record, "train")
 
         done, eval_root = epoch + 1, args.imagenet_val or args.zeroshot_data or test_dir
         if eval_root and (done % args.zeroshot_frequency == 0 or done == args.epochs):
@@ -523,8 +525,8 @@ def main(argv=None):
                     fail(f"zero-shot evaluation on {eval_root}: {e}")
             say("zero-shot " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if "top" in k))
             if master:
-                ckpt.append_metrics(metrics, {"step": step, "epoch": done, **record,
-                                              "time": time.time() - t0})
+                metrics.append({"step": step, "epoch": done, **record, "time": time.time() - t0},
+                               "val")
         if master:
             state = ckpt.training_state(orig_model, optimizer, tokenizer, args, done, step,
                                         time.time() - t0)
@@ -535,6 +537,8 @@ def main(argv=None):
             dist.barrier()  # no rank runs ahead while rank 0 evaluates and saves
         log.reset()  # the next window times training only
     say(f"done in {(time.time() - t0) / 60:.1f} min; checkpoints and metrics.jsonl in {run_dir}")
+    if master:
+        metrics.close()
     if world_size > 1:
         dist.destroy_process_group()
 

@@ -1,6 +1,8 @@
 """train.py end to end on tiny shards written by the tests: learning, DDP equivalence, resume,
 tuning, bad input."""
 
+import glob
+import importlib.util
 import io
 import json
 import math
@@ -24,7 +26,7 @@ import model as M
 import photographer
 import train
 from eval import evaluate_folder
-from conftest import synthetic_batch
+from conftest import as_scalars, synthetic_batch, tensorboard_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220),
@@ -364,6 +366,50 @@ def test_zeroshot_columns_are_eval_pys_unmasked_and_masked_passes(shards, class_
             assert record[f"{prefix}_{metric}"] == pytest.approx(result[key]), (prefix, metric)
 
 
+def test_report_to_tensorboard_gets_every_record_of_metrics_jsonl(shards, class_folder, tmp_path):
+    train.main(start_args(shards, tmp_path, "--zeroshot-data", class_folder, "--log-every", "1",
+                          "--report-to", "tensorboard", "--name", "tb"))
+    records = read_metrics(tmp_path / "tb")
+    assert [r["step"] for r in records] == [1, 2, 2]  # two log windows, then the evaluation
+    scalars = tensorboard_scalars(tmp_path / "tb")
+    assert scalars == as_scalars(records) and {"train/loss", "val/zeroshot_top1"} <= set(scalars)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_report_to_wandb_offline_logs_every_record_of_metrics_jsonl(shards, tmp_path,
+                                                                     monkeypatch):
+    import wandb
+
+    logged, log = [], wandb.Run.log
+
+    def spy(run, data, step=None, **kwargs):
+        logged.append((step, data))
+        return log(run, data, step=step, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "log", spy)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # nothing leaves the machine
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train.main(start_args(shards, tmp_path, "--report-to", "wandb", "--name", "wb"))
+    records = read_metrics(tmp_path / "wb")
+    assert [step for step, _ in logged] == [r["step"] for r in records] == [2]
+    assert logged[0][1] == {f"train/{k}": v for k, v in records[0].items()
+                            if k != "step" and v is not None}
+    offline_runs = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*-wb" / "run-wb.wandb"))
+    assert len(offline_runs) == 1 and b"train/loss" in open(offline_runs[0], "rb").read()
+
+
+@pytest.mark.parametrize("package", ["tensorboard", "wandb"])
+def test_report_to_a_missing_package_is_one_line_before_anything_is_made(package, monkeypatch,
+                                                                         tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed
+    with pytest.raises(SystemExit) as e:
+        train.main(["--report-to", f"{package}", "--log-dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert f"--report-to {package} needs the {package} package" in err and "pip install" in err
+    assert not (tmp_path / "logs").exists()
+
+
 def test_two_ranks_share_one_run_folder_and_tokenizer_when_their_clocks_differ(
         shards, class_folder, tmp_path):
     # rank 1's clock runs 1.5 s ahead: the run name and the trained tokenizer must still be rank
@@ -506,6 +552,7 @@ def test_which_checkpoints_are_kept(flags, kept, shards, tmp_path):
      "smaller than one global batch"),
     (["--pretrained", "/nonexistent/epoch_1.pt"], "no such file"),
     (["--resume", "latest"], "--name"),
+    (["--report-to", "tensorboard,mlflow"], "--report-to must be tensorboard, wandb or both"),
 ])
 def test_bad_flags_exit_2_with_one_line_before_anything_is_made(args, words, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
