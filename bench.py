@@ -9,6 +9,7 @@ the FLOP ideal? Also the data pipelines, and the GPU check: every GPU figure in 
     python bench.py --text-length 16 32               # also 16 and 32 of 77 text tokens (FLIP's)
     python bench.py --compile --openclip              # beside OpenCLIP's model of the same name
     python bench.py data --workers 15                 # images/s of the training and eval pipelines
+    python bench.py memory                            # activations per sample, largest batch
     python bench.py gpu --out DIR                     # the GPU check (docs/speed.md#the-gpu-check)
 
 A step is train.py's own (train.train_step), on synthetic tensors so that data loading is not
@@ -39,8 +40,10 @@ and read smaller differences as noise; on a GPU step times repeat closely.
 """
 
 import dataclasses
+import difflib
 import importlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -51,9 +54,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
+from unittest import mock
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
@@ -471,6 +477,83 @@ def data_main(argv):
     return rates
 
 
+# ----------------------------------------------------------------------------- activation memory
+# `python bench.py memory`: the bytes a training step holds per sample, measured on the CPU, and the
+# largest batch per GPU they leave room for (docs/speed.md#activation-memory-and-the-largest-batch)
+
+GPU_BYTES = {"80 GB": 80e9, "141 GB": 141e9}  # as sold: H100 / A100 80 GB, H200
+MARGIN = 0.1  # of the card: CUDA context, cuBLAS and NCCL workspaces, allocator fragmentation
+FIXED = 18  # bytes a parameter: fp32 weight, gradient, AdamW's two moments, a bf16 copy (autocast)
+BATCHES = (2, 4)  # per sample: the difference over 2 samples; what does not grow with them cancels
+
+
+def allocations(fn):
+    """(fn(), [(op, bytes it allocated less those it freed)] in time order, for the ops that
+    allocate) of the CPU tensors fn allocates: torch.profiler's memory events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        out = fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    return out, [(e.name, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage]
+
+
+def step_memory(model, batch_size, ratio, precision):
+    """(the ops of a training forward and backward, the bytes allocated after each, the forward's
+    ops). bf16: layer_norm in fp32, as CUDA's autocast runs it (the CPU's keeps bf16), and the
+    forward only: this CPU's bf16 matmuls of the backward take minutes."""
+    cfg, g = model.config, torch.Generator().manual_seed(0)
+    images, tokens = synthetic_batch(cfg, batch_size, torch.device("cpu"), g)
+    keep = masking.keep_indices(batch_size, cfg.grid_size, ratio, "random", generator=g) \
+        if ratio else None
+    norm = F.layer_norm
+    fp32_norms = mock.patch.object(F, "layer_norm", lambda x, *a, **k: norm(x.float(), *a, **k))
+    with fp32_norms if precision == "bf16" else nullcontext(), M.autocast("cpu", precision):
+        loss, forward = allocations(lambda: M.clip_loss(*model(images, tokens, keep)))
+    backward = [] if precision == "bf16" else allocations(loss.backward)[1]  # into p.grad
+    ops, sizes = zip(*forward + backward)
+    return ops, list(itertools.accumulate(sizes)), len(forward)
+
+
+def memory_main(argv):
+    p = data.OneLineParser(prog="bench.py memory", description="Activation memory per sample.")
+    p.add_argument("--models", nargs="+", default=["ViT-B-16", "ViT-L-16"], choices=list(M.PRESETS))
+    p.add_argument("--ratios", type=train.FRACTION, nargs="+", default=[0, 0.5, 0.75, 0.9])
+    args, rows, (b1, b2) = p.parse_args(argv), [], BATCHES
+    print(f"MB per sample: fp32 saved, fp32 peak, bf16 saved, bf16 peak; the largest bf16 batch at "
+          f"{', '.join(GPU_BYTES)} after {FIXED} B a parameter and {MARGIN:.0%} of the card")
+    for name in args.models:
+        torch.manual_seed(0)
+        model = M.create_model(name).train()
+        for p in model.parameters():  # allocated once: a step's bytes do not count them
+            p.grad = torch.zeros_like(p)
+        params = sum(p.numel() for p in model.parameters())
+        for ratio, checkpointed in itertools.product(args.ratios, (False, True)):
+            model.set_grad_checkpointing(checkpointed)
+            row = {"model": name, "params": params, "ratio": ratio, "checkpointed": checkpointed}
+            for precision in ("fp32", "bf16"):
+                (ops1, small, n1), (ops2, large, n2) = [step_memory(model, b, ratio, precision)
+                                                        for b in BATCHES]
+                row[f"{precision}_saved"] = (large[n2 - 1] - small[n1 - 1]) / (b2 - b1)
+                # the peak of what grows with the batch, op by op (a constant, such as the token
+                # embedding's gradient, cancels); a few tiny ops come and go with the batch size,
+                # so the two runs' ops are matched by name
+                matched = difflib.SequenceMatcher(None, ops1, ops2, autojunk=False)
+                row[f"{precision}_peak"] = None if precision == "bf16" else max(
+                    (large[j + k] - small[i + k]) / (b2 - b1)
+                    for i, j, size in matched.get_matching_blocks() for k in range(size))
+            # bf16's peak: over its saved bytes as much as fp32's peak is over fp32's
+            row["bf16_peak"] = row["bf16_saved"] * row["fp32_peak"] / row["fp32_saved"]
+            row["largest_bf16_batch"] = {gpu: int(((1 - MARGIN) * size - FIXED * params)
+                                                  // row["bf16_peak"])
+                                         for gpu, size in GPU_BYTES.items()}
+            rows.append(row)
+            print(f"{name} ratio {ratio:.2f}{', checkpointed' if checkpointed else '':14}: "
+                  + ", ".join(f"{row[k] / 1e6:.1f}" for k in ("fp32_saved", "fp32_peak",
+                                                              "bf16_saved", "bf16_peak"))
+                  + "; " + ", ".join(map(str, row["largest_bf16_batch"].values())), flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- the GPU check
 # `python bench.py gpu --out DIR`: every GPU figure of docs/speed.md in one run of under 8 minutes,
 # part by part in priority order, each in its own process under its own time limit, so that one
@@ -731,6 +814,8 @@ def main(argv=None):
         return data_main(argv[1:])
     if argv[:1] == ["gpu"]:
         return gpu_main(argv[1:])
+    if argv[:1] == ["memory"]:
+        return memory_main(argv[1:])
     args = parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"

@@ -3,7 +3,8 @@ Checkpoints and run folders: everything train.py writes besides the model's outp
 train.py and eval.py read back, and the export to the formats the field's tools load.
 
     model, tokenizer = load_checkpoint("logs/RUN/checkpoints/epoch_30.pt")  # or OpenCLIP's
-    open_run_folder("logs/my-run", resuming=False, rank=0)     # made, locked, tested for writing
+    metrics = open_run_folder("logs/my-run", None, rank=0)  # made, locked, tested for writing
+    metrics.append({"step": 10, "loss": 4.1}, "train")  # metrics.jsonl (and --report-to's)
     save_checkpoint(training_state(...), "logs/my-run/checkpoints", epoch=3)  # epoch_3.pt + latest
 
     python checkpoint.py export logs/RUN/checkpoints/epoch_30.pt out.pt --format open_clip
@@ -20,8 +21,10 @@ OpenCLIP has neither) or a Hugging Face CLIPModel folder; each gives our feature
 (docs/reference.md#export) and reads back here tensor for tensor.
 """
 
+import argparse
 import contextlib
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -345,6 +348,14 @@ def save_checkpoint(state, ckpt_dir, epoch, numbered=True, delete_previous=False
 
 # ----------------------------------------------------------------------------- preemption
 
+
+def mid_epoch_position(loader, mask_gen, window, skipped):
+    """What a checkpoint in the middle of an epoch needs to go on exactly: every rank's loader
+    position and mask generator (gathered on every rank), and the open log window's losses and
+    bad-sample count."""
+    ranks = M.all_ranks({"loader": loader.position(), "masks": mask_gen.get_state()})
+    return {"ranks": ranks, "window": [float(v) for v in window], "skipped": int(skipped)}
+
 PREEMPTED = 75  # the exit status of a preempted run (sysexits' EX_TEMPFAIL: run it again)
 
 
@@ -370,6 +381,13 @@ class Preemption:
             os.kill(os.getpid(), signum)
         self.signal = signum
 
+    def stop(self, signum, step, rank, run_dir):
+        """Exit, preempted: one line, and a status (75) that requeue logic tells from a crash's."""
+        print(f"train.py: preempted by {signal.Signals(signum).name} at step {step} (rank {rank});"
+              f" {run_dir}/checkpoints/epoch_latest.pt holds it: run the same command with "
+              "--resume latest to continue", file=sys.stderr)
+        sys.exit(PREEMPTED)
+
     def requested(self):
         """The signal any rank got (its number; 0: none), the same on every rank."""
         if self.world_size == 1:
@@ -382,16 +400,17 @@ class Preemption:
 # ----------------------------------------------------------------------------- run folders
 
 
-def open_run_folder(run_dir, resuming, rank):
+def open_run_folder(run_dir, resume_step, rank, report_to=(), config=None):
     """<log-dir>/<name>: on rank 0 made, locked for this run and tested for writing, before any
-    training; then every rank must see it (a folder on a file system all nodes share: resuming
-    needs rank 0's checkpoints on every node). Every rank raises the same one-line ValueError when
-    any of this fails."""
-    error, token = None, os.urandom(8).hex()
+    training, and its MetricsLog opened (returned; None on the other ranks); then every rank must
+    see it (a folder on a file system all nodes share: resuming needs rank 0's checkpoints on every
+    node). resume_step: the step of the checkpoint a resumed run continues from, None for a new
+    run. Every rank raises the same one-line ValueError when any of this fails."""
+    error, metrics, token = None, None, os.urandom(8).hex()
     if rank == 0:
         try:
             latest = os.path.join(run_dir, "checkpoints", "epoch_latest.pt")
-            if not resuming and os.path.exists(latest):
+            if resume_step is None and os.path.exists(latest):
                 raise ValueError(f"{run_dir} already has checkpoints; pass --resume latest or "
                                  "another --name")
             os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -400,6 +419,7 @@ def open_run_folder(run_dir, resuming, rank):
             for folder in (os.path.join(run_dir, "checkpoints"), run_dir):
                 write_text_atomic(os.path.join(folder, ".write-test"), token)
             os.remove(os.path.join(run_dir, "checkpoints", ".write-test"))
+            metrics = MetricsLog(run_dir, report_to, resume_step, config)
         except (OSError, ValueError) as e:
             error = str(e)
     if error := M.from_rank_zero(error):
@@ -415,6 +435,7 @@ def open_run_folder(run_dir, resuming, rank):
                          f"(of {len(blind)} that cannot see it) does not find rank 0's files "
                          "there; put --log-dir on a shared file system (resume reads rank 0's "
                          "checkpoints on every node)")
+    return metrics
 
 
 def take_lock(run_dir):
@@ -444,6 +465,71 @@ def write_run_config(run_dir, args, config, world_size, tokenizer=None):
     write_text_atomic(os.path.join(run_dir, "args.json"), json.dumps(settings, indent=1))
     if tokenizer is not None:
         write_text_atomic(os.path.join(run_dir, "tokenizer.json"), tokenizer.to_json())
+
+
+# --report-to: the package each writer needs
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def report_to(text):
+    """An argparse type for --report-to (OpenCLIP's names): "tensorboard", "wandb", or both joined
+    by a comma. Each one's package must be installed; that is checked now, before any folder is
+    made, without importing it (a few seconds each)."""
+    names = [name for name in text.split(",") if name]
+    for name in names:
+        if name not in REPORTERS:
+            raise argparse.ArgumentTypeError(f"must be tensorboard, wandb or both, got {name!r}")
+        if importlib.util.find_spec(REPORTERS[name]) is None:
+            raise argparse.ArgumentTypeError(f"{name} needs the {REPORTERS[name]} package, which "
+                                             f"is not installed: pip install {REPORTERS[name]}")
+    return names
+
+
+class MetricsLog:
+    """metrics.jsonl, and the same records to TensorBoard (<run>/tensorboard) and Weights & Biases
+    (<run>/wandb; project gdm-flip, the run's name) when report_to names them. A record's numbers,
+    but its step, go to both as scalars "train/<field>" (a log window) or "val/<field>" (an
+    evaluation) at its step. On resume, what an interrupted run logged after the checkpoint's step
+    is dropped from metrics.jsonl (continue_metrics) and by TensorBoard (purge_step); a W&B run of
+    the same name is continued."""
+
+    def __init__(self, run_dir, report_to=(), resume_step=None, config=None):
+        self.path, self.tensorboard, self.wandb = os.path.join(run_dir, "metrics.jsonl"), None, None
+        if resume_step is not None:
+            continue_metrics(self.path, resume_step)
+        name = os.path.basename(os.path.normpath(run_dir))
+        try:
+            if "tensorboard" in report_to:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(
+                    os.path.join(run_dir, "tensorboard"),
+                    purge_step=None if resume_step is None else resume_step + 1)
+            if "wandb" in report_to:
+                import wandb
+                self.wandb = wandb.init(project="gdm-flip", name=name, id=name, dir=run_dir,
+                                        config=config,
+                                        resume=None if resume_step is None else "allow")
+        except Exception as e:  # e.g. W&B online without a login
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"--report-to: {first_line}") from None
+
+    def append(self, record, kind):
+        """One record (kind "train" or "val") to every writer."""
+        append_metrics(self.path, record)
+        scalars = {f"{kind}/{key}": value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float))}  # not the None ones
+        if self.tensorboard:
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, record["step"])
+            self.tensorboard.flush()  # records are rare: each is on disk at once
+        if self.wandb:
+            self.wandb.log(scalars, step=record["step"])
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def append_metrics(path, record):

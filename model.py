@@ -21,6 +21,7 @@ Run `python model.py` to print the presets and their parameter counts.
 import math
 import os
 import re
+import contextlib
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import masking
 
@@ -62,10 +64,15 @@ class CLIPConfig:
         return self.image_size // self.patch_size
 
 
-# ViT-B-16 and ViT-S-16 are OpenCLIP's model configs; ViT-Ti-16 (DeiT-Ti's image tower) and `tiny`
-# (tests, CPU demo) are ours. OpenAI's original weights need quick_gelu=True.
+# ViT-B-16, ViT-L-16, ViT-H-14 and ViT-S-16 are OpenCLIP's model configs (its image heads: width /
+# head_width, 64 unless the config says 80 as ViT-H-14's); ViT-Ti-16 (DeiT-Ti's image tower) and
+# `tiny` (tests, CPU demo) are ours. OpenAI's original weights need quick_gelu=True.
 PRESETS = {
     "ViT-B-16": CLIPConfig(),
+    "ViT-L-16": CLIPConfig(embed_dim=768, vision_width=1024, vision_layers=24, vision_heads=16,
+                           text_width=768, text_heads=12),
+    "ViT-H-14": CLIPConfig(embed_dim=1024, patch_size=14, vision_width=1280, vision_layers=32,
+                           vision_heads=16, text_width=1024, text_layers=24, text_heads=16),
     "ViT-S-16": CLIPConfig(embed_dim=384, vision_width=384, vision_heads=6, text_width=384,
                            text_heads=6),
     "ViT-Ti-16": CLIPConfig(embed_dim=256, vision_width=192, vision_heads=3, text_width=256,
@@ -157,6 +164,7 @@ class VisionTransformer(nn.Module):
                                     for _ in range(cfg.vision_layers))
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+        self.grad_checkpointing = False  # CLIP.set_grad_checkpointing
 
     def forward(self, images, keep=None):
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D): N = G*G patches, row-major
@@ -168,8 +176,7 @@ class VisionTransformer(nn.Module):
         cls = (self.class_embedding + self.positional_embedding[0]).to(x.dtype)  # (D,): always kept
         cls = cls.expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = self.ln_pre(torch.cat([cls, x], dim=1))  # (B, 1+K, D)
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.ln_post(x[:, 0]) @ self.proj  # class token -> (B, embed_dim)
 
 
@@ -187,6 +194,7 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.proj, std=width ** -0.5)
         init_text_blocks(self.blocks, width, cfg.text_layers)
+        self.grad_checkpointing = False
 
     def forward(self, tokens, positions=None):
         """tokens: (B, L) ids; positions: (B, L) where in the caption each one was
@@ -197,8 +205,7 @@ class TextTransformer(nn.Module):
         pos = pe[: tokens.shape[1]] if positions is None else pe[positions]
         x = self.token_embedding(tokens) + pos  # (B, L, D): a kept token remembers where it stood
         # causal over the kept tokens in order, so the end-of-text one sees all before it
-        for block in self.blocks:
-            x = block(x, causal=True)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing, causal=True)
         x = self.ln_final(x)
         # pool at the end-of-text token, the largest id in the vocabulary (CLIP's convention)
         eot = tokens.argmax(dim=-1)  # (B,)
@@ -224,10 +231,29 @@ class CLIP(nn.Module):
         the ids stood in the caption (kept by masking.text_keep_indices), None for 0..L-1."""
         return self.text(tokens, positions)
 
+    def set_grad_checkpointing(self, enable=True):
+        """Activation checkpointing of every Transformer block (OpenCLIP's method and
+        --grad-checkpointing): a training forward keeps each block's input only, and backward runs
+        the block's forward again for the rest. Less activation memory (docs/speed.md) for one more
+        forward of the blocks; the same loss and gradients."""
+        self.visual.grad_checkpointing = self.text.grad_checkpointing = enable
+
     def forward(self, images, tokens, keep=None, positions=None):
         image_features = F.normalize(self.encode_image(images, keep), dim=-1)
         text_features = F.normalize(self.encode_text(tokens, positions), dim=-1)
         return image_features, text_features, self.logit_scale.exp()
+
+
+def run_blocks(blocks, x, grad_checkpointing, causal=False):
+    """x (B, T, D) through the blocks in turn. Checkpointed (in training only: without gradients
+    there is nothing to keep), a block's forward saves nothing for backward but its input: the
+    non-reentrant checkpoint, which composes with compiled blocks, DDP and torch.autograd.grad."""
+    for block in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, causal, use_reentrant=False)
+        else:
+            x = block(x, causal)
+    return x
 
 
 def init_text_blocks(blocks, width, layers):
@@ -349,6 +375,40 @@ def gather_features(features):
     return torch.cat(gathered)
 
 
+class GatherWithGrad(torch.autograd.Function):
+    """gather_features whose backward also reaches the other ranks: the gradient that every rank's
+    loss sends to this rank's rows is summed here (a reduce-scatter). What a loss over each rank's
+    own rows needs (local_clip_loss), where no rank computes the whole loss."""
+
+    @staticmethod
+    def forward(ctx, features):  # (B, E) -> (W*B, E), rank by rank
+        gathered = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, features.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):  # (W*B, E) on every rank -> the sum of their rows of this rank, (B, E)
+        shares = list(grad.contiguous().chunk(dist.get_world_size()))
+        own = torch.empty_like(shares[0])
+        dist.reduce_scatter(own, shares)
+        return own
+
+
+def local_clip_loss(image_features, text_features, logit_scale):
+    """This rank's share of clip_loss over the global batch (OpenCLIP's --local-loss with
+    --gather-with-grad): its B images against all W*B texts and its B texts against all W*B images,
+    so the logits are two (B, W*B) matrices instead of (W*B, W*B). The mean of the W shares is the
+    global loss; the gather carries gradients back to the rank whose features they are, so the
+    ranks' gradients, averaged, are the global loss's."""
+    rank, world = rank_and_world()
+    gather = GatherWithGrad.apply if world > 1 else (lambda features: features)
+    all_images, all_texts = gather(image_features), gather(text_features)  # (W*B, E) each
+    B = image_features.shape[0]
+    labels = torch.arange(rank * B, (rank + 1) * B, device=image_features.device)  # where mine are
+    return (F.cross_entropy(logit_scale * image_features @ all_texts.T, labels)
+            + F.cross_entropy(logit_scale * text_features @ all_images.T, labels)) / 2
+
+
 # ----------------------------------------------------------------------------- optimisation
 
 
@@ -437,6 +497,19 @@ def peak_flops(device):
     return peak_flops_by_name(torch.cuda.get_device_name(device))
 
 
+@contextlib.contextmanager
+def syncs_raise(enabled):
+    """Within it, with `enabled`, a host-device synchronisation raises (CUDA's sync debug mode)."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def autocast(device, precision=None):
     """bf16 autocast on a GPU by default, plain fp32 on the CPU (where bf16 matmuls are slow)."""
     device_type = torch.device(device).type
@@ -461,7 +534,8 @@ def compile_blocks(model, dynamic=False):
 
 if __name__ == "__main__":
     for name in PRESETS:
-        model = create_model(name)
+        with torch.device("meta"):  # shapes only: ViT-H-14's 986M parameters are never allocated
+            model = create_model(name)
         n_vis = sum(p.numel() for p in model.visual.parameters())
         n_all = sum(p.numel() for p in model.parameters())
         print(f"{name:10s} {n_all / 1e6:7.2f}M parameters ({n_vis / 1e6:.2f}M image tower), "

@@ -21,10 +21,9 @@ image keeps (masking.keep_indices) -> model(images, tokens, keep) -> clip_loss o
 import argparse
 import math
 import os
-import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -92,6 +91,9 @@ def parse_args(argv=None):
     # optimisation
     a("--batch-size", type=COUNT, help="per-GPU batch (default: 128 on built-in data, else 64)")
     a("--accum-freq", type=COUNT, default=1, help="micro-batches per step (the full-batch loss)")
+    a("--local-loss", action="store_true", help="each rank computes the loss of its own images and "
+      "texts against all: logits / ranks, the same gradients (OpenCLIP's flag, with its "
+      "--gather-with-grad)")
     a("--epochs", type=COUNT, help="epochs (default: 4 on built-in data, else 32 as OpenCLIP)")
     a("--lr", type=NON_NEGATIVE, help="peak learning rate (default: 1e-3 built-in, else 5e-4)")
     a("--wd", type=NON_NEGATIVE, default=0.2, help="AdamW weight decay (OpenCLIP's rule: model.py)")
@@ -103,6 +105,8 @@ def parse_args(argv=None):
     a("--precision", choices=["bf16", "fp32"], help="bf16 autocast (GPU default) or fp32 (CPU)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each Transformer "
       "block (default: on GPU)")
+    a("--grad-checkpointing", action="store_true", help="recompute each Transformer block's "
+      "activations in backward instead of keeping them: less memory, one more forward")
     a("--sync-debug", action="store_true", help="CUDA: raise at any host-device sync inside a "
       "training step (torch.cuda.set_sync_debug_mode); the log window's one sync is outside")
     a("--seed", type=int, default=0, help="seed of the weights, data order, crops and masks")
@@ -128,6 +132,8 @@ def parse_args(argv=None):
     a("--save-most-recent", action="store_true", help="OpenCLIP's flag for epoch_latest.pt, always "
       "written here: accepted so that OpenCLIP command lines run")
     a("--log-every", type=COUNT, help="log every N steps (default: 10 on built-in data, else 100)")
+    a("--report-to", type=ckpt.report_to, default=[], help="also log metrics.jsonl's records to "
+      "tensorboard, wandb or both: 'tensorboard,wandb' (OpenCLIP's flag)")
     a("--log-dir", type=data.folder_to_make, default="./logs", help="root of the run folders")
     a("--name", help="run name: the folder under --log-dir (default: date and settings)")
     args = p.parse_args(argv)
@@ -253,7 +259,8 @@ def next_step_batches(batches, args, grid_size, device, generator, log):
     return micro, keeps, text_keeps
 
 
-def forward_backward(model, micro_batches, keeps, autocast, world_size, text_keeps=None):
+def forward_backward(model, micro_batches, keeps, autocast, world_size, text_keeps=None,
+                     local_loss=False):
     """Loss and gradients of the contrastive loss over the whole global batch, micro-batch by
     micro-batch.
 
@@ -264,9 +271,14 @@ def forward_backward(model, micro_batches, keeps, autocast, world_size, text_kee
     that micro-batch; DDP all-reduces only on the last one (no_sync). Gradients through the other
     ranks' features arrive by DDP's average, hence the factor world_size. The logit scale is the
     exception: every rank and micro-batch sees all of it, so its gradient is divided.
+    local_loss: each rank computes its share of the loss instead (model.local_clip_loss, logits
+    world_size times smaller); the other ranks' gradients reach its features through the gather, and
+    DDP's average of the shares' gradients is the global loss's: no factor. The returned loss is
+    the global one either way (the shares' mean).
     keeps: each micro-batch's (B, K) kept patches or None; text_keeps: its (B, L) positions or None.
     """
     n = len(micro_batches)
+    weight = 1 if local_loss else world_size  # the gradient's factor, as above
     steps = list(zip(micro_batches, keeps, text_keeps or [None] * n))
     cached = None
     if n > 1:
@@ -282,34 +294,29 @@ def forward_backward(model, micro_batches, keeps, autocast, world_size, text_kee
                                            + [c[0] for c in cached[j + 1:]])
                 text_features = torch.cat([c[1] for c in cached[:j]] + [text_features]
                                           + [c[1] for c in cached[j + 1:]])
-            if scale.requires_grad:  # every rank and micro-batch sees all of it: count it once
-                scale.register_hook(lambda grad: grad / (n * world_size))
-            loss = M.clip_loss(M.gather_features(image_features.float()),
-                               M.gather_features(text_features.float()), scale)
-            (loss * world_size).backward()
-    return loss.detach()
+            if scale.requires_grad:  # each micro-batch (and rank, but for shares) sees all of it
+                scale.register_hook(lambda grad: grad / (n * weight))
+            if local_loss:
+                loss = M.local_clip_loss(image_features.float(), text_features.float(), scale)
+            else:
+                loss = M.clip_loss(M.gather_features(image_features.float()),
+                                   M.gather_features(text_features.float()), scale)
+            (loss * weight).backward()
+    loss = loss.detach()
+    if local_loss and world_size > 1:  # no host-device sync: the sum stays on the device
+        dist.all_reduce(loss)
+        loss /= world_size
+    return loss
 
 
-@contextmanager
-def syncs_raise(enabled):
-    """Within it, with `enabled`, a host-device synchronisation raises (CUDA's sync debug mode)."""
-    if not enabled:
-        yield
-        return
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-def train_step(model, orig_model, optimizer, micro, keeps, text_keeps, autocast, lr, world_size=1):
+def train_step(model, orig_model, optimizer, micro, keeps, text_keeps, autocast, lr, world_size=1,
+               local_loss=False):
     """One optimizer step at learning rate `lr`: what the loop below runs and bench.py times.
     Returns the loss, still on the device (no host-device sync). orig_model: the module inside
     DDP's wrapper, whose temperature is clamped."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = forward_backward(model, micro, keeps, autocast, world_size, text_keeps)
+    loss = forward_backward(model, micro, keeps, autocast, world_size, text_keeps, local_loss)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     M.clamp_logit_scale(orig_model)
@@ -411,13 +418,6 @@ class LogWindow:
         return r, line
 
 
-def where_in_epoch(loader, mask_gen, log):
-    """What a checkpoint in the middle of an epoch needs to go on exactly: every rank's loader
-    position and mask generator (gathered on every rank), and the open log window."""
-    ranks = M.all_ranks({"loader": loader.position(), "masks": mask_gen.get_state()})
-    return {"ranks": ranks, "window": [float(v) for v in log.losses], "skipped": int(log.skipped)}
-
-
 def save(state, ckpt_dir, epoch, master, numbered, delete_previous=False):
     """Rank 0 writes the checkpoint (one line when it cannot: the previous one stays); all wait."""
     if master:
@@ -426,14 +426,6 @@ def save(state, ckpt_dir, epoch, master, numbered, delete_previous=False):
         except OSError as e:
             fail(e)
     M.barrier()  # no rank runs ahead while rank 0 evaluates and saves
-
-
-def stop(signum, step, rank, run_dir):
-    """Exit, preempted: one line and a status (75) that requeue logic can tell from a crash's."""
-    print(f"train.py: preempted by {signal.Signals(signum).name} at step {step} (rank {rank}); "
-          f"{run_dir}/checkpoints/epoch_latest.pt holds it: run the same command with --resume "
-          "latest to continue", file=sys.stderr)
-    sys.exit(ckpt.PREEMPTED)
 
 
 # -----------------------------------------------------------------------------
@@ -455,7 +447,7 @@ def main(argv=None):
 
     # data, model and tokenizer, the run folder: what cannot be read or written is one line now
     run_dir = os.path.join(args.log_dir, args.name)
-    ckpt_dir, metrics = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "metrics.jsonl")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
     try:
         train_data, test_dir = prepare_data(args, local_rank, world_size, say)
         checkpoint = ckpt.resume_state(args.resume, run_dir)
@@ -464,21 +456,22 @@ def main(argv=None):
                                         orig_model.config.image_size, tokenizer, args.workers,
                                         args.seed, rank, world_size, scale=tuple(args.crop_scale),
                                         resampled=args.dataset_resampled)
-        ckpt.open_run_folder(run_dir, resuming=args.resume == "latest" or checkpoint, rank=rank)
+        # metrics.jsonl and --report-to's writers, on rank 0 (None elsewhere)
+        metrics = ckpt.open_run_folder(run_dir, checkpoint["step"] if checkpoint else None, rank,
+                                       args.report_to, vars(args))
     except (FileNotFoundError, ValueError) as e:
         fail(e)
     cfg = orig_model.config
 
     # the optimizer, or the whole state of a --resume checkpoint
     orig_model.to(device)
+    orig_model.set_grad_checkpointing(args.grad_checkpointing)
     betas = (args.beta1, args.beta2)
     optimizer = M.configure_optimizer(orig_model, args.lr, args.wd, betas, args.eps)
     start_epoch, step, elapsed, position = 0, 0, 0.0, None
     if checkpoint:
         start_epoch, step, elapsed = ckpt.restore_training_state(checkpoint, orig_model, optimizer)
         position = checkpoint.get("position")  # None at an epoch's end
-        if master:
-            ckpt.continue_metrics(metrics, step)  # what was logged after the checkpoint goes
         say(f"resumed from {checkpoint['path']} at epoch {start_epoch}, step {step}"
             + (" (in the middle of the epoch)" if position else ""))
     t0, start_step = time.time() - elapsed, step  # wall time counts on across resumes
@@ -504,7 +497,8 @@ def main(argv=None):
     say(f"global batch {args.batch_size} x {args.accum_freq} accum x {world_size} ranks = "
         f"{global_batch}; {per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps; "
         f"warmup {args.warmup} steps; {flops / 1e9:.2f} GFLOPs per sample per step; {device}, "
-        f"{args.precision}, compile {args.compile}, {args.workers} workers")
+        f"{args.precision}, compile {args.compile}, {args.workers} workers"
+        + (", blocks checkpointed" if args.grad_checkpointing else ""))
     if master:
         trained_here = not (args.tokenizer or checkpoint or args.pretrained)
         ckpt.write_run_config(run_dir, args, cfg, world_size, tokenizer if trained_here else None)
@@ -529,12 +523,12 @@ def main(argv=None):
             mask_gen.set_state(mine["masks"])
         batches = iter(loader)
         for _ in range(step - epoch * per_epoch, per_epoch):  # all of it, or what a resume left
-            with syncs_raise(args.sync_debug):  # --sync-debug: a host-device sync here raises
+            with M.syncs_raise(args.sync_debug):  # --sync-debug: a host-device sync here raises
                 micro, keeps, text_keeps = next_step_batches(batches, args, cfg.grid_size, device,
                                                              mask_gen, log)
                 lr = lr_at(step, args.lr, args.warmup, total_steps)
                 loss = train_step(model, orig_model, optimizer, micro, keeps, text_keeps, autocast,
-                                  lr, world_size)
+                                  lr, world_size, args.local_loss)
             log.losses.append(loss)
             step += 1
             if step == start_step + 1:
@@ -544,16 +538,16 @@ def main(argv=None):
                 record, line = log.close(step, lr, scale, time.time() - t0)
                 say(line)
                 if master:
-                    ckpt.append_metrics(metrics, record)
+                    metrics.append(record, "train")
             signum = preemption.requested()  # the same on every rank, at the same step
             if signum or (args.save_every_n_steps and step % args.save_every_n_steps == 0
                           and step % per_epoch):  # mid-epoch: epoch_latest.pt, of this step
-                where = where_in_epoch(loader, mask_gen, log)  # gathered from every rank
+                where = ckpt.mid_epoch_position(loader, mask_gen, log.losses, log.skipped)
                 state = ckpt.training_state(orig_model, optimizer, tokenizer, args, epoch, step,
                                             time.time() - t0, where) if master else None
                 save(state, ckpt_dir, epoch, master, numbered=False)
             if signum:
-                stop(signum, step, rank, run_dir)
+                preemption.stop(signum, step, rank, run_dir)
 
         done, eval_root = epoch + 1, args.imagenet_val or args.zeroshot_data or test_dir
         if eval_root and (done % args.zeroshot_frequency == 0 or done == args.epochs):
@@ -567,8 +561,8 @@ def main(argv=None):
                     fail(f"zero-shot evaluation on {eval_root}: {e}")
             say("zero-shot " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if "top" in k))
             if master:
-                ckpt.append_metrics(metrics, {"step": step, "epoch": done, **record,
-                                              "time": time.time() - t0})
+                metrics.append({"step": step, "epoch": done, **record, "time": time.time() - t0},
+                               "val")
         state = ckpt.training_state(orig_model, optimizer, tokenizer, args, done, step,
                                     time.time() - t0) if master else None
         numbered = args.save_frequency > 0 and (done % args.save_frequency == 0
@@ -576,8 +570,10 @@ def main(argv=None):
         save(state, ckpt_dir, done, master, numbered, args.delete_previous_checkpoint)
         log.reset()  # the next window times training only
         if signum := preemption.requested():  # during evaluation or saving: saved already
-            stop(signum, step, rank, run_dir)
+            preemption.stop(signum, step, rank, run_dir)
     say(f"done in {(time.time() - t0) / 60:.1f} min; checkpoints and metrics.jsonl in {run_dir}")
+    if master:
+        metrics.close()
     if world_size > 1:
         dist.destroy_process_group()
 

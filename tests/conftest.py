@@ -1,5 +1,5 @@
-"""What several test files share: the top-level files importable as modules, synthetic batches, and
-a tiny model saved as train.py saves it."""
+"""What several test files share: the top-level files importable as modules, synthetic batches, a
+tiny model saved as train.py saves it, and a run's TensorBoard scalars read back."""
 
 import os
 import sys
@@ -39,3 +39,27 @@ def tiny(tmp_path_factory):
                 "args": {"lr": 5e-4, "crop_scale": (0.9, 1.0)}, "rng_state": torch.get_rng_state()},
                path)
     return model, tok, path
+
+
+def tensorboard_scalars(run_dir):
+    """{tag: [(step, value), ...]} of a run's TensorBoard event files, read back by TensorBoard's
+    own reader (tests/requirements.txt), which also applies a resumed run's purge."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def as_scalars(records):
+    """What TensorBoard should hold for metrics.jsonl's records: each number but the step, under
+    train/ for a log window (it has a loss) and val/ for an evaluation, as a float32."""
+    scalars = {}
+    for r in records:
+        kind = "train" if "loss" in r else "val"
+        for key, value in r.items():
+            if key != "step" and value is not None:
+                value = torch.tensor(value, dtype=torch.float32).item()
+                scalars.setdefault(f"{kind}/{key}", []).append((r["step"], value))
+    return scalars

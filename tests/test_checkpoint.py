@@ -1,6 +1,6 @@
 """The contract of checkpoint.py: this project's, OpenCLIP's and OpenAI's weights load (renamed, and
 resized to another grid of patches), files that are not checkpoints are one line, and metrics.jsonl
-continues from a checkpoint's step."""
+(and TensorBoard's copy of it) continues from a checkpoint's step."""
 
 import json
 
@@ -9,6 +9,7 @@ import torch
 
 import checkpoint as ckpt
 import model as M
+from conftest import as_scalars, tensorboard_scalars
 
 
 def tiny(**overrides):
@@ -232,3 +233,21 @@ def test_resume_drops_what_was_logged_after_the_checkpoint_and_a_line_cut_short(
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 8, "lo')
     ckpt.continue_metrics(str(path), 4)
     assert read_metrics(tmp_path) == lines[:2]
+
+
+def test_tensorboard_gets_metrics_jsonls_records_and_a_resume_drops_the_same(tmp_path):
+    windows = [{"step": s, "loss": 5.0 - s / 4, "mfu": None, "skipped": s // 4} for s in (2, 4, 6)]
+    evaluation = {"step": 4, "epoch": 1, "zeroshot_top1": 0.25, "time": 3.5}
+    metrics = ckpt.MetricsLog(str(tmp_path), ["tensorboard"])
+    for record, kind in [(windows[0], "train"), (windows[1], "train"), (evaluation, "val"),
+                         (windows[2], "train")]:
+        metrics.append(record, kind)
+    metrics.close()
+    assert read_metrics(tmp_path) == windows[:2] + [evaluation, windows[2]]
+    assert tensorboard_scalars(tmp_path) == as_scalars(read_metrics(tmp_path))
+    # resumed from the checkpoint of step 4: step 6 is trained again, once in both logs
+    metrics = ckpt.MetricsLog(str(tmp_path), ["tensorboard"], resume_step=4)
+    metrics.append(again := {"step": 6, "loss": 3.0, "mfu": None, "skipped": 1}, "train")
+    metrics.close()
+    assert read_metrics(tmp_path) == windows[:2] + [evaluation, again]
+    assert tensorboard_scalars(tmp_path) == as_scalars(read_metrics(tmp_path))

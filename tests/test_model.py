@@ -36,6 +36,24 @@ def test_vit_b16_has_openclip_shapes():
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
 
 
+@pytest.mark.parametrize("name, params, vision_params, positions, heads, text", [
+    # counted in open_clip_torch 3.3.0's create_model(name) (2026-12-01): the whole model, its
+    # image tower; ViT-H-14 has 14 px patches (a 16 x 16 grid at 224 px) and 80-wide image heads
+    ("ViT-L-16", 427_739_393, 304_089_088, (197, 1024), 16, (768, 12, 12)),
+    ("ViT-H-14", 986_109_441, 632_076_800, (257, 1280), 16, (1024, 16, 24)),
+])
+def test_large_presets_have_openclip_shapes(name, params, vision_params, positions, heads, text):
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+        model = M.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert sum(p.numel() for p in model.visual.parameters()) == vision_params
+    assert model.visual.positional_embedding.shape == positions
+    assert model.visual.blocks[0].attn.heads == heads
+    width, text_heads, layers = text
+    assert (model.text.blocks[0].attn.heads, len(model.text.blocks)) == (text_heads, layers)
+    assert model.text.proj.shape == (width, model.config.embed_dim)
+
+
 def test_vit_b16_masked_forward_and_backward_on_cpu():
     model = M.create_model("ViT-B-16")
     images, tokens = batch(model, 2)
@@ -173,6 +191,48 @@ def test_blocks_compiled_in_place_give_the_eager_features_and_keep_their_names()
         with torch.compiler.set_stance("force_eager"):  # as train.py evaluates: no recompiles
             eager = model.encode_image(images[:3])
             assert torch.allclose(eager, reference.encode_image(images[:3]), atol=1e-5)
+
+
+def loss_grads_and_saved_bytes(model, images, tokens, keep, positions):
+    """(loss, flat gradient, bytes of activations autograd saves for backward) of one training
+    forward and backward; each storage counted once, the parameters' not at all. A checkpointed
+    block's tensors go to the checkpoint's own hooks (innermost wins), so they are not counted."""
+    params, saved = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = M.clip_loss(*model(images, tokens, keep, positions))
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return loss.detach(), grads, sum(n for ptr, n in saved.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_grad_checkpointing_keeps_loss_and_gradients_and_saves_less(compiled):
+    images, tokens = batch(tiny(), 4)
+    keep = masking.keep_indices(4, 8, 0.5, "gaussian", generator=torch.Generator().manual_seed(0))
+    positions = masking.text_keep_indices(tokens, 16, "prioritized")
+    tokens = tokens.gather(1, positions)
+    plain, checkpointed = tiny().train(), tiny().train()
+    checkpointed.set_grad_checkpointing(True)
+    if compiled:  # the blocks compiled in place, as train.py --compile: checkpointed all the same
+        M.compile_blocks(checkpointed)
+    loss, grads, saved = loss_grads_and_saved_bytes(plain, images, tokens, keep, positions)
+    loss_c, grads_c, saved_c = loss_grads_and_saved_bytes(checkpointed, images, tokens, keep,
+                                                          positions)
+    tolerance = 1e-5 if compiled else 1e-6  # compiled kernels round differently; eager recomputes
+    torch.testing.assert_close(loss_c, loss, rtol=0, atol=tolerance)
+    torch.testing.assert_close(grads_c, grads, rtol=0, atol=tolerance)
+    # the 8 blocks' activations are recomputed in backward, not saved: what is left is the patch
+    # embedding, ln_pre, ln_post, the projections and the loss
+    assert saved_c < saved / 4, (saved_c, saved)
+    with torch.no_grad():  # no gradients, nothing to recompute: the same features either way
+        for a, b in zip(checkpointed(images, tokens, keep, positions),
+                        plain(images, tokens, keep, positions)):
+            torch.testing.assert_close(a, b, rtol=0, atol=tolerance)
 
 
 def test_the_image_towers_residual_stream_is_in_the_activation_dtype():

@@ -2,6 +2,8 @@
 tuning, bad input."""
 
 import fcntl
+import glob
+import importlib.util
 import io
 import json
 import math
@@ -24,7 +26,7 @@ import model as M
 import photographer
 import train
 from eval import evaluate_folder
-from conftest import synthetic_batch
+from conftest import as_scalars, synthetic_batch, tensorboard_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220),
@@ -189,24 +191,42 @@ def test_sync_debug_needs_cuda_and_raises_only_inside_its_block(monkeypatch, cap
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     with pytest.raises(RuntimeError):
-        with train.syncs_raise(True):
+        with M.syncs_raise(True):
             raise RuntimeError("a step that failed")
-    with train.syncs_raise(False):
+    with M.syncs_raise(False):
         pass
     assert modes == ["error", "default"]  # set for the step, and set back even when it raised
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
-    out = tmp_path / "ddp.json"
+@pytest.fixture(scope="module")
+def two_gloo_ranks(tmp_path_factory):
+    """tests/ddp_check.py's results: each case's differences from one process's loss and
+    gradients on 2 gloo ranks."""
+    out = tmp_path_factory.mktemp("ddp") / "ddp.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", os.path.join(ROOT, "tests", "ddp_check.py"),
                            str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env=os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", ["global", "global, accum 2"])
+def test_two_gloo_ranks_equal_one_process(two_gloo_ranks, case):
+    result = two_gloo_ranks[case]
     assert result["loss_diff"] < 1e-5
     assert result["grad_diff"] < 1e-5 * max(1.0, result["grad_scale"]), result
+
+
+@pytest.mark.parametrize("case", ["local", "local, accum 2"])
+def test_local_loss_has_the_global_loss_and_gradients_with_logits_over_world_size(two_gloo_ranks,
+                                                                                  case):
+    result = two_gloo_ranks[case]
+    assert result["loss_diff"] < 1e-5  # the mean of the two ranks' shares
+    assert result["grad_diff"] < 1e-5 * max(1.0, result["grad_scale"]), result
+    # each rank's 4 images against all 8 texts: (4, 8), where the global loss makes (8, 8)
+    assert result["logits"] == two_gloo_ranks["global"]["logits"] / 2 == 4 * 8
 
 
 def test_resume_follows_the_uninterrupted_run(shards, tmp_path):
@@ -258,6 +278,30 @@ def test_the_crop_scale_and_resampling_flags_reach_the_loader(shards, tmp_path, 
         train.main(start_args(shards, tmp_path, "--crop-scale", "0.5", "1.0",
                               "--dataset-resampled"))
     assert seen == {"scale": (0.5, 1.0), "resampled": True}
+
+
+def test_grad_checkpointing_and_local_loss_reach_every_training_step(shards, tmp_path,
+                                                                     monkeypatch):
+    checkpointed, shares = [], []
+
+    def counted(*args, **kwargs):  # torch.utils.checkpoint.checkpoint, as model.run_blocks calls it
+        checkpointed.append(args[0])
+        return checkpoint(*args, **kwargs)
+
+    def share(image_features, *args):  # model.local_clip_loss
+        shares.append(len(image_features))
+        return local_clip_loss(image_features, *args)
+
+    checkpoint, local_clip_loss = M.checkpoint, M.local_clip_loss
+    monkeypatch.setattr(M, "checkpoint", counted)
+    monkeypatch.setattr(M, "local_clip_loss", share)
+    train.main(start_args(shards, tmp_path, "--mask", "gaussian", "--grad-checkpointing",
+                          "--local-loss", "--name", "scaled"))
+    # 2 steps (32 samples, batch 16) x the 4 + 4 blocks of tiny; the loss and gradients are those
+    # of the blocks run plainly (tests/test_model.py) and of the global loss (ddp_check.py)
+    assert len(checkpointed) == 2 * 8 and len(set(map(id, checkpointed))) == 8
+    assert shares == [16, 16]  # one process: its share is the whole batch
+    assert [r["step"] for r in read_metrics(tmp_path / "scaled") if "loss" in r] == [2]
 
 
 def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
@@ -329,6 +373,50 @@ def test_zeroshot_columns_are_eval_pys_unmasked_and_masked_passes(shards, class_
         for metric in ("top1", "top5", "mean_per_class_recall"):
             key = {"top1": "acc1", "top5": "acc5"}.get(metric, metric)
             assert record[f"{prefix}_{metric}"] == pytest.approx(result[key]), (prefix, metric)
+
+
+def test_report_to_tensorboard_gets_every_record_of_metrics_jsonl(shards, class_folder, tmp_path):
+    train.main(start_args(shards, tmp_path, "--zeroshot-data", class_folder, "--log-every", "1",
+                          "--report-to", "tensorboard", "--name", "tb"))
+    records = read_metrics(tmp_path / "tb")
+    assert [r["step"] for r in records] == [1, 2, 2]  # two log windows, then the evaluation
+    scalars = tensorboard_scalars(tmp_path / "tb")
+    assert scalars == as_scalars(records) and {"train/loss", "val/zeroshot_top1"} <= set(scalars)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_report_to_wandb_offline_logs_every_record_of_metrics_jsonl(shards, tmp_path,
+                                                                     monkeypatch):
+    import wandb
+
+    logged, log = [], wandb.Run.log
+
+    def spy(run, data, step=None, **kwargs):
+        logged.append((step, data))
+        return log(run, data, step=step, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "log", spy)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # nothing leaves the machine
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train.main(start_args(shards, tmp_path, "--report-to", "wandb", "--name", "wb"))
+    records = read_metrics(tmp_path / "wb")
+    assert [step for step, _ in logged] == [r["step"] for r in records] == [2]
+    assert logged[0][1] == {f"train/{k}": v for k, v in records[0].items()
+                            if k != "step" and v is not None}
+    offline_runs = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*-wb" / "run-wb.wandb"))
+    assert len(offline_runs) == 1 and b"train/loss" in open(offline_runs[0], "rb").read()
+
+
+@pytest.mark.parametrize("package", ["tensorboard", "wandb"])
+def test_report_to_a_missing_package_is_one_line_before_anything_is_made(package, monkeypatch,
+                                                                         tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed
+    with pytest.raises(SystemExit) as e:
+        train.main(["--report-to", f"{package}", "--log-dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert f"--report-to {package} needs the {package} package" in err and "pip install" in err
+    assert not (tmp_path / "logs").exists()
 
 
 def test_two_ranks_share_one_run_folder_and_tokenizer_when_their_clocks_differ(
@@ -483,6 +571,7 @@ def test_which_checkpoints_are_kept(flags, kept, shards, tmp_path):
      "smaller than one global batch"),
     (["--pretrained", "/nonexistent/epoch_1.pt"], "no such file"),
     (["--resume", "latest"], "--name"),
+    (["--report-to", "tensorboard,mlflow"], "--report-to must be tensorboard, wandb or both"),
 ])
 def test_bad_flags_exit_2_with_one_line_before_anything_is_made(args, words, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
