@@ -94,26 +94,30 @@ def textured_background(size, rng):
     return np.clip(base + 50 * smooth + grain, 0, 255).astype(np.uint8)
 
 
-def render(rng, label, size, layout):
+def render(rng, label, size, layout, distractors=True):
     """One size x size PIL image of class `label`: the subject (placed as `layout` says) and 2-4
-    small distractors along the edges."""
+    small distractors along the edges. distractors=False leaves them out but draws the same
+    random numbers: the same image without them (the control of docs/results.md#sigma)."""
     ss = 2 * size  # draw at twice the size, then average 2x2 blocks: smooth edges
     img = Image.fromarray(textured_background(size, rng)).resize((ss, ss), Image.NEAREST)
     draw = ImageDraw.Draw(img)
 
-    def put(colour, shape, cx, cy, r):
+    def put(colour, shape, cx, cy, r, show=True):
         jittered = np.array(COLOURS[colour]) + rng.integers(-12, 13, 3)
         fill = tuple(int(v) for v in np.clip(jittered, 0, 255))
         if shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+            if show:
+                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         else:
-            draw.polygon(shape_points(shape, cx, cy, r, rng.uniform(-0.25, 0.25)), fill=fill)
+            points = shape_points(shape, cx, cy, r, rng.uniform(-0.25, 0.25))
+            if show:
+                draw.polygon(points, fill=fill)
 
     # distractors: other classes, small, in a band along a random edge
     for _ in range(rng.integers(2, 5)):
         colour, shape = CLASSES[(label + rng.integers(1, len(CLASSES))) % len(CLASSES)]
         r = rng.uniform(*DISTRACTOR_SIZE) * ss / 2
-        put(colour, shape, *near_a_side(rng, ss, r, 0.06), r)
+        put(colour, shape, *near_a_side(rng, ss, r, 0.06), r, show=distractors)
     colour, shape = CLASSES[label]
     put(colour, shape, *subject_disc(rng, ss, layout))
     return img.reduce(2)
@@ -155,14 +159,14 @@ def jpeg_bytes(img, quality=90):
 def generate_part(job):
     """One shard of the train split or one chunk of the test split; seeded by (seed, split, index)
     alone, so the bytes do not depend on how the jobs are spread over processes."""
-    out, split, index, start, count, size, layout, seed = job
+    out, split, index, start, count, size, layout, seed, distractors = job
     rng = np.random.default_rng([seed, split == "test", index])
     if split == "train":
         shard = os.path.join(out, "train", f"shard-{index:04d}.tar")
         with wds.TarWriter(shard, encoder=False, mtime=0) as tar:
             for i in range(start, start + count):
                 label = int(rng.integers(len(CLASSES)))
-                img = render(rng, label, size, layout)
+                img = render(rng, label, size, layout, distractors)
                 tar.write({"__key__": f"{i:08d}", "jpg": jpeg_bytes(img),
                            "txt": caption(rng, label, layout).encode(), "cls": str(label).encode()})
     else:
@@ -170,7 +174,7 @@ def generate_part(job):
             label = i % len(CLASSES)  # balanced
             folder = os.path.join(out, "test", "_".join(CLASSES[label]))
             with open(os.path.join(folder, f"{i:06d}.jpg"), "wb") as f:
-                f.write(jpeg_bytes(render(rng, label, size, layout)))
+                f.write(jpeg_bytes(render(rng, label, size, layout, distractors)))
 
 
 def cache_root():
@@ -180,19 +184,20 @@ def cache_root():
 
 
 def builtin_dataset(layout="centered", root=None, num_train=NUM_TRAIN, num_test=NUM_TEST,
-                    image_size=64, seed=0):
+                    image_size=64, seed=0, distractors=True):
     """Generate (once; cached under root, default $GDMFLIP_DATA or ~/.cache/gdm-flip) the built-in
     dataset and return {"train": shard pattern, "test": ImageFolder dir, "classnames": [...],
     "templates": [...]}. "centered" puts the subject near the centre as a photographer would;
     "uniform" anywhere its whole disc fits (which still covers the centre most often); "edge"
-    against one side (the control where centring should hurt)."""
+    against one side (the control where centring should hurt). distractors=False: the same images
+    without the small shapes along the edges."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if num_train < 1 or num_test < 1:
         raise ValueError("num_train and num_test must be positive")
     root = root or cache_root()
     name = (f"photographer-{layout}-{num_train}-{num_test}-{image_size}px-seed{seed}"
-            f"-v{GENERATOR_VERSION}")
+            f"{'' if distractors else '-nodistractors'}-v{GENERATOR_VERSION}")
     out = os.path.join(root, name)
     num_shards = math.ceil(num_train / SHARD_SIZE)
     result = {"train": os.path.join(out, "train", "shard-{0000..%04d}.tar" % (num_shards - 1)),
@@ -213,9 +218,10 @@ def builtin_dataset(layout="centered", root=None, num_train=NUM_TRAIN, num_test=
     with open(os.path.join(tmp, "test", "templates.txt"), "w") as f:
         f.write("\n".join(TEMPLATES) + "\n")
     jobs = [(tmp, "train", k, k * SHARD_SIZE, min(SHARD_SIZE, num_train - k * SHARD_SIZE),
-             image_size, layout, seed) for k in range(num_shards)]
+             image_size, layout, seed, distractors) for k in range(num_shards)]
     jobs += [(tmp, "test", k, k * SHARD_SIZE, min(SHARD_SIZE, num_test - k * SHARD_SIZE),
-              image_size, layout, seed) for k in range(math.ceil(num_test / SHARD_SIZE))]
+              image_size, layout, seed, distractors)
+             for k in range(math.ceil(num_test / SHARD_SIZE))]
     processes = min(os.cpu_count() or 1, len(jobs))
     t0 = time.time()
     try:
@@ -246,10 +252,12 @@ def main(argv=None):
                    help="test images (balanced over the 36 classes)")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--no-distractors", action="store_true",
+                   help="the same images without the small shapes along the edges")
     args = p.parse_args(argv)
     try:
         d = builtin_dataset(args.layout, args.root, args.num_train, args.num_test, args.image_size,
-                            args.seed)
+                            args.seed, not args.no_distractors)
     except (OSError, ValueError) as e:
         sys.exit(f"photographer.py: error: {e}")
     print(f"train: {d['train']}\ntest:  {d['test']}")

@@ -67,3 +67,16 @@ def test_subject_placement_follows_the_layout():
     cx, cy, r = discs["edge"].T
     # against a side
     assert (np.minimum.reduce([cx, cy, ss - cx, ss - cy]) - r <= 0.04 * ss + 1e-9).all()
+
+
+def test_distractors_false_draws_the_same_image_without_the_edge_shapes():
+    size, inner = 64, slice(16, 48)  # distractors reach at most ~0.24 of the side inward
+    differ = 0
+    for seed in range(20):
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        with_them = np.asarray(photographer.render(a, seed % 36, size, "centered"), np.int16)
+        without = np.asarray(photographer.render(b, seed % 36, size, "centered", False), np.int16)
+        assert a.random() == b.random()  # the same random numbers were drawn
+        assert (with_them[inner, inner] == without[inner, inner]).all()
+        differ += (np.abs(with_them - without).sum(-1) > 60).sum() > 10
+    assert differ >= 18  # the edge shapes are gone (the subject may hide one or two)
