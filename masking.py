@@ -106,6 +106,16 @@ def coverage(grid_size, ratio, sigma, floor=0.01):
     return (p < floor).double().mean().item(), p.min().item()
 
 
+def position_shift(grid_size, ratio, sigma):
+    """How far the positions training encodes are from those unmasked inference encodes: the total
+    variation distance between keep_probability / K (where a kept token sits) and 1 / N (every
+    patch once). 0 for random masking; 1 would mean training never saw any position inference
+    uses. Unlike `coverage`, it counts a patch kept 8% of the time where the average is 25% as
+    under-trained too (docs/results.md#sigma)."""
+    p = keep_probability(grid_size, ratio, "gaussian", sigma).flatten()
+    return 0.5 * (p / p.sum() - 1 / p.numel()).abs().sum().item()
+
+
 def auto_sigma(grid_size, ratio, floor=0.01, sigma=0.2):
     """`--sigma auto`: the paper's sigma where every patch keeps a keep probability of at least
     `floor`; where it does not (high ratios: 91.8% of 14 x 14 at 0.2 leaves 65% of the patches

@@ -257,7 +257,7 @@ def coverage_table(grids=(14, 8), ratios=COVERAGE_RATIOS, sigmas=COVERAGE_SIGMAS
                    seed=0):
     """Markdown rows: per grid and ratio, for each sigma the share of patches kept less than 1% of
     the time and the smallest keep probability (masking.coverage), then the share measured over
-    `samples` draws of keep_indices."""
+    `samples` draws of keep_indices; then a table of masking.position_shift."""
     lines = ["| grid, ratio (kept) | " + " | ".join(f"sigma {s:g}" for s in sigmas) + " |",
              "|---|" + "---|" * len(sigmas)]
     for grid in grids:
@@ -269,15 +269,21 @@ def coverage_table(grids=(14, 8), ratios=COVERAGE_RATIOS, sigmas=COVERAGE_SIGMAS
                 cells.append(f"{share:.0%} / {least:.3f} ({drawn.double().mean().item():.0%})")
             kept = masking.num_kept(grid, ratio)
             lines.append(f"| {grid} x {grid}, {ratio:.1%} ({kept}) | " + " | ".join(cells) + " |")
+    lines += ["", "position shift (masking.position_shift):", "", lines[0], lines[1]]
+    for grid in grids:
+        for ratio in ratios:
+            cells = [f"{masking.position_shift(grid, ratio, sigma):.2f}" for sigma in sigmas]
+            kept = masking.num_kept(grid, ratio)
+            lines.append(f"| {grid} x {grid}, {ratio:.1%} ({kept}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def coverage_figure(grids=(14, 8), ratios=COVERAGE_RATIOS):
     """Against sigma, a column per grid: the share of the patches kept less than 1% of the time
-    (top) and the smallest keep probability (bottom), a curve per ratio, `--sigma auto`'s choice
-    dotted."""
+    (top), the smallest keep probability (middle) and the position shift (bottom), a curve per
+    ratio, `--sigma auto`'s choice dotted."""
     sigmas = np.geomspace(0.03, 3, 60)
-    fig, axes = plt.subplots(2, len(grids), figsize=(5.2 * len(grids), 6.4), squeeze=False,
+    fig, axes = plt.subplots(3, len(grids), figsize=(5.2 * len(grids), 9.0), squeeze=False,
                              sharex=True)
     for col, grid in enumerate(grids):
         for i, ratio in enumerate(ratios):
@@ -285,6 +291,8 @@ def coverage_figure(grids=(14, 8), ratios=COVERAGE_RATIOS):
             label = f"{ratio:.1%} masking ({masking.num_kept(grid, ratio)} kept)"
             axes[0, col].plot(sigmas, share, color=f"C{i}", label=label)
             axes[1, col].plot(sigmas, np.maximum(least, 1e-4), color=f"C{i}")
+            shift = [masking.position_shift(grid, ratio, s) for s in sigmas]
+            axes[2, col].plot(sigmas, shift, color=f"C{i}")
             for ax in axes[:, col]:
                 ax.axvline(masking.auto_sigma(grid, ratio), color=f"C{i}", linestyle=":")
         for ax in axes[:, col]:
@@ -294,8 +302,10 @@ def coverage_figure(grids=(14, 8), ratios=COVERAGE_RATIOS):
                          ylim=(-0.02, 1))
         axes[0, col].legend(fontsize=8)
         axes[1, col].axhline(0.01, color="black", linewidth=0.8)
-        axes[1, col].set(xscale="log", yscale="log", xlabel="sigma (a variance)",
+        axes[1, col].set(xscale="log", yscale="log",
                          ylabel="smallest keep probability (floor 1e-4)")
+        axes[2, col].set(xlabel="sigma (a variance)", ylim=(0, 1),
+                         ylabel="position shift (train vs unmasked)")
     fig.suptitle("Gaussian masking's coverage of the patch grid (dashed: the paper's sigma 0.2; "
                  "dotted: --sigma auto)", fontsize=10)
     fig.tight_layout()

@@ -231,3 +231,19 @@ def test_auto_sigma_keeps_the_papers_sigma_until_patches_go_untrained():
         assert 0.6 < sigma < 1.0
         assert masking.coverage(grid, 0.918, sigma)[1] >= 0.01  # every patch kept >= 1%
         assert masking.coverage(grid, 0.918, 0.95 * sigma)[1] < 0.01  # and no flatter than that
+
+
+def test_position_shift_is_the_distance_of_trained_positions_from_every_patch_once():
+    g = torch.Generator().manual_seed(0)
+    for grid, ratio, sigma in [(8, 0.75, 0.1), (8, 0.918, 0.2), (14, 0.75, 0.8)]:
+        n = grid * grid
+        keep = masking.keep_indices(4000, grid, ratio, "gaussian", sigma, generator=g)
+        where = torch.bincount(keep.flatten(), minlength=n).double() / keep.numel()
+        drawn = 0.5 * (where - 1 / n).abs().sum().item()  # measured over draws
+        # keep_probability's large-N approximation is off by ~0.03 at 5 kept of 64
+        assert masking.position_shift(grid, ratio, sigma) == pytest.approx(drawn, abs=0.04)
+    # more centred or more masked: further from unmasked inference; a flat Gaussian is FLIP's
+    shifts = [masking.position_shift(8, 0.75, s) for s in (0.1, 0.2, 0.4, 0.8)]
+    assert shifts == sorted(shifts, reverse=True) and shifts[0] > 0.35
+    assert masking.position_shift(8, 0.918, 0.2) > masking.position_shift(8, 0.75, 0.2)
+    assert masking.position_shift(14, 0.5, 100.0) < 0.01

@@ -223,3 +223,6 @@ def test_coverage_figure_and_table(tmp_path, capsys):
     assert "| 14 x 14, 91.8% (16) |" in table and "| 8 x 8, 91.8% (5) |" in table
     row = next(line for line in table.splitlines() if line.startswith("| 14 x 14, 91.8%"))
     assert row.split(" | ")[3].startswith("65% / 0.000")  # sigma 0.2: 65% of patches under 1%
+    shifts = table.split("position shift")[1]
+    row = next(line for line in shifts.splitlines() if line.startswith("| 8 x 8, 75.0%"))
+    assert row.split(" | ")[2] == f"{masking.position_shift(8, 0.75, 0.1):.2f}"  # sigma 0.1
