@@ -32,9 +32,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 from PIL import Image
 
+import checkpoint
 import data
+import eval as zeroshot  # `eval` would shadow the builtin
 import masking
 import photographer
 
@@ -135,6 +138,65 @@ def subject_kept(layout, ratio, sigma=0.2, n=2000, image_size=64, grid=8, seed=0
     cover = cover.reshape(grid, ss // grid, grid, ss // grid).sum((1, 3))  # per patch
     keep = np.asarray(masking.keep_probability(grid, ratio, "gaussian", sigma))
     return float((cover * keep).sum() / cover.sum())
+
+
+# ----------------------------------------------------------------------------- where unmasked
+# inference breaks
+
+
+def patch_sets(grid, ratio, sigma, floor=0.01, sizes=(16, 36)):
+    """The patch sets of inference_breakdown: {"central m": the m patches nearest the centre (those
+    Gaussian masking keeps most often), for m = K (training's count) and `sizes`; "covered": those
+    it keeps at least `floor` of the time (absent where that is every patch)}, and for each other
+    patch the covered patch nearest to it (a dict)."""
+    p = masking.keep_probability(grid, ratio, "gaussian", sigma).flatten()
+    centre = masking.gaussian_pdf(grid, 1.0)  # radial: the same order as any sigma's
+    order = centre.argsort(descending=True, stable=True)
+    sets = {f"central {m}": order[:m].sort().values
+            for m in sorted({masking.num_kept(grid, ratio), *sizes}) if m < grid * grid}
+    covered = torch.nonzero(p >= floor).flatten()
+    if len(covered) < grid * grid:
+        sets["covered"] = covered
+    yx = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"))
+    yx = yx.flatten(1).T.double()  # (N, 2) row and column of each patch
+    nearest = {int(i): int(covered[(yx[covered] - yx[i]).norm(dim=1).argmin()])
+               for i in torch.nonzero(p < floor).flatten()}
+    return sets, nearest
+
+
+@torch.no_grad()
+def inference_breakdown(run_dir, test_dir, floor=0.01):
+    """Zero-shot top-1 of a masked run's last checkpoint fed, for every test image: every patch;
+    each patch set of patch_sets; every patch again, with each position kept less than `floor` of
+    the time given the positional embedding of its nearest covered neighbour. If that last one
+    recovers masked inference, never-trained positions broke unmasked inference; if only the
+    smaller sets do, it is the extra patches (docs/results.md#sigma)."""
+    with open(os.path.join(run_dir, "args.json")) as f:
+        a = json.load(f)
+    path = os.path.join(run_dir, "checkpoints", "epoch_latest.pt")
+    model, tokenizer = checkpoint.load_checkpoint(path)
+    dataset = data.ImageFolder(test_dir, data.eval_crop(model.config.image_size))
+    classifier = zeroshot.build_classifier(
+        model, tokenizer, zeroshot.folder_classnames(test_dir, dataset.classes),
+        zeroshot.read_lines(os.path.join(test_dir, "templates.txt")), "cpu", quiet=True)
+    loader = zeroshot.make_loader(dataset, 256, 1, "cpu")
+
+    def top1(keep=None):
+        if keep is not None:
+            keep = keep.expand(len(dataset), -1)
+        return zeroshot.zero_shot_classification(model, classifier, loader, "cpu", keep,
+                                                 quiet=True)["acc1"]
+
+    sigma = a["sigma"] if a["mask"] == "gaussian" else 1e6  # random masking: a flat Gaussian
+    sets, nearest = patch_sets(model.visual.grid_size, a["ratio"], sigma, floor)
+    result = {"every patch": top1()} | {name: top1(keep) for name, keep in sets.items()}
+    if nearest:
+        pos = model.visual.positional_embedding  # (1 + N, D): row 0 is the class token's
+        trained = pos.clone()
+        for i, j in nearest.items():
+            pos[1 + i] = trained[1 + j]
+        result["every patch, nearest covered position"] = top1()
+    return result
 
 
 # ----------------------------------------------------------------------------- runs
@@ -273,6 +335,27 @@ def table(rows):
     return "\n".join(lines)
 
 
+def breakdown_table(runs, test_dirs):
+    """inference_breakdown of each run folder as a Markdown table, mean +- std over the seeds of
+    each configuration (folders that differ only in their -s<seed> suffix)."""
+    groups = {}
+    for run, test_dir in zip(runs, test_dirs):
+        label = os.path.basename(os.path.normpath(run))
+        groups.setdefault(label.rsplit("-s", 1)[0], []).append(inference_breakdown(run, test_dir))
+    columns = ["every patch", "central K", "central 16", "central 36", "covered",
+               "every patch, nearest covered position"]
+    lines = ["| run | " + " | ".join(columns) + " | seeds |", "|---|" + "---|" * (len(columns) + 1)]
+    for label, results in groups.items():
+        cells = []
+        for column in columns:
+            if column == "central K":  # training's own count, the first central set
+                column = next(k for k in results[0] if k.startswith("central"))
+            full = results[0]["every patch"] if column in ("central 64", "covered") else None
+            cells.append(mean_std([r.get(column, full) for r in results]))
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(results)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = data.OneLineParser(prog="repro.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="centered",
@@ -294,10 +377,30 @@ def main(argv=None):
                    "--ratios")
     p.add_argument("--sigmas", type=float, nargs="+", help="GDM-FLIP at each of these sigmas (the "
                    "sweep of docs/results.md#sigma) beside FLIP at --ratios, no CLIP row")
+    p.add_argument("--breakdown", nargs="+", metavar="RUN", help="no training: zero-shot top-1 of "
+                   "these masked runs fed every patch, the central K (training's count), 16 and "
+                   "36, the covered patches, and every patch with covered positions "
+                   "(inference_breakdown)")
+    p.add_argument("--no-distractors", action="store_true", help="with --breakdown: on the test "
+                   "split of the same images without the small shapes along the edges")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each with cores/jobs threads")
     p.add_argument("--log-dir", default="logs/repro", help="where the runs go")
     args = p.parse_args(argv)
+
+    if args.breakdown:
+        test_dirs = []
+        for run in args.breakdown:
+            try:
+                with open(os.path.join(run, "args.json")) as f:
+                    layout = json.load(f)["builtin_layout"]
+            except (OSError, KeyError, ValueError):
+                sys.exit(f"repro.py: error: {run} is not a run on the built-in dataset "
+                         "(no args.json with builtin_layout)")
+            test_dirs.append(photographer.builtin_dataset(
+                layout, distractors=not args.no_distractors)["test"])
+        print(breakdown_table(args.breakdown, test_dirs))
+        return
 
     if args.dataset == "fashion-mnist":
         try:

@@ -7,6 +7,7 @@ import os
 import tarfile
 
 import numpy as np
+import torch
 
 import data
 import photographer
@@ -88,3 +89,69 @@ def test_reclip_sizes_have_as_many_patches_as_the_masking_they_face():
         assert masking.num_kept(8, ratio) == (size // 8) ** 2  # 36, 16, 9 of tiny's 64 patches
     # the paper's 91.8%: 16 of ViT-B/16's 196, a 64 px image's patches
     assert masking.num_kept(14, 0.918) == 16
+
+
+def test_patch_sets_are_the_central_the_covered_and_the_nearest_covered_patches():
+    sets, nearest = repro.patch_sets(8, 0.918, 0.2)
+    assert list(sets) == ["central 5", "central 16", "central 36", "covered"]
+    central = [set(sets[f"central {m}"].tolist()) for m in (5, 16, 36)]
+    assert central[0] < central[1] < central[2]
+    assert central[1] == {r * 8 + c for r in range(2, 6) for c in range(2, 6)}  # the middle 4 x 4
+    p = masking.keep_probability(8, 0.918, "gaussian", 0.2).flatten()
+    covered = set(sets["covered"].tolist())
+    assert covered == {i for i in range(64) if p[i] >= 0.01} and 0 < len(covered) < 64
+    assert set(nearest) == set(range(64)) - covered
+    for i, j in nearest.items():  # the covered patch at the least grid distance
+        dist = lambda a: (a // 8 - i // 8) ** 2 + (a % 8 - i % 8) ** 2  # noqa: E731
+        assert j in covered and dist(j) == min(map(dist, covered))
+    sets, nearest = repro.patch_sets(8, 0.75, 0.2)  # at 75% every patch is covered
+    assert "covered" not in sets and nearest == {}
+
+
+def test_inference_breakdown_feeds_each_patch_set_then_the_nearest_covered_positions(
+        tiny, tmp_path, monkeypatch):
+    model, _, path = tiny
+    run = tmp_path / "centered-gdmflip-0.918-s0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "epoch_latest.pt").write_bytes(path.read_bytes())
+    (run / "args.json").write_text(json.dumps({"mask": "gaussian", "ratio": 0.918, "sigma": 0.2}))
+    test_dir = photographer.builtin_dataset(root=str(tmp_path / "data"), num_train=1,
+                                            num_test=72)["test"]
+    fed, score = [], zeroshot.zero_shot_classification
+
+    def spy(model, classifier, loader, device, keep=None, **kw):
+        fed.append((None if keep is None else keep[0].tolist(),
+                    model.visual.positional_embedding.detach().clone()))
+        return score(model, classifier, loader, device, keep, **kw)
+
+    monkeypatch.setattr(zeroshot, "zero_shot_classification", spy)
+    result = repro.inference_breakdown(str(run), test_dir)
+    sets, nearest = repro.patch_sets(8, 0.918, 0.2)
+    assert list(result) == ["every patch", *sets, "every patch, nearest covered position"]
+    assert [keep for keep, _ in fed] == [None, *(s.tolist() for s in sets.values()), None]
+    trained = model.visual.positional_embedding.detach()
+    assert all(torch.equal(pos, trained) for _, pos in fed[:-1])
+    moved = fed[-1][1]
+    for i, j in nearest.items():  # each uncovered position wears its nearest covered neighbour's
+        assert torch.equal(moved[1 + i], trained[1 + j])
+    assert torch.equal(moved[0], trained[0])
+    monkeypatch.undo()
+    assert result["every patch"] == zeroshot.evaluate_folder(
+        *repro.checkpoint.load_checkpoint(str(run / "checkpoints" / "epoch_latest.pt")), test_dir,
+        workers=1, quiet=True)["acc1"]
+
+
+def test_breakdown_table_groups_seeds_and_puts_trainings_count_in_its_own_column(monkeypatch):
+    results = {"a-0.918-s0": {"every patch": 0.1, "central 5": 0.3, "central 16": 0.2,
+                              "central 36": 0.15, "covered": 0.25,
+                              "every patch, nearest covered position": 0.12},
+               "a-0.918-s1": {"every patch": 0.2, "central 5": 0.5, "central 16": 0.3,
+                              "central 36": 0.25, "covered": 0.35,
+                              "every patch, nearest covered position": 0.14},
+               "b-0.75-s0": {"every patch": 0.4, "central 16": 0.6, "central 36": 0.5}}
+    monkeypatch.setattr(repro, "inference_breakdown", lambda run, test_dir: results[run])
+    lines = repro.breakdown_table(list(results), [None] * 3).splitlines()
+    assert lines[2] == ("| a-0.918 | 15.0 +- 7.1 | 40.0 +- 14.1 | 25.0 +- 7.1 | 20.0 +- 7.1 | "
+                        "30.0 +- 7.1 | 13.0 +- 1.4 | 2 |")
+    # at 75% training's count is 16 of 64, and every patch is covered
+    assert lines[3] == "| b-0.75 | 40.0 | 60.0 | 60.0 | 50.0 | 40.0 | - | 1 |"
