@@ -350,8 +350,9 @@ def breakdown_table(runs, test_dirs):
         for column in columns:
             if column == "central K":  # training's own count, the first central set
                 column = next(k for k in results[0] if k.startswith("central"))
-            full = results[0]["every patch"] if column in ("central 64", "covered") else None
-            cells.append(mean_std([r.get(column, full) for r in results]))
+            # "covered" is absent where every patch is: then it is "every patch"
+            cells.append(mean_std([r.get(column, r["every patch"] if column == "covered" else None)
+                                   for r in results]))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(results)} |")
     return "\n".join(lines)
 

@@ -148,10 +148,12 @@ def test_breakdown_table_groups_seeds_and_puts_trainings_count_in_its_own_column
                "a-0.918-s1": {"every patch": 0.2, "central 5": 0.5, "central 16": 0.3,
                               "central 36": 0.25, "covered": 0.35,
                               "every patch, nearest covered position": 0.14},
-               "b-0.75-s0": {"every patch": 0.4, "central 16": 0.6, "central 36": 0.5}}
+               "b-0.75-s0": {"every patch": 0.4, "central 16": 0.6, "central 36": 0.5},
+               "b-0.75-s1": {"every patch": 0.2, "central 16": 0.6, "central 36": 0.5}}
     monkeypatch.setattr(repro, "inference_breakdown", lambda run, test_dir: results[run])
-    lines = repro.breakdown_table(list(results), [None] * 3).splitlines()
+    lines = repro.breakdown_table(list(results), [None] * 4).splitlines()
     assert lines[2] == ("| a-0.918 | 15.0 +- 7.1 | 40.0 +- 14.1 | 25.0 +- 7.1 | 20.0 +- 7.1 | "
                         "30.0 +- 7.1 | 13.0 +- 1.4 | 2 |")
     # at 75% training's count is 16 of 64, and every patch is covered
-    assert lines[3] == "| b-0.75 | 40.0 | 60.0 | 60.0 | 50.0 | 40.0 | - | 1 |"
+    assert lines[3] == ("| b-0.75 | 30.0 +- 14.1 | 60.0 +- 0.0 | 60.0 +- 0.0 | 50.0 +- 0.0 | "
+                        "30.0 +- 14.1 | - | 2 |")
