@@ -67,7 +67,7 @@ def parse_args(argv=None):
       default=0.2,
       help="Gaussian masking's sigma: a variance, as in the paper's code; auto: the paper's 0.2 "
       "unless it leaves patches kept under 1%% of the time, else the smallest sigma that does not "
-      "(masking.auto_sigma)")
+      "(masking.auto_sigma; where it helps and where not: docs/results.md#picking-sigma)")
     a("--text-length", type=COUNT, help="text tokens per caption in training (FLIP's text masking; "
       "default: the whole context); evaluation reads the whole caption")
     a("--text-mask", default="truncate", choices=masking.TEXT_MODES, help="which tokens "
