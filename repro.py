@@ -394,12 +394,15 @@ def main(argv=None):
         for run in args.breakdown:
             try:
                 with open(os.path.join(run, "args.json")) as f:
-                    layout = json.load(f)["builtin_layout"]
-            except (OSError, KeyError, ValueError):
+                    run_args = json.load(f)
+            except (OSError, ValueError):
+                run_args = {}
+            # a run on --train-data records the default layout too, yet never saw it
+            if run_args.get("train_data") is not None or "builtin_layout" not in run_args:
                 sys.exit(f"repro.py: error: {run} is not a run on the built-in dataset "
-                         "(no args.json with builtin_layout)")
+                         "(no args.json with builtin_layout and no --train-data)")
             test_dirs.append(photographer.builtin_dataset(
-                layout, distractors=not args.no_distractors)["test"])
+                run_args["builtin_layout"], distractors=not args.no_distractors)["test"])
         print(breakdown_table(args.breakdown, test_dirs))
         return
 

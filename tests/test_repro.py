@@ -7,6 +7,7 @@ import os
 import tarfile
 
 import numpy as np
+import pytest
 import torch
 
 import data
@@ -157,3 +158,14 @@ def test_breakdown_table_groups_seeds_and_puts_trainings_count_in_its_own_column
     # at 75% training's count is 16 of 64, and every patch is covered
     assert lines[3] == ("| b-0.75 | 30.0 +- 14.1 | 60.0 +- 0.0 | 60.0 +- 0.0 | 50.0 +- 0.0 | "
                         "30.0 +- 14.1 | - | 2 |")
+
+
+def test_breakdown_refuses_runs_not_on_the_builtin_dataset(tmp_path, capsys):
+    real = tmp_path / "real-data-run"  # train.py records the default layout for these too
+    real.mkdir()
+    (real / "args.json").write_text(json.dumps({"train_data": "/data/cc12m/{0000..0001}.tar",
+                                                "builtin_layout": "centered"}))
+    for run in (real, tmp_path / "missing"):
+        with pytest.raises(SystemExit) as e:
+            repro.main(["--breakdown", str(run)])
+        assert "is not a run on the built-in dataset" in str(e.value)
