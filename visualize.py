@@ -258,8 +258,9 @@ def coverage_table(grids=(14, 8), ratios=COVERAGE_RATIOS, sigmas=COVERAGE_SIGMAS
     """Markdown rows: per grid and ratio, for each sigma the share of patches kept less than 1% of
     the time and the smallest keep probability (masking.coverage), then the share measured over
     `samples` draws of keep_indices; then a table of masking.position_shift."""
-    lines = ["| grid, ratio (kept) | " + " | ".join(f"sigma {s:g}" for s in sigmas) + " |",
-             "|---|" + "---|" * len(sigmas)]
+    head = ["| grid, ratio (kept) | " + " | ".join(f"sigma {s:g}" for s in sigmas) + " |",
+            "|---|" + "---|" * len(sigmas)]
+    covered, shifted = list(head), list(head)
     for grid in grids:
         for ratio in ratios:
             cells = []
@@ -267,15 +268,11 @@ def coverage_table(grids=(14, 8), ratios=COVERAGE_RATIOS, sigmas=COVERAGE_SIGMAS
                 share, least = masking.coverage(grid, ratio, sigma)
                 drawn = (keep_rate_map(grid, ratio, "gaussian", sigma, samples, seed) < 0.01)
                 cells.append(f"{share:.0%} / {least:.3f} ({drawn.double().mean().item():.0%})")
-            kept = masking.num_kept(grid, ratio)
-            lines.append(f"| {grid} x {grid}, {ratio:.1%} ({kept}) | " + " | ".join(cells) + " |")
-    lines += ["", "position shift (masking.position_shift):", "", lines[0], lines[1]]
-    for grid in grids:
-        for ratio in ratios:
-            cells = [f"{masking.position_shift(grid, ratio, sigma):.2f}" for sigma in sigmas]
-            kept = masking.num_kept(grid, ratio)
-            lines.append(f"| {grid} x {grid}, {ratio:.1%} ({kept}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            shifts = [f"{masking.position_shift(grid, ratio, sigma):.2f}" for sigma in sigmas]
+            row = f"| {grid} x {grid}, {ratio:.1%} ({masking.num_kept(grid, ratio)}) | "
+            covered.append(row + " | ".join(cells) + " |")
+            shifted.append(row + " | ".join(shifts) + " |")
+    return "\n".join(covered + ["", "position shift (masking.position_shift):", ""] + shifted)
 
 
 def coverage_figure(grids=(14, 8), ratios=COVERAGE_RATIOS):
@@ -293,8 +290,9 @@ def coverage_figure(grids=(14, 8), ratios=COVERAGE_RATIOS):
             axes[1, col].plot(sigmas, np.maximum(least, 1e-4), color=f"C{i}")
             shift = [masking.position_shift(grid, ratio, s) for s in sigmas]
             axes[2, col].plot(sigmas, shift, color=f"C{i}")
+            auto = masking.auto_sigma(grid, ratio)
             for ax in axes[:, col]:
-                ax.axvline(masking.auto_sigma(grid, ratio), color=f"C{i}", linestyle=":")
+                ax.axvline(auto, color=f"C{i}", linestyle=":")
         for ax in axes[:, col]:
             ax.axvline(0.2, color="grey", linestyle="--", linewidth=1)
             ax.grid(alpha=0.3)
