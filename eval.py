@@ -321,11 +321,12 @@ def folder_classnames(root, folders, imagenet=False):
 
 def evaluate_folder(model, tokenizer, root, classnames=None, templates=None, batch_size=256,
                     workers=4, device="cpu", mask="none", ratio=0.0, sigma=0.2, views=1,
-                    imagenet=False, precision=None, quiet=False):
+                    imagenet=False, precision=None, quiet=False, patches=None):
     """Zero-shot classification of an image folder (one sub-folder per class, in sorted order); see
     the metrics above. Templates default to the folder's templates.txt if it has one, else the 80
     OpenAI templates. views > 1 classifies the mean of that many masked views of each image (see
-    draw_masks).
+    draw_masks). patches, a (K,) tensor of patch indices, feeds every image that one fixed set
+    instead of a drawn mask (repro.py --breakdown; mask must be "none").
 
     In a torch.distributed process group every rank calls it: rank r encodes images r, r + world,
     ... (each image once, no padding), only rank 0 prints, and every rank returns the same figures a
@@ -334,6 +335,8 @@ def evaluate_folder(model, tokenizer, root, classnames=None, templates=None, bat
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no image folder at {root}")
     check_mask(mask, ratio, sigma, views)
+    if patches is not None and mask != "none":
+        raise ValueError(f"patches is a fixed set of patches instead of a mask; got mask {mask!r}")
     # uint8, normalised on the device
     dataset = data.ImageFolder(root, data.eval_crop(model.config.image_size))
     classnames = classnames or folder_classnames(root, dataset.classes, imagenet)
@@ -351,11 +354,14 @@ def evaluate_folder(model, tokenizer, root, classnames=None, templates=None, bat
     # and CUDA draw different streams)
     keep = draw_masks(len(dataset), model.visual.grid_size, mask, ratio, sigma, device,
                       seeded_generator(device), views)
+    name = pass_name(mask, ratio, sigma, views)
+    if patches is not None:
+        keep, name = patches.to(device).expand(len(dataset), -1), f"{patches.numel()} fixed patches"
     mine = Subset(dataset, range(rank, len(dataset), world))
     loader = make_loader(mine, batch_size, workers, device)
     return zero_shot_classification(model, classifier, loader, device,
                                     None if keep is None else keep[rank::world], precision, quiet,
-                                    f"images ({pass_name(mask, ratio, sigma, views)})")
+                                    f"images ({name})")
 
 
 def training_record(model, tokenizer, root, mask="none", ratio=0.0, sigma=0.2, **settings):

@@ -175,17 +175,10 @@ def inference_breakdown(run_dir, test_dir, floor=0.01):
         a = json.load(f)
     path = os.path.join(run_dir, "checkpoints", "epoch_latest.pt")
     model, tokenizer = checkpoint.load_checkpoint(path)
-    dataset = data.ImageFolder(test_dir, data.eval_crop(model.config.image_size))
-    classifier = zeroshot.build_classifier(
-        model, tokenizer, zeroshot.folder_classnames(test_dir, dataset.classes),
-        zeroshot.read_lines(os.path.join(test_dir, "templates.txt")), "cpu", quiet=True)
-    loader = zeroshot.make_loader(dataset, 256, 1, "cpu")
 
-    def top1(keep=None):
-        if keep is not None:
-            keep = keep.expand(len(dataset), -1)
-        return zeroshot.zero_shot_classification(model, classifier, loader, "cpu", keep,
-                                                 quiet=True)["acc1"]
+    def top1(patches=None):
+        return zeroshot.evaluate_folder(model, tokenizer, test_dir, workers=1, quiet=True,
+                                        patches=patches)["acc1"]
 
     sigma = a["sigma"] if a["mask"] == "gaussian" else 1e6  # random masking: a flat Gaussian
     sets, nearest = patch_sets(model.visual.grid_size, a["ratio"], sigma, floor)

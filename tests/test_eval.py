@@ -317,6 +317,22 @@ def test_one_view_is_the_single_masked_pass(tiny, folder):
         zeroshot.evaluate_folder(model, tok, str(folder), views=2, workers=0, quiet=True)
 
 
+def test_fixed_patches_feed_every_image_the_same_set(tiny, folder, monkeypatch):
+    model, tok, _ = tiny
+    patches, fed, score = torch.tensor([0, 9, 27, 36, 63]), [], zeroshot.zero_shot_classification
+
+    def spy(model, classifier, loader, device, keep=None, *rest, **kw):
+        fed.append(keep)
+        return score(model, classifier, loader, device, keep, *rest, **kw)
+
+    monkeypatch.setattr(zeroshot, "zero_shot_classification", spy)
+    zeroshot.evaluate_folder(model, tok, str(folder), workers=0, quiet=True, patches=patches)
+    assert fed[0].shape == (6, 5) and (fed[0] == patches).all()  # each of the 6 images: the set
+    with pytest.raises(ValueError, match="instead of a mask; got mask 'random'"):
+        zeroshot.evaluate_folder(model, tok, str(folder), mask="random", ratio=0.5, workers=0,
+                                 quiet=True, patches=patches)
+
+
 def test_evaluate_folder_checks_class_names(tiny, folder):
     model, tok, _ = tiny
     with pytest.raises(ValueError, match="1000"):

@@ -120,10 +120,10 @@ def test_inference_breakdown_feeds_each_patch_set_then_the_nearest_covered_posit
                                             num_test=72)["test"]
     fed, score = [], zeroshot.zero_shot_classification
 
-    def spy(model, classifier, loader, device, keep=None, **kw):
+    def spy(model, classifier, loader, device, keep=None, *rest, **kw):
         fed.append((None if keep is None else keep[0].tolist(),
                     model.visual.positional_embedding.detach().clone()))
-        return score(model, classifier, loader, device, keep, **kw)
+        return score(model, classifier, loader, device, keep, *rest, **kw)
 
     monkeypatch.setattr(zeroshot, "zero_shot_classification", spy)
     result = repro.inference_breakdown(str(run), test_dir)
