@@ -23,6 +23,7 @@ OpenCLIP has neither) or a Hugging Face CLIPModel folder; each gives our feature
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import importlib.util
 import json
@@ -32,6 +33,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import sys
 from dataclasses import asdict, replace
 
@@ -48,7 +50,7 @@ TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 EXPECTED = ("expected a torch.save file: a train.py checkpoint, an OpenCLIP checkpoint or a state "
             "dict")
 RESUME_KEYS = {"state_dict", "config", "tokenizer", "optimizer", "epoch", "step"}
-HELD_LOCKS = []  # the run folders' lock files this process holds open
+HELD_LOCKS = {}  # run folder lock file (real path) -> the descriptor that holds it, this process's
 
 
 # ----------------------------------------------------------------------------- reading
@@ -439,23 +441,55 @@ def open_run_folder(run_dir, resume_step, rank, report_to=(), config=None):
 
 
 def take_lock(run_dir):
-    """Hold `lock` in run_dir for as long as this process lives: an exclusive flock, which the
-    kernel releases when the process ends however it ends (kill -9 too), so a dead run's lock is
-    never in the way and two live runs never share the folder. The file also names its owner, for
-    the message. flock holds on local disks and, on Linux, on NFS (emulated with fcntl locks) and
-    the cluster file systems that support it (Lustre mounted with -o flock, GPFS, CephFS)."""
-    path = os.path.join(run_dir, "lock")
+    """Hold `lock` in run_dir for as long as this process lives, so that two live runs never share
+    a folder and a dead run never holds one. The lock is a POSIX record lock (fcntl.lockf), which
+    belongs to this process alone: the kernel releases it when the process ends, however it ends
+    (kill -9 too), and a forked child does not inherit it, so a killed run's dataloader workers,
+    alive for a few seconds after it, do not hold its folder (an flock would live on in them). The
+    file names its owner, for the message. POSIX locks hold on local disks, NFS and the cluster
+    file systems that lock at all (Lustre with -o flock, GPFS, CephFS)."""
+    path = os.path.realpath(os.path.join(run_dir, "lock"))
+    if path in HELD_LOCKS:  # a process does not conflict with its own POSIX locks: ask here
+        raise ValueError(f"{run_dir} is in use by a live run (pid {os.getpid()} on "
+                         f"{socket.gethostname()}, this process; its lock {path}): stop it or "
+                         "pass another --name")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            os.close(fd)
+            raise
         owner = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
+        holder = lock_holder(fd)
+        os.close(fd)  # this process held no lock on the file: closing it frees nothing
+        if holder and not owner.startswith(f"pid {holder} "):
+            owner = f"pid {holder} holds it now; the file names {owner}"
         raise ValueError(f"{run_dir} is in use by a live run ({owner}; its lock {path}): stop it "
                          "or pass another --name") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    HELD_LOCKS.append(fd)  # open, so locked, until this process exits
+    # open until this process exits or release_lock: closing any descriptor of a file drops this
+    # process's POSIX lock on it, so nothing here opens the lock file again
+    HELD_LOCKS[path] = fd
+
+
+def lock_holder(fd):
+    """The pid of the process whose lock on fd's file is in the way (fcntl F_GETLK), or None where
+    the kernel does not say (a pid in another pid namespace reads as 0; other systems' struct)."""
+    if sys.platform != "linux":
+        return None
+    flock = "hh4xqqi4x"  # Linux's struct flock: l_type, l_whence, l_start, l_len, l_pid
+    query = struct.pack(flock, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    kind, _, _, _, pid = struct.unpack(flock, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    return pid if kind != fcntl.F_UNLCK and pid > 0 else None
+
+
+def release_lock(run_dir):
+    """Let go of a run folder this process holds (the end of a run in a process that goes on)."""
+    path = os.path.realpath(os.path.join(run_dir, "lock"))
+    if (fd := HELD_LOCKS.pop(path, None)) is not None:
+        os.close(fd)
 
 
 def write_run_config(run_dir, args, config, world_size, tokenizer=None):

@@ -325,8 +325,21 @@ def setup_distributed(timeout=PROCESS_GROUP_TIMEOUT):
                              "MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n "
                              "1) MASTER_PORT=29500) to start the process group")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world, store=restart_store(world, timeout))
     return rank, local_rank, world, device
+
+
+def restart_store(world, timeout):
+    """The rendezvous store of a rank that torchrun restarted (--max-restarts), else None (env://).
+    torchrun's agent keeps one store for every attempt, and the process group's keys are not
+    named by attempt, so a restarted rank would read the dead ranks' addresses and fail to connect
+    ("Connection refused"): each attempt gets keys of its own."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"gdm-flip/attempt_{attempt}", agent)
 
 
 def rank_and_world():

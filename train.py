@@ -574,6 +574,7 @@ def main(argv=None):
     say(f"done in {(time.time() - t0) / 60:.1f} min; checkpoints and metrics.jsonl in {run_dir}")
     if master:
         metrics.close()
+        ckpt.release_lock(run_dir)
     if world_size > 1:
         dist.destroy_process_group()
 

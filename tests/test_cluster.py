@@ -307,7 +307,7 @@ def hold_lock_in_child(run_dir, then="time.sleep(60)"):
 
 def take_and_free(run_dir):
     ckpt.take_lock(str(run_dir))
-    os.close(ckpt.HELD_LOCKS.pop())
+    ckpt.release_lock(str(run_dir))
 
 
 def test_a_live_run_holds_its_folder_and_a_dead_one_never_does(tmp_path):
@@ -328,6 +328,114 @@ def test_a_live_run_holds_its_folder_and_a_dead_one_never_does(tmp_path):
                     "pid 1 on a-node-that-died", ""]:  # another host's; an empty file
         (tmp_path / "lock").write_text(content)
         take_and_free(tmp_path)
+
+
+def descendants(pid):
+    """{pid: parent pid} of every live process below pid, from /proc."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except (FileNotFoundError, ProcessLookupError):  # ended as we looked
+            continue
+        state, ppid = stat.rsplit(") ", 1)[1].split()[:2]
+        if state != "Z":
+            parents[int(entry)] = int(ppid)
+    below, frontier = {}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p:
+                below[child] = p
+                frontier.append(child)
+    return below
+
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def torchrun(script, *args, restarts=0):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            f"--max-restarts={restarts}", script, *TINY, *map(str, args)]
+
+
+def two_ranks_args(shards, tmp_path, name):
+    return ["--train-data", str(shards / "train-{0..1}.tar"), "--train-num-samples", "128",
+            "--epochs", "2", "--mask", "gaussian", "--workers", "1", "--save-every-n-steps", "3",
+            "--log-dir", str(tmp_path), "--name", name, "--resume", "latest"]
+
+
+ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+def test_killed_ranks_leave_workers_that_do_not_hold_the_folder(shards, tmp_path):
+    # kill -9 of torchrun and its ranks, not their dataloader workers: orphans that live on for
+    # a few seconds, until they notice their parent is gone. The folder is free at once.
+    cmd = torchrun(os.path.join(ROOT, "train.py"), *two_ranks_args(shards, tmp_path, "run"),
+                   "--epochs", "4")
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env=ONE_THREAD)
+    wait_for_step(tmp_path / "run", 4, [first])  # step 3 saved, workers running
+    tree = descendants(first.pid)
+    ranks = [p for p, parent in tree.items() if parent == first.pid]
+    workers = [p for p, parent in tree.items() if parent in ranks]
+    assert len(ranks) == 2 and len(workers) == 2, tree
+    for pid in [first.pid, *ranks]:
+        os.kill(pid, signal.SIGKILL)
+    first.wait()
+    while any(map(alive, ranks)):  # SIGKILL takes a moment to end a process
+        time.sleep(0.01)
+    assert any(map(alive, workers))  # orphaned workers, still there
+    ckpt.take_lock(str(tmp_path / "run"))  # not refused: only a live rank holds the folder
+    ckpt.release_lock(str(tmp_path / "run"))
+    assert any(map(alive, workers))  # it was free while they lived
+    resumed = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+
+
+def test_a_second_live_run_is_told_which_process_holds_the_folder(tmp_path):
+    live = hold_lock_in_child(tmp_path)
+    try:
+        (tmp_path / "lock").write_text("pid 123 on a-node")  # the file names another owner
+        with pytest.raises(ValueError) as e:
+            ckpt.take_lock(str(tmp_path))
+    finally:
+        live.kill()
+        live.wait()
+    message = str(e.value)
+    assert f"pid {live.pid} holds it now; the file names pid 123 on a-node" in message
+    assert "\n" not in message
+    ckpt.take_lock(str(tmp_path))  # this process now: a second take here is refused too
+    try:
+        with pytest.raises(ValueError, match=f"live run \\(pid {os.getpid()} on .*, this process"):
+            ckpt.take_lock(str(tmp_path))
+    finally:
+        ckpt.release_lock(str(tmp_path))
+
+
+def test_torchrun_restarts_a_rank_that_died_and_the_run_ends_as_the_uninterrupted_one(
+        shards, tmp_path):
+    # 4 steps an epoch on 2 ranks, saved at step 3 and 6; rank 1 dies in step 7, the restart
+    # resumes from step 6, in the middle of epoch 2, at once (the dead ranks' workers still up)
+    whole = subprocess.run(torchrun(os.path.join(ROOT, "train.py"),
+                                    *two_ranks_args(shards, tmp_path, "whole")),
+                           capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    marker = tmp_path / "died"
+    cut = subprocess.run(torchrun(os.path.join(ROOT, "tests", "die_once.py"),
+                                  *two_ranks_args(shards, tmp_path, "cut"), restarts=1),
+                         capture_output=True, text=True, cwd=ROOT,
+                         env=ONE_THREAD | {"DIE_MARKER": str(marker), "DIE_AT": "7"}, timeout=180)
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert marker.exists() and "resumed from" in cut.stdout and "middle of the epoch" in cut.stdout
+    same_records(records(tmp_path / "cut"), records(tmp_path / "whole"))
+    assert records(tmp_path / "cut")[-1][0] == 8
 
 
 # ----------------------------------------------------------------------------- a full disk

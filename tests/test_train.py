@@ -486,11 +486,12 @@ def start_args(shards, tmp_path, *extra):
 
 
 def lock_is_free(path):
-    with open(path) as f:
+    """No other process holds the run folder's lock (a POSIX lock, as train.py takes it)."""
+    with open(path, "r+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
-        except BlockingIOError:
+        except OSError:
             return False
 
 
@@ -501,7 +502,7 @@ def test_a_run_folder_is_held_by_one_live_run(shards, tmp_path):
         with pytest.raises(SystemExit) as e:
             train.main(start_args(shards, tmp_path, "--name", "busy"))
     finally:
-        os.close(ckpt.HELD_LOCKS.pop())
+        ckpt.release_lock(str(tmp_path / "busy"))
     message = str(e.value.code)
     assert f"in use by a live run (pid {os.getpid()} on " in message and "\n" not in message
     assert os.listdir(tmp_path / "busy" / "checkpoints") == []
