@@ -575,7 +575,9 @@ def main(argv=None):
     if master:
         metrics.close()
         ckpt.release_lock(run_dir)
-    if world_size > 1:
+    if world_size > 1:  # together: no rank tears its group down under another's last collective
+        M.barrier()
+        del model  # DDP's reducer holds the group: it goes first, then the group's threads
         dist.destroy_process_group()
 
 
