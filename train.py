@@ -244,6 +244,8 @@ def next_step_batches(batches, args, grid_size, device, generator, log):
         images, tokens, skipped = next(batches)
         log.waited += time.time() - t
         log.skipped += skipped
+        if args.text_length is None:  # whole captions: the padding after the longest is inert
+            tokens = M.trim_padding(tokens)  # (B, T) -> (B, T'), still on the host
         images = data.normalize(images.to(device, non_blocking=True))  # uint8 -> (B, 3, S, S) float
         tokens = tokens.to(device, non_blocking=True)  # (B, T)
         keep = None if args.mask == "none" else masking.keep_indices(
