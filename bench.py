@@ -11,6 +11,7 @@ the FLOP ideal? Also the data pipelines, and the GPU check: every GPU figure in 
     python bench.py data --workers 15                 # images/s of the training and eval pipelines
     python bench.py memory                            # activations per sample, largest batch
     python bench.py gpu --out DIR                     # the GPU check (docs/speed.md#the-gpu-check)
+    python bench.py quickstart                        # the README's first command, in parts
 
 A step is train.py's own (train.train_step), on synthetic tensors so that data loading is not
 measured: masking.keep_indices (and masking.text_keep_indices) -> model(images, tokens, keep,
@@ -816,6 +817,8 @@ def main(argv=None):
         return gpu_main(argv[1:])
     if argv[:1] == ["memory"]:
         return memory_main(argv[1:])
+    if argv[:1] == ["quickstart"]:
+        return quickstart_main(argv[1:])
     args = parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -874,6 +877,38 @@ def main(argv=None):
             for r, o in zip(full_text, oc_rows)))
         write_json(args.json, result | {"openclip": label, "openclip_rows": oc_rows})
     return rows
+
+
+def quickstart_main(argv):
+    """The README's first command in parts: the built-in dataset (its cache, or generated anew with
+    --generate), training samples/s (median of the log windows after the first) over --steps steps
+    of its settings, one zero-shot pass of the test split, and the whole command projected from
+    those (4 epochs of 20,000 samples, 4 passes). docs/results.md#the-first-command."""
+    import argparse
+    p = argparse.ArgumentParser(prog="bench.py quickstart")
+    p.add_argument("--steps", type=int, default=60, help="training steps of batch 128 (default 60)")
+    p.add_argument("--generate", action="store_true", help="time the dataset generated afresh")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.time()
+        builtin = photographer.builtin_dataset(root=tmp if args.generate else None)
+        generated = time.time() - t
+        run = ["--mask", "gaussian", "--ratio", "0.5", "--epochs", "1", "--log-every", "10",
+               "--train-num-samples", str(args.steps * 128), "--log-dir", tmp, "--name", "run"]
+        if args.generate:
+            run += ["--train-data", builtin["train"], "--zeroshot-data", builtin["test"]]
+        train.main(run)
+        records = read_records(os.path.join(tmp, "run"))
+    steps = [r for r in records if "loss" in r]
+    rates = sorted(r["samples_per_s"] for r in steps[1:] if r["samples_per_s"])
+    rate = rates[len(rates) // 2]
+    evaluation = next(r for r in records if "zeroshot_top1" in r)["time"] - steps[-1]["time"]
+    whole = 4 * 20_000 / rate + 4 * evaluation
+    print(f"quickstart: dataset {generated:.1f} s ({'generated' if args.generate else 'cached'}); "
+          f"training {rate:.0f} samples/s (median of {len(rates)} windows, {rates[0]:.0f}-"
+          f"{rates[-1]:.0f}); zero-shot pass {evaluation:.1f} s; projected first command "
+          f"{whole / 60:.1f} min + start-up")
+    return {"dataset_s": generated, "samples_per_s": rate, "eval_s": evaluation, "whole_s": whole}
 
 
 def write_json(path, result):

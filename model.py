@@ -450,7 +450,7 @@ def param_groups(model, weight_decay):
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.98), eps=1e-6):
     """AdamW over param_groups (OpenCLIP's betas and eps for ViTs), with PyTorch's fused kernel on
     a GPU and on the CPU: on the CPU the default is a loop over the tensors, and the fused step
-    made a whole tiny-preset training step 1.17x faster (docs/speed.md)."""
+    made a tiny-preset training step about 1.17x faster (docs/speed.md)."""
     fused = next(model.parameters()).device.type in ("cuda", "cpu")
     groups = param_groups(model, weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
