@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import distributed as D
 import model as M
 from tokenizer import PAD, hf_tokenizer_files, is_clip_bpe, load_tokenizer
 
@@ -355,7 +356,7 @@ def mid_epoch_position(loader, mask_gen, window, skipped):
     """What a checkpoint in the middle of an epoch needs to go on exactly: every rank's loader
     position and mask generator (gathered on every rank), and the open log window's losses and
     bad-sample count."""
-    ranks = M.all_ranks({"loader": loader.position(), "masks": mask_gen.get_state()})
+    ranks = D.all_ranks({"loader": loader.position(), "masks": mask_gen.get_state()})
     return {"ranks": ranks, "window": [float(v) for v in window], "skipped": int(skipped)}
 
 PREEMPTED = 75  # the exit status of a preempted run (sysexits' EX_TEMPFAIL: run it again)
@@ -424,12 +425,12 @@ def open_run_folder(run_dir, resume_step, rank, report_to=(), config=None):
             metrics = MetricsLog(run_dir, report_to, resume_step, config)
         except (OSError, ValueError) as e:
             error = str(e)
-    if error := M.from_rank_zero(error):
+    if error := D.from_rank_zero(error):
         raise ValueError(error)
-    probe, token = os.path.join(run_dir, ".write-test"), M.from_rank_zero(token)
+    probe, token = os.path.join(run_dir, ".write-test"), D.from_rank_zero(token)
     seen = os.path.isfile(probe) and open(probe).read() == token
-    blind = [r for r, ok in enumerate(M.all_ranks(seen)) if not ok]
-    M.barrier()  # every rank has looked before rank 0 removes it
+    blind = [r for r, ok in enumerate(D.all_ranks(seen)) if not ok]
+    D.barrier()  # every rank has looked before rank 0 removes it
     if rank == 0:
         os.remove(probe)
     if blind:
