@@ -67,6 +67,7 @@ from torch.utils.data import DataLoader
 
 import data
 import masking
+import distributed as D
 import model as M
 import photographer
 import train
@@ -255,7 +256,7 @@ def inference_images_per_s(model, cfg, args, device):
     """Images/s of the unmasked image tower as eval.py runs it (no grad, autocast, eager, the
     bench's batch): beside `python bench.py data`'s evaluation pipeline, it tells whether an
     ImageNet pass is bound by data or by the model."""
-    autocast = M.autocast(device, args.precision)
+    autocast = D.autocast(device, args.precision)
     images = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     model.eval()
 
@@ -308,7 +309,7 @@ def bench_model(orig_model, cfg, args, device, openclip=False):
 
     cfg: our preset's config, for the shapes and FLOPs (an OpenCLIP model of the same name has the
     same shapes)."""
-    autocast = M.autocast(device, args.precision)
+    autocast = D.autocast(device, args.precision)
     optimizer = M.configure_optimizer(orig_model, LR, weight_decay=0.2)  # train.py's, as it runs
     if args.compile:
         # each block in place, as train.py (model.compile_blocks): a row's K patches and L text
@@ -508,7 +509,7 @@ def step_memory(model, batch_size, ratio, precision):
         if ratio else None
     norm = F.layer_norm
     fp32_norms = mock.patch.object(F, "layer_norm", lambda x, *a, **k: norm(x.float(), *a, **k))
-    with fp32_norms if precision == "bf16" else nullcontext(), M.autocast("cpu", precision):
+    with fp32_norms if precision == "bf16" else nullcontext(), D.autocast("cpu", precision):
         loss, forward = allocations(lambda: M.clip_loss(*model(images, tokens, keep)))
     backward = [] if precision == "bf16" else allocations(loss.backward)[1]  # into p.grad
     ops, sizes = zip(*forward + backward)

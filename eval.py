@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Subset
 
 import data
 import masking
+import distributed as D
 import model as M
 from checkpoint import load_checkpoint
 
@@ -252,19 +253,19 @@ def build_classifier(model, tokenizer, classnames, templates, device, batch_size
         raise ValueError("zero-shot classification needs at least one class name and one template")
     if bad := [t for t in templates if "{}" not in t]:
         raise ValueError(f"template {bad[0]!r} has no '{{}}' where the class name goes")
-    rank, world = M.rank_and_world()
+    rank, world = D.rank_and_world()
     mine = classnames[rank::world]
     # class-major: C_r * P prompts
     prompts = [t.replace("{}", name) for name in mine for t in templates]
     progress, features = Progress("class prompts", len(prompts), quiet), []
-    with M.autocast(device, precision):
+    with D.autocast(device, precision):
         for i in range(0, len(prompts), batch_size):
             features.append(encode_texts(model, tokenizer, prompts[i:i + batch_size], device))
             progress.update(len(features[-1]))
     # (C_r, E) this rank's rows; None from a rank without classes (fewer classes than ranks)
     rows = (F.normalize(torch.cat(features).view(len(mine), len(templates), -1).mean(dim=1), dim=-1)
             if mine else None)
-    shares = M.all_ranks(None if rows is None else rows.cpu())
+    shares = D.all_ranks(None if rows is None else rows.cpu())
     # (C, E); rank 0 always has class 0
     classifier = torch.empty(len(classnames), shares[0].shape[1])
     for r, share in enumerate(shares):
@@ -287,14 +288,14 @@ def zero_shot_classification(model, classifier, loader, device, keep=None, preci
     for images, target, ok in progress.batches(loader):
         batch_keep = (None if keep is None
                       else keep[progress.count:progress.count + len(target)])  # (B, [V,] K)
-        with M.autocast(device, precision):
+        with D.autocast(device, precision):
             features = encode_images(model, images.to(device, non_blocking=True), batch_keep)
         logits = LOGIT_SCALE * features @ classifier  # (B, C), in fp32 outside autocast
         ranked.append(top_classes(logits))  # (B, 5) best first
         labels, readable = labels + [target], readable + [ok]
         progress.update(len(target))
     local = [torch.cat(column).cpu() for column in (ranked, labels, readable)] if labels else None
-    shares = [share for share in M.all_ranks(local) if share is not None]
+    shares = [share for share in D.all_ranks(local) if share is not None]
     if not shares:
         raise ValueError("no images to evaluate")
     # (N, 5), (N,), (N,): rank by rank
@@ -345,7 +346,7 @@ def evaluate_folder(model, tokenizer, root, classnames=None, templates=None, bat
                          f"in {root}")
     listed = os.path.join(root, "templates.txt")
     templates = templates or read_lines(listed if os.path.isfile(listed) else OPENAI_TEMPLATES)
-    rank, world = M.rank_and_world()
+    rank, world = D.rank_and_world()
     quiet = quiet or rank > 0
     classifier = build_classifier(model, tokenizer, classnames, templates, device, batch_size,
                                   precision, quiet)
@@ -402,7 +403,7 @@ def zero_shot_retrieval(model, tokenizer, loader, device, mask="none", ratio=0.0
         texts = [[line for line in c.splitlines() if line.strip()] or [c] for c in captions]
         text_image += [num_images + i for i, lines in enumerate(texts) for _ in lines]
         num_images += len(images)
-        with M.autocast(device, precision):
+        with D.autocast(device, precision):
             images = images.to(device, non_blocking=True)
             keep = draw_masks(len(images), model.visual.grid_size, mask, ratio, sigma, device,
                               generator, views)
@@ -451,7 +452,7 @@ def image_features(model, loader, device, precision=None, quiet=False, what="ima
     are. One process, the whole loader."""
     progress, features, labels, readable = Progress(what, len(loader.dataset), quiet), [], [], []
     for images, target, ok in progress.batches(loader):
-        with M.autocast(device, precision):
+        with D.autocast(device, precision):
             features.append(encode_images(model, images.to(device, non_blocking=True)))  # (B, E)
         labels, readable = labels + [target], readable + [ok]
         progress.update(len(target))
@@ -609,7 +610,7 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.workers is None:  # JPEG decoding bounds an ImageNet pass on a GPU: use the cores
         on_gpu = torch.device(args.device).type == "cuda"
-        args.workers = data.default_workers(on_gpu, M.launch_env()[3])
+        args.workers = data.default_workers(on_gpu, D.launch_env()[3])
     return args
 
 
@@ -650,15 +651,15 @@ def main(argv=None):
     classification shares the images between the ranks; rank 0 prints and writes the result."""
     args = parse_args(argv)
     try:
-        if M.launch_env()[2] > 1:
+        if D.launch_env()[2] > 1:
             if args.linear_probe or args.retrieval:
                 raise ValueError("--linear-probe and --retrieval run in one process: start eval.py "
                                  "without torchrun or srun")
-            args.device = M.setup_distributed()[3]  # this rank's GPU, or the CPU
+            args.device = D.setup_distributed()[3]  # this rank's GPU, or the CPU
         result = run(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"eval.py: error: {e}")
-    if M.rank_and_world()[0] == 0:
+    if D.rank_and_world()[0] == 0:
         print(json.dumps(result, indent=2))
         if args.output:
             with open(args.output, "w") as f:

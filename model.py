@@ -1,7 +1,7 @@
 """
 CLIP in plain PyTorch: a Vision Transformer that encodes only the patches it is told to keep, a
-causal text Transformer, the symmetric contrastive (InfoNCE) loss over all ranks, and what training
-needs to know about the model (nanoGPT's `configure_optimizers` and `estimate_mfu`): its
+causal text Transformer, the symmetric contrastive (InfoNCE) loss (its gathers over ranks are in
+distributed.py), and what training needs to know about the model (nanoGPT's `configure_optimizers` and `estimate_mfu`): its
 weight-decay groups and its FLOPs.
 
 Shapes and parameter names follow OpenAI CLIP / OpenCLIP (`class_embedding`, `positional_embedding`,
@@ -19,15 +19,9 @@ Run `python model.py` to print the presets and their parameter counts.
 """
 
 import math
-import os
-import re
-import contextlib
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -35,8 +29,6 @@ from torch.utils.checkpoint import checkpoint
 import masking
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 0.01
-# rank 0 alone writes checkpoints (~1.8 GB for ViT-B-16)
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
 
 
 @dataclass
@@ -298,140 +290,6 @@ def clamp_logit_scale(model):
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
-# ----------------------------------------------------------------------------- ranks
-# The loss runs over the global batch, so the model's training needs to know the other processes.
-
-
-def launch_env():
-    """(rank, local rank, world size, ranks on this machine) from the launcher's environment:
-    torchrun's RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE; else SLURM's, for `srun python
-    train.py` with one task per GPU (SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS /
-    SLURM_NTASKS_PER_NODE, as OpenCLIP reads them); else a plain `python`: rank 0 of 1."""
-    env = os.environ
-    if "RANK" in env or "WORLD_SIZE" in env:
-        world = int(env.get("WORLD_SIZE", 1))
-        return (int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), world,
-                int(env.get("LOCAL_WORLD_SIZE", world)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        world = int(env["SLURM_NTASKS"])
-        # SLURM_TASKS_PER_NODE reads "4(x2)" for 4 tasks on each of 2 nodes
-        per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", str(world))
-        return (int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world,
-                int(re.match(r"\d+", per_node).group()))
-    return 0, 0, 1, 1
-
-
-def setup_distributed(timeout=PROCESS_GROUP_TIMEOUT):
-    """(rank, local_rank, world_size, device): one GPU per process (NCCL), or the CPU (gloo). The
-    rendezvous is MASTER_ADDR:MASTER_PORT from the environment (torchrun sets them; under SLURM the
-    sbatch script does, as OpenCLIP's does)."""
-    rank, local_rank, world, _ = launch_env()
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        if not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
-            raise ValueError(f"rank {rank} of {world}: set MASTER_ADDR and MASTER_PORT (e.g. "
-                             "MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n "
-                             "1) MASTER_PORT=29500) to start the process group")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
-                                rank=rank, world_size=world, store=restart_store(world, timeout))
-    return rank, local_rank, world, device
-
-
-def restart_store(world, timeout):
-    """The rendezvous store of a rank that torchrun restarted (--max-restarts), else None (env://).
-    torchrun's agent keeps one store for every attempt, and the process group's keys are not
-    named by attempt, so a restarted rank would read the dead ranks' addresses and fail to connect
-    ("Connection refused"): each attempt gets keys of its own."""
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"gdm-flip/attempt_{attempt}", agent)
-
-
-def rank_and_world():
-    """(this process's rank, number of ranks) in an initialised process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def from_rank_zero(value):
-    """Rank 0's `value` (any picklable object) on every rank: what one rank decides, no other
-    recomputes."""
-    if rank_and_world()[1] == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier():
-    """Wait for every rank (nothing to wait for alone)."""
-    if rank_and_world()[1] > 1:
-        dist.barrier()
-
-
-def all_ranks(obj):
-    """[rank 0's obj, rank 1's, ...] on every rank (small, picklable: CPU tensors); [obj] alone.
-    all_gather_object works on gloo and NCCL alike (with NCCL after torch.cuda.set_device)."""
-    if rank_and_world()[1] == 1:
-        return [obj]
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-def gather_features(features):
-    """(B, E) on each rank -> (W*B, E) on every rank, rank by rank; the gradient flows back to this
-    rank's own (B, E) slice only (the others' slices are constants here, and get theirs on their own
-    rank)."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return features
-    gathered = [torch.empty_like(features) for _ in range(world)]
-    dist.all_gather(gathered, features.detach())
-    gathered[rank] = features  # put back the tensor that autograd knows
-    return torch.cat(gathered)
-
-
-class GatherWithGrad(torch.autograd.Function):
-    """gather_features whose backward also reaches the other ranks: the gradient that every rank's
-    loss sends to this rank's rows is summed here (a reduce-scatter). What a loss over each rank's
-    own rows needs (local_clip_loss), where no rank computes the whole loss."""
-
-    @staticmethod
-    def forward(ctx, features):  # (B, E) -> (W*B, E), rank by rank
-        gathered = [torch.empty_like(features) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, features.contiguous())
-        return torch.cat(gathered)
-
-    @staticmethod
-    def backward(ctx, grad):  # (W*B, E) on every rank -> the sum of their rows of this rank, (B, E)
-        shares = list(grad.contiguous().chunk(dist.get_world_size()))
-        own = torch.empty_like(shares[0])
-        dist.reduce_scatter(own, shares)
-        return own
-
-
-def local_clip_loss(image_features, text_features, logit_scale):
-    """This rank's share of clip_loss over the global batch (OpenCLIP's --local-loss with
-    --gather-with-grad): its B images against all W*B texts and its B texts against all W*B images,
-    so the logits are two (B, W*B) matrices instead of (W*B, W*B). The mean of the W shares is the
-    global loss; the gather carries gradients back to the rank whose features they are, so the
-    ranks' gradients, averaged, are the global loss's."""
-    rank, world = rank_and_world()
-    gather = GatherWithGrad.apply if world > 1 else (lambda features: features)
-    all_images, all_texts = gather(image_features), gather(text_features)  # (W*B, E) each
-    B = image_features.shape[0]
-    labels = torch.arange(rank * B, (rank + 1) * B, device=image_features.device)  # where mine are
-    return (F.cross_entropy(logit_scale * image_features @ all_texts.T, labels)
-            + F.cross_entropy(logit_scale * text_features @ all_images.T, labels)) / 2
-
-
 # ----------------------------------------------------------------------------- optimisation
 
 
@@ -520,30 +378,6 @@ def peak_flops(device):
     if torch.device(device).type != "cuda":
         return None
     return peak_flops_by_name(torch.cuda.get_device_name(device))
-
-
-@contextlib.contextmanager
-def syncs_raise(enabled):
-    """Within it, with `enabled`, a host-device synchronisation raises (CUDA's sync debug mode)."""
-    if not enabled:
-        yield
-        return
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-def autocast(device, precision=None):
-    """bf16 autocast on a GPU by default, plain fp32 on the CPU (where bf16 matmuls are slow)."""
-    device_type = torch.device(device).type
-    precision = precision or ("bf16" if device_type == "cuda" else "fp32")
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 def compile_blocks(model, dynamic=False):

@@ -9,7 +9,7 @@ Two vocabularies, one layout:
   endings.
 
 Either one is also written and read as Hugging Face's CLIPTokenizer files (vocab.json, merges.txt),
-which transformers and OpenCLIP's HFTokenizer load (checkpoint.py export).
+which transformers and OpenCLIP's HFTokenizer load (export.py).
 
 Captions are cleaned as OpenCLIP's default tokenizer cleans them (`clean_caption`) before the BPE
 sees them.

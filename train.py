@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint as ckpt
 import data
 import masking
+import distributed as D
 import model as M
 import photographer
 from eval import training_record
@@ -169,16 +170,16 @@ def settle_defaults(args):
     on_gpu = torch.cuda.is_available()
     args.precision = args.precision or ("bf16" if on_gpu else "fp32")
     args.compile = on_gpu if args.compile is None else args.compile
-    args.workers = (data.default_workers(on_gpu, M.launch_env()[3]) if args.workers is None
+    args.workers = (data.default_workers(on_gpu, D.launch_env()[3]) if args.workers is None
                     else args.workers)
     if args.warmup is None and args.train_num_samples:
-        args.warmup = default_warmup(args.epochs * steps_per_epoch(args, M.launch_env()[2]))
+        args.warmup = default_warmup(args.epochs * steps_per_epoch(args, D.launch_env()[2]))
 
 
 def check_args(args):
     """What a flag's own type cannot check: flags that depend on each other; before any folder,
     dataset or model is made (ValueError: one line)."""
-    cfg, world_size = M.PRESETS[args.model], M.launch_env()[2]
+    cfg, world_size = M.PRESETS[args.model], D.launch_env()[2]
     if args.text_length is not None and not 2 <= args.text_length <= cfg.context_length:
         raise ValueError(f"--text-length must be in [2, {cfg.context_length}] (the start and "
                          f"end-of-text tokens, up to {args.model}'s context), got "
@@ -273,7 +274,7 @@ def forward_backward(model, micro_batches, keeps, autocast, world_size, text_kee
     that micro-batch; DDP all-reduces only on the last one (no_sync). Gradients through the other
     ranks' features arrive by DDP's average, hence the factor world_size. The logit scale is the
     exception: every rank and micro-batch sees all of it, so its gradient is divided.
-    local_loss: each rank computes its share of the loss instead (model.local_clip_loss, logits
+    local_loss: each rank computes its share of the loss instead (distributed.local_clip_loss, logits
     world_size times smaller); the other ranks' gradients reach its features through the gather, and
     DDP's average of the shares' gradients is the global loss's: no factor. The returned loss is
     the global one either way (the shares' mean).
@@ -299,10 +300,10 @@ def forward_backward(model, micro_batches, keeps, autocast, world_size, text_kee
             if scale.requires_grad:  # each micro-batch (and rank, but for shares) sees all of it
                 scale.register_hook(lambda grad: grad / (n * weight))
             if local_loss:
-                loss = M.local_clip_loss(image_features.float(), text_features.float(), scale)
+                loss = D.local_clip_loss(image_features.float(), text_features.float(), scale)
             else:
-                loss = M.clip_loss(M.gather_features(image_features.float()),
-                                   M.gather_features(text_features.float()), scale)
+                loss = M.clip_loss(D.gather_features(image_features.float()),
+                                   D.gather_features(text_features.float()), scale)
             (loss * weight).backward()
     loss = loss.detach()
     if local_loss and world_size > 1:  # no host-device sync: the sum stays on the device
@@ -367,7 +368,7 @@ def build_model_and_tokenizer(args, checkpoint, rank, train_data):
     if spec is None and rank == 0:  # train a BPE on the captions, on rank 0
         captions, vocab = data.read_captions(train_data), args.vocab_size or cfg.vocab_size
         spec = train_tokenizer(captions, vocab, cfg.context_length).to_json()
-    tokenizer = load_tokenizer(M.from_rank_zero(spec), cfg.context_length)
+    tokenizer = load_tokenizer(D.from_rank_zero(spec), cfg.context_length)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if checkpoint:
         return M.CLIP(cfg), tokenizer
@@ -427,7 +428,7 @@ def save(state, ckpt_dir, epoch, master, numbered, delete_previous=False):
             ckpt.save_checkpoint(state, ckpt_dir, epoch, numbered, delete_previous)
         except OSError as e:
             fail(e)
-    M.barrier()  # no rank runs ahead while rank 0 evaluates and saves
+    D.barrier()  # no rank runs ahead while rank 0 evaluates and saves
 
 
 # -----------------------------------------------------------------------------
@@ -437,15 +438,15 @@ def save(state, ckpt_dir, epoch, master, numbered, delete_previous=False):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        rank, local_rank, world_size, device = M.setup_distributed()
+        rank, local_rank, world_size, device = D.setup_distributed()
     except ValueError as e:
         fail(e)
     master = rank == 0  # prints, writes checkpoints and metrics.jsonl
     say = print if master else (lambda *a, **k: None)
-    args.name = M.from_rank_zero(args.name)  # the name holds a time: rank 0's
+    args.name = D.from_rank_zero(args.name)  # the name holds a time: rank 0's
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = M.autocast(device, args.precision)  # bf16 autocast, or a no-op for fp32
+    autocast = D.autocast(device, args.precision)  # bf16 autocast, or a no-op for fp32
 
     # data, model and tokenizer, the run folder: what cannot be read or written is one line now
     run_dir = os.path.join(args.log_dir, args.name)
@@ -525,7 +526,7 @@ def main(argv=None):
             mask_gen.set_state(mine["masks"])
         batches = iter(loader)
         for _ in range(step - epoch * per_epoch, per_epoch):  # all of it, or what a resume left
-            with M.syncs_raise(args.sync_debug):  # --sync-debug: a host-device sync here raises
+            with D.syncs_raise(args.sync_debug):  # --sync-debug: a host-device sync here raises
                 micro, keeps, text_keeps = next_step_batches(batches, args, cfg.grid_size, device,
                                                              mask_gen, log)
                 lr = lr_at(step, args.lr, args.warmup, total_steps)
@@ -578,7 +579,7 @@ def main(argv=None):
         metrics.close()
         ckpt.release_lock(run_dir)
     if world_size > 1:  # together: no rank tears its group down under another's last collective
-        M.barrier()
+        D.barrier()
         del model  # DDP's reducer holds the group: it goes first, then the group's threads
         dist.destroy_process_group()
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import masking
+import distributed as D
 import model as M
 import train
 from conftest import synthetic_batch
@@ -44,7 +45,7 @@ def recorded_cross_entropy(logits, labels):  # the loss's logits, as both losses
 
 
 if __name__ == "__main__":
-    rank, _, world, _ = M.setup_distributed()
+    rank, _, world, _ = D.setup_distributed()
     images, tokens, keep = batch()
     F.cross_entropy = recorded_cross_entropy
     shard = slice(rank * 4, rank * 4 + 4)

@@ -21,6 +21,7 @@ from PIL import Image
 
 import checkpoint as ckpt
 import data
+import distributed as D
 import model as M
 from test_train import COLOURS, lock_is_free, read_metrics, write_shard
 from tokenizer import train_tokenizer
@@ -78,20 +79,20 @@ def test_launch_env_reads_torchrun_then_slurm_then_defaults(monkeypatch):
     for k in ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_PROCID",
               "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"]:
         monkeypatch.delenv(k, raising=False)
-    assert M.launch_env() == (0, 0, 1, 1)  # plain python
+    assert D.launch_env() == (0, 0, 1, 1)  # plain python
     # srun, 2 nodes x 4 tasks: task 6 is the third on the second node
     monkeypatch.setenv("SLURM_PROCID", "6")
     monkeypatch.setenv("SLURM_LOCALID", "2")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_TASKS_PER_NODE", "4(x2)")
-    assert M.launch_env() == (6, 2, 8, 4)
+    assert D.launch_env() == (6, 2, 8, 4)
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
-    assert M.launch_env() == (6, 2, 8, 4)
+    assert D.launch_env() == (6, 2, 8, 4)
     # torchrun inside a SLURM allocation: torchrun's variables win
     torchrun = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
     for k, v in torchrun.items():
         monkeypatch.setenv(k, v)
-    assert M.launch_env() == (1, 1, 2, 2)
+    assert D.launch_env() == (1, 1, 2, 2)
 
 
 def free_port():

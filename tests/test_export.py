@@ -1,4 +1,4 @@
-"""The contract of `python checkpoint.py export`: OpenCLIP's and transformers' key names are exact
+"""The contract of `python export.py`: OpenCLIP's and transformers' key names are exact
 inverses of ours (tensor for tensor), the Hugging Face config pools and activates as our model does,
 the tokenizer survives as CLIPTokenizer files, the files are written whole, and bad input is one
 line. With open_clip or transformers installed, their features are compared with ours too."""
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint as ckpt
+import export as E
 import model as M
 import tokenizer as T
 from test_checkpoint import openclip_vit_b16_state_dict
@@ -72,7 +73,15 @@ def same_tensors(a, b):
 
 
 def export(*args):
-    ckpt.main(["export", *map(str, args)])
+    E.main(list(map(str, args)))
+
+
+def test_checkpoint_py_export_is_export_py(monkeypatch):
+    # the older spelling, `python checkpoint.py export ARGS`, runs `python export.py ARGS`
+    calls = []
+    monkeypatch.setattr(E, "main", calls.append)
+    ckpt.main(["export", "epoch_30.pt", "out-hf", "--format", "hf"])
+    assert calls == [["epoch_30.pt", "out-hf", "--format", "hf"]]
 
 
 def one_line_exit(args, capsys):
@@ -89,7 +98,7 @@ def one_line_exit(args, capsys):
 
 def test_openclip_keys_are_the_exact_inverse_of_the_conversion(tiny):
     ours = tiny[0].state_dict()
-    openclip = ckpt.to_openclip_state_dict(ours)
+    openclip = E.to_openclip_state_dict(ours)
     assert {"transformer.resblocks.0.attn.in_proj_weight", "text_projection",
             "visual.transformer.resblocks.3.mlp.c_proj.bias", "token_embedding.weight",
             "positional_embedding", "ln_final.weight"} <= set(openclip)
@@ -99,7 +108,7 @@ def test_openclip_keys_are_the_exact_inverse_of_the_conversion(tiny):
     assert back.keys() == ours.keys() and all(back[k] is ours[k] for k in ours)  # shared, exact
     # and from OpenCLIP's side: its ViT-B-16 keys there and back
     theirs = openclip_vit_b16_state_dict()
-    assert same_tensors(ckpt.to_openclip_state_dict(ckpt.convert_openclip_state_dict(theirs)),
+    assert same_tensors(E.to_openclip_state_dict(ckpt.convert_openclip_state_dict(theirs)),
                         theirs)
 
 
@@ -112,12 +121,12 @@ def test_openclip_keys_are_the_exact_inverse_of_the_conversion(tiny):
     (replace(M.PRESETS["ViT-B-16"], vocab_size=32000), None),  # a changed vocabulary
 ])
 def test_openclip_needs_a_model_config_only_for_what_it_does_not_ship(config, name):
-    assert ckpt.openclip_builtin_name(config) == name
+    assert E.openclip_builtin_name(config) == name
 
 
 def test_openclip_model_config_of_tiny():
     c = M.PRESETS["tiny"]
-    config = ckpt.openclip_model_config(c, "tok")
+    config = E.openclip_model_config(c, "tok")
     assert config["embed_dim"] == 128 and config["quick_gelu"] is False
     assert set(config["vision_cfg"]) <= OPENCLIP_VISION_FIELDS
     assert set(config["text_cfg"]) <= OPENCLIP_TEXT_FIELDS
@@ -128,13 +137,13 @@ def test_openclip_model_config_of_tiny():
         "context_length": 32, "vocab_size": 1024, "width": 128, "heads": 4, "layers": 4,
         "mlp_ratio": 4.0, "hf_tokenizer_name": None, "tokenizer_kwargs": {"clean": "lower"}}
     assert config["text_cfg"]["hf_tokenizer_name"] == os.path.abspath("tok")
-    assert "hf_tokenizer_name" not in ckpt.openclip_model_config(c)["text_cfg"]  # CLIP's BPE
+    assert "hf_tokenizer_name" not in E.openclip_model_config(c)["text_cfg"]  # CLIP's BPE
 
 
 @pytest.mark.parametrize("name", ["tiny", "ViT-B-16"])
 def test_hf_keys_and_shapes_are_transformers_clipmodels(name):
     model = M.create_model(name)
-    hf = ckpt.to_hf_state_dict(model.state_dict())
+    hf = E.to_hf_state_dict(model.state_dict())
     assert {k: tuple(v.shape) for k, v in hf.items()} == transformers_clip_shapes(model.config)
     # what safetensors stores: contiguous tensors, none sharing memory
     assert all(v.is_contiguous() for v in hf.values())
@@ -143,11 +152,11 @@ def test_hf_keys_and_shapes_are_transformers_clipmodels(name):
 
 def test_hf_mapping_round_trip_is_exact(tiny):
     ours = tiny[0].state_dict()
-    assert same_tensors(ckpt.from_hf_state_dict(ckpt.to_hf_state_dict(ours)), ours)
+    assert same_tensors(ckpt.from_hf_state_dict(E.to_hf_state_dict(ours)), ours)
     g = torch.Generator().manual_seed(0)
     theirs = {k: torch.randn(shape, generator=g)
               for k, shape in transformers_clip_shapes(tiny[0].config).items()}
-    assert same_tensors(ckpt.to_hf_state_dict(ckpt.from_hf_state_dict(theirs)), theirs)
+    assert same_tensors(E.to_hf_state_dict(ckpt.from_hf_state_dict(theirs)), theirs)
     # a buffer older transformers saved
     position_ids = {"text_model.embeddings.position_ids": torch.arange(32)[None]}
     assert same_tensors(ckpt.from_hf_state_dict(theirs | position_ids),
@@ -157,7 +166,7 @@ def test_hf_mapping_round_trip_is_exact(tiny):
 @torch.no_grad()
 def test_hf_weights_compute_our_attention_and_projections(tiny):
     model = tiny[0]
-    hf = ckpt.to_hf_state_dict(model.state_dict())
+    hf = E.to_hf_state_dict(model.state_dict())
     x = torch.randn(2, 5, 128)
     p = "vision_model.encoder.layers.1.self_attn."
     # transformers' CLIPAttention: separate q, k, v Linears, 4 heads of 32
@@ -176,7 +185,7 @@ def test_hf_weights_compute_our_attention_and_projections(tiny):
 
 
 def test_hf_config_of_vit_b16(clip_layout_tokenizer):
-    hf = ckpt.hf_config(M.PRESETS["ViT-B-16"], clip_layout_tokenizer)
+    hf = E.hf_config(M.PRESETS["ViT-B-16"], clip_layout_tokenizer)
     text, vision = hf["text_config"], hf["vision_config"]
     assert hf["projection_dim"] == 512 and hf["architectures"] == ["CLIPModel"]
     # OpenCLIP's ViT-B-16 has nn.GELU; nn.LayerNorm's eps
@@ -190,14 +199,14 @@ def test_hf_config_of_vit_b16(clip_layout_tokenizer):
     assert vision.items() >= {"image_size": 224, "patch_size": 16, "hidden_size": 768,
                               "intermediate_size": 3072, "num_hidden_layers": 12,
                               "num_attention_heads": 12}.items()
-    quick = ckpt.hf_config(replace(M.PRESETS["ViT-B-16"], quick_gelu=True), clip_layout_tokenizer)
+    quick = E.hf_config(replace(M.PRESETS["ViT-B-16"], quick_gelu=True), clip_layout_tokenizer)
     assert quick["text_config"]["hidden_act"] == "quick_gelu"
     assert quick["vision_config"]["hidden_act"] == "quick_gelu"
 
 
 def test_hf_config_of_tiny_with_a_trained_tokenizer(tiny):
     model, tok, _ = tiny
-    hf = ckpt.hf_config(model.config, tok)
+    hf = E.hf_config(model.config, tok)
     assert hf["projection_dim"] == 128
     assert hf["text_config"].items() >= {
         "hidden_act": "gelu", "eos_token_id": tok.eot, "bos_token_id": tok.sot,
@@ -213,7 +222,7 @@ def test_hf_config_of_tiny_with_a_trained_tokenizer(tiny):
 @pytest.mark.parametrize("config", [M.PRESETS["ViT-B-16"], M.PRESETS["tiny"],
                                     replace(M.PRESETS["ViT-Ti-16"], quick_gelu=True)])
 def test_hf_config_reads_back_as_the_same_model(config, clip_layout_tokenizer):
-    assert ckpt.config_from_hf(ckpt.hf_config(config, clip_layout_tokenizer), "out") == config
+    assert ckpt.config_from_hf(E.hf_config(config, clip_layout_tokenizer), "out") == config
 
 
 @pytest.mark.parametrize("change, message", [
@@ -223,7 +232,7 @@ def test_hf_config_reads_back_as_the_same_model(config, clip_layout_tokenizer):
     (lambda hf: hf["text_config"].update(layer_norm_eps=1e-6), "eps 1e-05"),
 ])
 def test_an_hf_config_model_py_does_not_build_is_one_line(change, message, clip_layout_tokenizer):
-    hf = ckpt.hf_config(M.PRESETS["tiny"], clip_layout_tokenizer)
+    hf = E.hf_config(M.PRESETS["tiny"], clip_layout_tokenizer)
     change(hf)
     with pytest.raises(ValueError, match=message) as e:
         ckpt.config_from_hf(hf, "out")
@@ -243,7 +252,7 @@ def test_clip_tokenizer_files_read_back_as_the_same_tokenizer(which, tiny, clip_
     assert config["model_max_length"] == tok.context_length
     assert config["pad_token"] == (T.PAD if which == "trained" else T.EOT)
     assert files["merges.txt"].startswith("#version: 0.2\n")
-    ckpt.write_files(tmp_path, files)
+    E.write_files(tmp_path, files)
     back = T.load_tokenizer(str(tmp_path))  # a folder of vocab.json + merges.txt
     assert back.context_length == tok.context_length and back.vocab_size == tok.vocab_size
     assert torch.equal(back(CAPTIONS), tok(CAPTIONS))
@@ -263,7 +272,7 @@ def test_clip_tokenizer_files_whose_vocab_is_not_their_merges_are_refused(tiny, 
     vocab = json.loads(files["vocab.json"])
     first, second = list(vocab)[1:3]
     vocab[first], vocab[second] = vocab[second], vocab[first]
-    ckpt.write_files(tmp_path, files | {"vocab.json": json.dumps(vocab)})
+    E.write_files(tmp_path, files | {"vocab.json": json.dumps(vocab)})
     with pytest.raises(ValueError, match="vocab.json is not the vocabulary its merges.txt gives"):
         T.load_tokenizer(str(tmp_path))
 
@@ -283,9 +292,9 @@ def test_export_open_clip_writes_weights_config_and_tokenizer_that_read_back(tin
     assert sorted(os.listdir(tmp_path / "tiny-export-tokenizer")) == [
         "merges.txt", "tokenizer_config.json", "vocab.json"]
     config = json.loads((tmp_path / "tiny-export.json").read_text())
-    assert config == ckpt.openclip_model_config(model.config, tmp_path / "tiny-export-tokenizer")
+    assert config == E.openclip_model_config(model.config, tmp_path / "tiny-export-tokenizer")
     weights = torch.load(tmp_path / "tiny-export.pt", weights_only=True)
-    assert same_tensors(weights, ckpt.to_openclip_state_dict(model.state_dict()))
+    assert same_tensors(weights, E.to_openclip_state_dict(model.state_dict()))
     loaded, loaded_tok = ckpt.load_checkpoint(str(tmp_path / "tiny-export.pt"), "tiny",
                                               str(tmp_path / "tiny-export-tokenizer"))
     assert loaded.config == model.config and same_tensors(loaded.state_dict(), model.state_dict())
@@ -296,9 +305,9 @@ def test_export_open_clip_writes_weights_config_and_tokenizer_that_read_back(tin
 def test_a_model_openclip_ships_needs_only_the_weights_unless_its_tokenizer_is_ours(
         which, tiny, clip_layout_tokenizer, tmp_path, monkeypatch):
     model, trained, _ = tiny
-    monkeypatch.setitem(ckpt.OPENCLIP_BUILTIN, "tiny-builtin", model.config)  # as ViT-B-16 is
+    monkeypatch.setitem(E.OPENCLIP_BUILTIN, "tiny-builtin", model.config)  # as ViT-B-16 is
     tok = clip_layout_tokenizer if which == "clip layout" else trained
-    written, usage = ckpt.export_openclip(model, tok, str(tmp_path / "out.pt"))
+    written, usage = E.export_openclip(model, tok, str(tmp_path / "out.pt"))
     if which == "clip layout":
         assert written == [str(tmp_path / "out.pt")] and os.listdir(tmp_path) == ["out.pt"]
         assert "create_model_and_transforms('tiny-builtin'" in usage[0]
@@ -339,10 +348,10 @@ def test_export_hf_writes_a_folder_that_reads_back_exactly(tiny, tmp_path, capsy
         "config.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
         "tokenizer_config.json", "vocab.json"]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config == ckpt.hf_config(model.config, tok)
+    assert config == E.hf_config(model.config, tok)
     from safetensors.torch import load_file
     assert same_tensors(load_file(tmp_path / "hf" / "model.safetensors"),
-                        ckpt.to_hf_state_dict(model.state_dict()))
+                        E.to_hf_state_dict(model.state_dict()))
     loaded, loaded_tok = ckpt.load_checkpoint(str(tmp_path / "hf"))  # no model name or tokenizer
     assert loaded.config == model.config and same_tensors(loaded.state_dict(), model.state_dict())
     assert torch.equal(loaded_tok(CAPTIONS), tok(CAPTIONS))

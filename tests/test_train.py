@@ -22,6 +22,7 @@ from PIL import Image
 
 import checkpoint as ckpt
 import masking
+import distributed as D
 import model as M
 import photographer
 import train
@@ -191,9 +192,9 @@ def test_sync_debug_needs_cuda_and_raises_only_inside_its_block(monkeypatch, cap
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     with pytest.raises(RuntimeError):
-        with M.syncs_raise(True):
+        with D.syncs_raise(True):
             raise RuntimeError("a step that failed")
-    with M.syncs_raise(False):
+    with D.syncs_raise(False):
         pass
     assert modes == ["error", "default"]  # set for the step, and set back even when it raised
 
@@ -288,13 +289,13 @@ def test_grad_checkpointing_and_local_loss_reach_every_training_step(shards, tmp
         checkpointed.append(args[0])
         return checkpoint(*args, **kwargs)
 
-    def share(image_features, *args):  # model.local_clip_loss
+    def share(image_features, *args):  # distributed.local_clip_loss
         shares.append(len(image_features))
         return local_clip_loss(image_features, *args)
 
-    checkpoint, local_clip_loss = M.checkpoint, M.local_clip_loss
+    checkpoint, local_clip_loss = M.checkpoint, D.local_clip_loss
     monkeypatch.setattr(M, "checkpoint", counted)
-    monkeypatch.setattr(M, "local_clip_loss", share)
+    monkeypatch.setattr(D, "local_clip_loss", share)
     train.main(start_args(shards, tmp_path, "--mask", "gaussian", "--grad-checkpointing",
                           "--local-loss", "--name", "scaled"))
     # 2 steps (32 samples, batch 16) x the 4 + 4 blocks of tiny; the loss and gradients are those
