@@ -881,30 +881,33 @@ def main(argv=None):
 
 
 def quickstart_main(argv):
-    """The README's first command in parts: the built-in dataset (its cache, or generated anew with
-    --generate), training samples/s (median of the log windows after the first) over --steps steps
-    of its settings, one zero-shot pass of the test split, and the whole command projected from
-    those (4 epochs of 20,000 samples, 4 passes). docs/results.md#the-first-command."""
-    import argparse
-    p = argparse.ArgumentParser(prog="bench.py quickstart")
+    """`python bench.py quickstart`: the README's first command in parts. The built-in dataset (its
+    cache, or generated afresh in a temporary $GDMFLIP_DATA with --generate), training samples/s
+    (median of the log windows after the first) over --steps steps of its settings, one zero-shot
+    pass of the test split, and the whole command projected from those (its epochs of the built-in
+    training set, a pass after each). docs/results.md#the-first-command."""
+    p = data.OneLineParser(prog="bench.py quickstart")
     p.add_argument("--steps", type=int, default=60, help="training steps of batch 128 (default 60)")
     p.add_argument("--generate", action="store_true", help="time the dataset generated afresh")
     args = p.parse_args(argv)
+    if args.steps < 20:
+        p.error("--steps must be >= 20 (two log windows after the first at least)")
+    epochs = train.parse_args([]).epochs  # the first command's
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.time()
-        builtin = photographer.builtin_dataset(root=tmp if args.generate else None)
-        generated = time.time() - t
-        run = ["--mask", "gaussian", "--ratio", "0.5", "--epochs", "1", "--log-every", "10",
-               "--train-num-samples", str(args.steps * 128), "--log-dir", tmp, "--name", "run"]
-        if args.generate:
-            run += ["--train-data", builtin["train"], "--zeroshot-data", builtin["test"]]
-        train.main(run)
+        # train.py's own built-in path, as the first command takes it; --generate: from nothing
+        with mock.patch.dict(os.environ, {"GDMFLIP_DATA": tmp} if args.generate else {}):
+            t = time.time()
+            photographer.builtin_dataset()
+            generated = time.time() - t
+            train.main(["--mask", "gaussian", "--ratio", "0.5", "--epochs", "1", "--log-every",
+                        "10", "--train-num-samples", str(args.steps * 128), "--log-dir", tmp,
+                        "--name", "run"])
         records = read_records(os.path.join(tmp, "run"))
     steps = [r for r in records if "loss" in r]
     rates = sorted(r["samples_per_s"] for r in steps[1:] if r["samples_per_s"])
     rate = rates[len(rates) // 2]
     evaluation = next(r for r in records if "zeroshot_top1" in r)["time"] - steps[-1]["time"]
-    whole = 4 * 20_000 / rate + 4 * evaluation
+    whole = epochs * (photographer.NUM_TRAIN / rate + evaluation)
     print(f"quickstart: dataset {generated:.1f} s ({'generated' if args.generate else 'cached'}); "
           f"training {rate:.0f} samples/s (median of {len(rates)} windows, {rates[0]:.0f}-"
           f"{rates[-1]:.0f}); zero-shot pass {evaluation:.1f} s; projected first command "

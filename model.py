@@ -1,8 +1,8 @@
 """
 CLIP in plain PyTorch: a Vision Transformer that encodes only the patches it is told to keep, a
 causal text Transformer, the symmetric contrastive (InfoNCE) loss (its gathers over ranks are in
-distributed.py), and what training needs to know about the model (nanoGPT's `configure_optimizers` and `estimate_mfu`): its
-weight-decay groups and its FLOPs.
+distributed.py), and what training needs to know about the model (nanoGPT's
+`configure_optimizers` and `estimate_mfu`): its weight-decay groups and its FLOPs.
 
 Shapes and parameter names follow OpenAI CLIP / OpenCLIP (`class_embedding`, `positional_embedding`,
 `ln_pre`, `ln_post`, `proj`, `token_embedding`, `ln_final`, `logit_scale`), so an OpenCLIP

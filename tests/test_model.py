@@ -232,6 +232,7 @@ def test_trimmed_padding_gives_the_same_loss_and_gradients():
     # captions that fill every position: nothing to trim
     assert M.trim_padding(full) is full
 
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_grad_checkpointing_keeps_loss_and_gradients_and_saves_less(compiled):
     images, tokens = batch(tiny(), 4)
