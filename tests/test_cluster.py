@@ -353,10 +353,20 @@ def descendants(pid):
 
 
 def alive(pid):
+    """Whether any thread of process `pid` still runs. A killed process's main thread turns zombie
+    first; its other threads (gloo's, OpenMP's) exit after it, and its locks go with the last."""
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1][0] != "Z"
+        threads = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return False
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(") ", 1)[1][0] not in "ZX":
+                    return True
+        except FileNotFoundError:  # exited while we looked
+            pass
+    return False
 
 
 def torchrun(script, *args, restarts=0):
