@@ -8,6 +8,7 @@ share (autocast, syncs_raise). A plain `python` run is rank 0 of 1, and every he
     all_images = gather_features(image_features)   # (B, E) -> (W*B, E), gradient to my rows
 """
 
+import atexit
 import contextlib
 import os
 import re
@@ -56,7 +57,16 @@ def setup_distributed(timeout=PROCESS_GROUP_TIMEOUT):
                              "1) MASTER_PORT=29500) to start the process group")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                                 rank=rank, world_size=world, store=restart_store(world, timeout))
+        atexit.register(teardown)  # every way out: the end, a one-line error, sys.exit
     return rank, local_rank, world, device
+
+
+def teardown():
+    """Destroy the process group while the interpreter is whole. A gloo group left to the
+    interpreter's shutdown can abort the process ("terminate called without an active
+    exception", SIGABRT) after its work is done. A no-op once destroyed."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def restart_store(world, timeout):

@@ -581,7 +581,7 @@ def main(argv=None):
     if world_size > 1:  # together: no rank tears its group down under another's last collective
         D.barrier()
         del model  # DDP's reducer holds the group: it goes first, then the group's threads
-        dist.destroy_process_group()
+        D.teardown()
 
 
 if __name__ == "__main__":
