@@ -511,6 +511,7 @@ def main(argv=None):
         log.losses, log.skipped = [torch.tensor(v) for v in position["window"]], position["skipped"]
 
     preemption = ckpt.Preemption(world_size)  # SIGTERM / SIGUSR1: stop at a step and save it
+    signum = 0
     for epoch in range(start_epoch, args.epochs):
         model.train()
         mine = position["ranks"][rank] if position and epoch == start_epoch else None
@@ -550,7 +551,9 @@ def main(argv=None):
                                             time.time() - t0, where) if master else None
                 save(state, ckpt_dir, epoch, master, numbered=False)
             if signum:
-                preemption.stop(signum, step, rank, run_dir)
+                break
+        if signum:  # saved at this step: every rank leaves the loop together
+            break
 
         done, eval_root = epoch + 1, args.imagenet_val or args.zeroshot_data or test_dir
         if eval_root and (done % args.zeroshot_frequency == 0 or done == args.epochs):
@@ -573,8 +576,10 @@ def main(argv=None):
         save(state, ckpt_dir, done, master, numbered, args.delete_previous_checkpoint)
         log.reset()  # the next window times training only
         if signum := preemption.requested():  # during evaluation or saving: saved already
-            preemption.stop(signum, step, rank, run_dir)
-    say(f"done in {(time.time() - t0) / 60:.1f} min; checkpoints and metrics.jsonl in {run_dir}")
+            break
+    if not signum:
+        say(f"done in {(time.time() - t0) / 60:.1f} min; checkpoints and metrics.jsonl in "
+            f"{run_dir}")
     if master:
         metrics.close()
         ckpt.release_lock(run_dir)
@@ -582,6 +587,8 @@ def main(argv=None):
         D.barrier()
         del model  # DDP's reducer holds the group: it goes first, then the group's threads
         D.teardown()
+    if signum:
+        preemption.stop(signum, step, rank, run_dir)  # one line, exit status 75
 
 
 if __name__ == "__main__":
