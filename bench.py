@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -576,218 +577,229 @@ def gpu_main(argv):
     p.add_argument("--budget", type=float, default=GPU_CHECK_S, help="seconds for all parts")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    check = GPUCheck(os.path.abspath(args.out), args.small, time.time() + args.budget)
-    for name, run in [("preflight", check.preflight), ("quick start", check.quick_start),
-                      ("step", check.step), ("data", check.data),
-                      ("train 0%", lambda: check.train(0.0)),
-                      ("train 90%", lambda: check.train(0.9)), ("evaluation", check.evaluation)]:
-        check.part(name, run)
+    check = new_check(os.path.abspath(args.out), args.small, time.time() + args.budget)
+    for name, run in [("preflight", gpu_preflight), ("quick start", gpu_quick_start),
+                      ("step", gpu_step), ("data", gpu_data),
+                      ("train 0%", lambda check: gpu_train(check, 0.0)),
+                      ("train 90%", lambda check: gpu_train(check, 0.9)),
+                      ("evaluation", gpu_evaluation)]:
+        run_part(check, name, run)
     print(f"bench.py gpu: summary in {os.path.join(args.out, 'summary.md')}")
     return check.results
 
 
-class GPUCheck:
-    """The parts of `bench.py gpu`. Each returns its headline figures as {label: text} and raises
-    PartFailed (a one-line reason) when it cannot give them."""
+def new_check(out, small, deadline):
+    """What the parts of `bench.py gpu` share. A part is a function of it that returns its headline
+    figures as {label: text} and raises PartFailed (a one-line reason) when it cannot give them;
+    the data part leaves `rates` (and its shards) for the train and evaluation parts."""
+    return SimpleNamespace(
+        out=out, small=small, deadline=deadline, limit=None, results=[], facts={},
+        started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        workers=0 if small else max(1, len(os.sched_getaffinity(0)) - 1),
+        compile=False, openclip=False,  # until the preflight finds a compiler, open_clip
+        step_result=None, rates=None)
 
-    def __init__(self, out, small, deadline):
-        self.out, self.small, self.deadline, self.results, self.facts = out, small, deadline, [], {}
-        self.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        self.workers = 0 if small else max(1, len(os.sched_getaffinity(0)) - 1)
-        self.compile = self.openclip = False  # until the preflight finds a compiler, open_clip
 
-    def part(self, name, run):
-        limit = min(PART_LIMITS_S[name], self.deadline - time.time())
-        t0, self.limit = time.time(), limit
-        if limit < 5:
-            status, found = "skipped: the check's time is spent", {}
-        else:
-            try:
-                status, found = "ok", run()
-            except PartFailed as e:
-                status, found = f"failed: {e}", {}
-            except Exception as e:  # a bug in the check itself must not lose the other parts
-                status, found = f"failed: {type(e).__name__}: {e}", {}
-        self.results.append({"part": name, "status": status, "seconds": time.time() - t0,
-                             "figures": found})
-        print(f"bench.py gpu: {name}: {status} ({time.time() - t0:.0f} s)", flush=True)
-        self.write_summary()
-
-    def command(self, name, cmd):
-        """Run cmd (a list) with the part's time limit, output in <name>.log; its output's text."""
-        log = os.path.join(self.out, name.replace(" ", "_").replace("%", "") + ".log")
-        with open(log, "w") as f:
-            proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
-                                    cwd=HERE, start_new_session=True)  # its workers: one group
-            try:
-                code = proc.wait(timeout=self.limit)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise PartFailed(f"timed out after {self.limit:.0f} s (see "
-                                 f"{os.path.basename(log)})")
-        with open(log) as f:
-            text = f.read()
-        if code:
-            last = text.strip().splitlines()[-1] if text.strip() else ""
-            raise PartFailed(f"exit {code}: {last[:200]} (see {os.path.basename(log)})")
-        return text
-
-    def preflight(self):
-        """The machine and what it has: the GPU, versions, cores, /dev/shm, a C compiler for
-        Triton (without one everything runs uncompiled), the optional packages."""
-        gpu = torch.cuda.is_available()
-        if not gpu and not self.small:
-            raise PartFailed("no CUDA device (torch.cuda.is_available() is False)")
-        driver = "-"
-        if gpu and shutil.which("nvidia-smi"):
-            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,"
-                                     "noheader"], capture_output=True, text=True).stdout.strip()
-        self.compile = bool(shutil.which("cc") or shutil.which("gcc")) and not self.small
-        optional = {m: importable(m) for m in ("webdataset", "braceexpand", "ftfy", "wcwidth",
-                                               "open_clip")}
-        self.openclip = optional["open_clip"]
-        shm = shutil.disk_usage("/dev/shm").free / 1e9 if os.path.isdir("/dev/shm") else 0.0
-        self.facts = {"device": torch.cuda.get_device_name() if gpu else "cpu",
-                      "driver": driver, "torch": torch.__version__,
-                      "cuda": torch.version.cuda or "-", "python": sys.version.split()[0],
-                      "cores": len(os.sched_getaffinity(0)), "dev/shm free GB": f"{shm:.1f}",
-                      "compile": "on" if self.compile else "off (--small)" if self.small
-                      else "off (no C compiler for Triton)",
-                      "packages": ", ".join(f"{m} {'yes' if ok else 'no'}"
-                                            for m, ok in optional.items())}
-        # 15 workers x 2 prefetched batches of 320 uint8 images of 224 px: ~1.4 GB of /dev/shm
-        if not self.small and shm < 2:
-            self.facts["warning"] = f"/dev/shm has {shm:.1f} GB free; the loaders need ~1.4 GB"
-        return dict(self.facts)
-
-    def quick_start(self):
-        """The README's first command on this machine (built-in data; bf16 and compiled on a GPU):
-        wall time, time per epoch, zero-shot top-1."""
-        cmd = [sys.executable, "train.py", "--mask", "gaussian", "--ratio", "0.5", "--log-dir",
-               os.path.join(self.out, "runs"), "--name", "quick-start"]
-        if self.small:
-            folder = write_photos("val", make_photos(20, (64, 65), 0, 1),
-                                  os.path.join(self.out, "tiny-val"))
-            cmd += ["--builtin-samples", "256", "--epochs", "1", "--batch-size", "32",
-                    "--zeroshot-data", folder, "--workers", "0"]
-        t0 = time.time()
-        self.command("quick start", cmd + ([] if self.compile else ["--no-compile"]))
-        evals = [r for r in read_records(os.path.join(self.out, "runs", "quick-start"))
-                 if "zeroshot_top1" in r]
-        epochs = [b["time"] - a["time"] for a, b in zip([{"time": 0.0}] + evals, evals)]
-        return {"wall time": f"{time.time() - t0:.0f} s",
-                "per epoch": ", ".join(f"{e:.0f} s" for e in epochs),
-                "top-1 unmasked / masked": f"{evals[-1]['zeroshot_top1']:.4f} / "
-                                           f"{evals[-1].get('zeroshot_masked_top1', 0):.4f}"}
-
-    def step(self):
-        """bench.py's step table: ViT-B-16, batch 256, bf16, compiled, at 0 / 50 / 75 / 90%, and
-        OpenCLIP's ViT-B-16 beside it when it imports."""
-        out = os.path.join(self.out, "step.json")
-        cmd = [sys.executable, "bench.py", "--json", out, "--check-sync", "--steps", "10",
-               "--warmup", "2"] + (["--compile"] if self.compile else [])
-        cmd += ["--openclip"] if self.openclip else []
-        if self.small:
-            cmd += ["--device", "cpu", "--model", "tiny", "--batch-size", "8", "--steps", "1",
-                    "--warmup", "1", "--ratios", "0.5"]
+def run_part(check, name, run):
+    limit = min(PART_LIMITS_S[name], check.deadline - time.time())
+    t0, check.limit = time.time(), limit
+    if limit < 5:
+        status, found = "skipped: the check's time is spent", {}
+    else:
         try:
-            self.command("step", cmd)
-        except PartFailed:  # our rows are written before OpenCLIP's run starts: keep them
-            if not os.path.exists(out):
-                raise
-        with open(out) as f:
-            result = json.load(f)
-        self.step_result = result
-        found = {f"{r['ratio']:.0%}": f"{r['samples_per_s']:.0f}/s, {r['speedup']:.2f}x of "
-                 f"{r['ideal_speedup']:.2f}x ideal" + (f", MFU {r['mfu']:.0%}" if r["mfu"] else "")
-                 for r in result["rows"]}
-        if "openclip_rows" in result:
-            found["ours / OpenCLIP"] = ", ".join(f"{r['samples_per_s'] / o['samples_per_s']:.2f}x"
-                                                 for r, o in zip(result["rows"],
-                                                                 result["openclip_rows"]))
-        else:
-            found["OpenCLIP"] = "skipped: open_clip does not import"
-        return found
+            status, found = "ok", run(check)
+        except PartFailed as e:
+            status, found = f"failed: {e}", {}
+        except Exception as e:  # a bug in the check itself must not lose the other parts
+            status, found = f"failed: {type(e).__name__}: {e}", {}
+    check.results.append({"part": name, "status": status, "seconds": time.time() - t0,
+                          "figures": found})
+    print(f"bench.py gpu: {name}: {status} ({time.time() - t0:.0f} s)", flush=True)
+    write_gpu_summary(check)
 
-    def data(self):
-        """bench.py data with a worker per core but one, on generated shards and class folders;
-        they stay in data/ for the next parts."""
-        num = 64 if self.small else 4096
-        self.command("data", [sys.executable, "bench.py", "data", "--workers", self.workers,
-                              "--num-images", num, "--out", os.path.join(self.out, "data")])
-        with open(os.path.join(self.out, "data", "data.json")) as f:
-            self.rates = json.load(f)["rates"]
-        return {name: f"{r[f'{self.workers}_workers']:.0f} images/s with {self.workers} workers"
-                for name, r in self.rates.items()}
 
-    def train(self, ratio):
-        """train.py itself on the CC12M-size shards for TRAIN_STEPS steps: samples/s and data wait
-        (the share of the time blocked on the loader) past the first, compiling, step."""
-        if not hasattr(self, "rates"):
-            raise PartFailed("needs the data part's shards")
-        batch, steps = (16, 4) if self.small else (256, TRAIN_STEPS)
-        name = f"shards-{ratio:g}"
-        cmd = [sys.executable, "train.py", "--train-data", self.rates["cc12m"]["where"],
-               "--train-num-samples", batch * steps, "--dataset-resampled", "--epochs", "1",
-               "--batch-size", batch, "--mask", "random" if ratio else "none", "--ratio", ratio,
-               "--log-every", 1 if self.small else 10, "--log-dir", os.path.join(self.out, "runs"),
-               "--name", name, "--save-frequency", "0", "--workers", self.workers,
-               "--model", "tiny" if self.small else "ViT-B-16"]
-        self.command(f"train {ratio:.0%}", cmd + ([] if self.compile else ["--no-compile"]))
-        windows = [r for r in read_records(os.path.join(self.out, "runs", name))
-                   if r.get("samples_per_s")]
-        if not windows:
-            raise PartFailed("no timed log window")
-        rate = sum(r["samples_per_s"] for r in windows) / len(windows)
-        wait = sum(r["data_wait"] for r in windows) / len(windows)
-        mfu = [r["mfu"] for r in windows if r["mfu"]]
-        return {"samples/s": f"{rate:.0f}", "data wait": f"{wait:.0%}",
-                "MFU": f"{sum(mfu) / len(mfu):.0%}" if mfu else "-"}
+def run_command(check, name, cmd):
+    """Run cmd (a list) with the part's time limit, output in <name>.log; its output's text."""
+    log = os.path.join(check.out, name.replace(" ", "_").replace("%", "") + ".log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
+                                cwd=HERE, start_new_session=True)  # its workers: one group
+        try:
+            code = proc.wait(timeout=check.limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise PartFailed(f"timed out after {check.limit:.0f} s (see "
+                             f"{os.path.basename(log)})")
+    with open(log) as f:
+        text = f.read()
+    if code:
+        last = text.strip().splitlines()[-1] if text.strip() else ""
+        raise PartFailed(f"exit {code}: {last[:200]} (see {os.path.basename(log)})")
+    return text
 
-    def evaluation(self):
-        """eval.py's zero-shot pass over the ImageNet-size class folder: images/s, and how much of
-        it waited for data."""
-        if not hasattr(self, "rates"):
-            raise PartFailed("needs the data part's class folder")
-        name = "tiny" if self.small else "ViT-B-16"
-        tokenizer = train_tokenizer(CAPTIONS, 1024, M.PRESETS[name].context_length)
-        model = M.create_model(name, vocab_size=tokenizer.vocab_size)
-        path = os.path.join(self.out, "eval-model.pt")
-        torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(model.config),
-                    "model": name, "tokenizer": tokenizer.to_json()}, path)
-        text = self.command("evaluation", [
-            sys.executable, "eval.py", "--checkpoint", path, "--dataset",
-            self.rates["val"]["where"], "--workers", self.workers, "--output",
-            os.path.join(self.out, "eval.json")] + (["--device", "cpu"] if self.small else []))
-        done = [line for line in text.splitlines() if line.startswith("images (unmasked):")][-1]
-        return {"images": done.split(": ", 1)[1]}
 
-    def write_summary(self):
-        lines = [f"# GPU check, {self.started}", "",
-                 f"`python bench.py gpu --out DIR{' --small' if self.small else ''}`: "
-                 + ", ".join(f"{k} {v}" for k, v in self.facts.items()), "",
-                 "| part | status | seconds | figures |", "|---|---|---|---|"]
-        for r in self.results:
-            figures = "; ".join(f"{k}: {v}" for k, v in r["figures"].items()
-                                if r["part"] != "preflight")
-            lines.append(f"| {r['part']} | {r['status']} | {r['seconds']:.0f} | {figures} |")
-        if hasattr(self, "step_result"):
-            lines += ["", "Step benchmark (bench.py):", "", "```",
-                      format_table(self.step_result["rows"], self.step_result["memory"]), "```"]
-        if hasattr(self, "step_result") and hasattr(self, "rates"):  # does masking pay end to end?
-            lines += ["", "What a step consumes against what the loaders make "
-                      f"({self.workers} workers):", ""]
-            for r in self.step_result["rows"]:
-                made = {n: self.rates[n][f"{self.workers}_workers"] for n in ("cc12m", "s256")}
-                lines.append(f"- {r['ratio']:.0%} masking: {r['samples_per_s']:.0f} samples/s; "
-                             + ", ".join(f"{n} shards {v:.0f}/s"
-                                         + (" (data-bound)" if v < r["samples_per_s"] else "")
-                                         for n, v in made.items()))
-        with open(os.path.join(self.out, "summary.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        write_json(os.path.join(self.out, "summary.json"), {"facts": self.facts,
-                                                            "parts": self.results})
+def gpu_preflight(check):
+    """The machine and what it has: the GPU, versions, cores, /dev/shm, a C compiler for
+    Triton (without one everything runs uncompiled), the optional packages."""
+    gpu = torch.cuda.is_available()
+    if not gpu and not check.small:
+        raise PartFailed("no CUDA device (torch.cuda.is_available() is False)")
+    driver = "-"
+    if gpu and shutil.which("nvidia-smi"):
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,"
+                                 "noheader"], capture_output=True, text=True).stdout.strip()
+    check.compile = bool(shutil.which("cc") or shutil.which("gcc")) and not check.small
+    optional = {m: importable(m) for m in ("webdataset", "braceexpand", "ftfy", "wcwidth",
+                                           "open_clip")}
+    check.openclip = optional["open_clip"]
+    shm = shutil.disk_usage("/dev/shm").free / 1e9 if os.path.isdir("/dev/shm") else 0.0
+    check.facts = {"device": torch.cuda.get_device_name() if gpu else "cpu",
+                   "driver": driver, "torch": torch.__version__,
+                   "cuda": torch.version.cuda or "-", "python": sys.version.split()[0],
+                   "cores": len(os.sched_getaffinity(0)), "dev/shm free GB": f"{shm:.1f}",
+                   "compile": "on" if check.compile else "off (--small)" if check.small
+                   else "off (no C compiler for Triton)",
+                   "packages": ", ".join(f"{m} {'yes' if ok else 'no'}"
+                                         for m, ok in optional.items())}
+    # 15 workers x 2 prefetched batches of 320 uint8 images of 224 px: ~1.4 GB of /dev/shm
+    if not check.small and shm < 2:
+        check.facts["warning"] = f"/dev/shm has {shm:.1f} GB free; the loaders need ~1.4 GB"
+    return dict(check.facts)
+
+
+def gpu_quick_start(check):
+    """The README's first command on this machine (built-in data; bf16 and compiled on a GPU):
+    wall time, time per epoch, zero-shot top-1."""
+    cmd = [sys.executable, "train.py", "--mask", "gaussian", "--ratio", "0.5", "--log-dir",
+           os.path.join(check.out, "runs"), "--name", "quick-start"]
+    if check.small:
+        folder = write_photos("val", make_photos(20, (64, 65), 0, 1),
+                              os.path.join(check.out, "tiny-val"))
+        cmd += ["--builtin-samples", "256", "--epochs", "1", "--batch-size", "32",
+                "--zeroshot-data", folder, "--workers", "0"]
+    t0 = time.time()
+    run_command(check, "quick start", cmd + ([] if check.compile else ["--no-compile"]))
+    evals = [r for r in read_records(os.path.join(check.out, "runs", "quick-start"))
+             if "zeroshot_top1" in r]
+    epochs = [b["time"] - a["time"] for a, b in zip([{"time": 0.0}] + evals, evals)]
+    return {"wall time": f"{time.time() - t0:.0f} s",
+            "per epoch": ", ".join(f"{e:.0f} s" for e in epochs),
+            "top-1 unmasked / masked": f"{evals[-1]['zeroshot_top1']:.4f} / "
+                                       f"{evals[-1].get('zeroshot_masked_top1', 0):.4f}"}
+
+
+def gpu_step(check):
+    """bench.py's step table: ViT-B-16, batch 256, bf16, compiled, at 0 / 50 / 75 / 90%, and
+    OpenCLIP's ViT-B-16 beside it when it imports."""
+    out = os.path.join(check.out, "step.json")
+    cmd = [sys.executable, "bench.py", "--json", out, "--check-sync", "--steps", "10",
+           "--warmup", "2"] + (["--compile"] if check.compile else [])
+    cmd += ["--openclip"] if check.openclip else []
+    if check.small:
+        cmd += ["--device", "cpu", "--model", "tiny", "--batch-size", "8", "--steps", "1",
+                "--warmup", "1", "--ratios", "0.5"]
+    try:
+        run_command(check, "step", cmd)
+    except PartFailed:  # our rows are written before OpenCLIP's run starts: keep them
+        if not os.path.exists(out):
+            raise
+    with open(out) as f:
+        result = json.load(f)
+    check.step_result = result
+    found = {f"{r['ratio']:.0%}": f"{r['samples_per_s']:.0f}/s, {r['speedup']:.2f}x of "
+             f"{r['ideal_speedup']:.2f}x ideal" + (f", MFU {r['mfu']:.0%}" if r["mfu"] else "")
+             for r in result["rows"]}
+    if "openclip_rows" in result:
+        found["ours / OpenCLIP"] = ", ".join(f"{r['samples_per_s'] / o['samples_per_s']:.2f}x"
+                                             for r, o in zip(result["rows"],
+                                                             result["openclip_rows"]))
+    else:
+        found["OpenCLIP"] = "skipped: open_clip does not import"
+    return found
+
+
+def gpu_data(check):
+    """bench.py data with a worker per core but one, on generated shards and class folders;
+    they stay in data/ for the next parts."""
+    num = 64 if check.small else 4096
+    run_command(check, "data", [sys.executable, "bench.py", "data", "--workers", check.workers,
+                                "--num-images", num, "--out", os.path.join(check.out, "data")])
+    with open(os.path.join(check.out, "data", "data.json")) as f:
+        check.rates = json.load(f)["rates"]
+    return {name: f"{r[f'{check.workers}_workers']:.0f} images/s with {check.workers} workers"
+            for name, r in check.rates.items()}
+
+
+def gpu_train(check, ratio):
+    """train.py itself on the CC12M-size shards for TRAIN_STEPS steps: samples/s and data wait
+    (the share of the time blocked on the loader) past the first, compiling, step."""
+    if check.rates is None:
+        raise PartFailed("needs the data part's shards")
+    batch, steps = (16, 4) if check.small else (256, TRAIN_STEPS)
+    name = f"shards-{ratio:g}"
+    cmd = [sys.executable, "train.py", "--train-data", check.rates["cc12m"]["where"],
+           "--train-num-samples", batch * steps, "--dataset-resampled", "--epochs", "1",
+           "--batch-size", batch, "--mask", "random" if ratio else "none", "--ratio", ratio,
+           "--log-every", 1 if check.small else 10, "--log-dir", os.path.join(check.out, "runs"),
+           "--name", name, "--save-frequency", "0", "--workers", check.workers,
+           "--model", "tiny" if check.small else "ViT-B-16"]
+    run_command(check, f"train {ratio:.0%}", cmd + ([] if check.compile else ["--no-compile"]))
+    windows = [r for r in read_records(os.path.join(check.out, "runs", name))
+               if r.get("samples_per_s")]
+    if not windows:
+        raise PartFailed("no timed log window")
+    rate = sum(r["samples_per_s"] for r in windows) / len(windows)
+    wait = sum(r["data_wait"] for r in windows) / len(windows)
+    mfu = [r["mfu"] for r in windows if r["mfu"]]
+    return {"samples/s": f"{rate:.0f}", "data wait": f"{wait:.0%}",
+            "MFU": f"{sum(mfu) / len(mfu):.0%}" if mfu else "-"}
+
+
+def gpu_evaluation(check):
+    """eval.py's zero-shot pass over the ImageNet-size class folder: images/s, and how much of
+    it waited for data."""
+    if check.rates is None:
+        raise PartFailed("needs the data part's class folder")
+    name = "tiny" if check.small else "ViT-B-16"
+    tokenizer = train_tokenizer(CAPTIONS, 1024, M.PRESETS[name].context_length)
+    model = M.create_model(name, vocab_size=tokenizer.vocab_size)
+    path = os.path.join(check.out, "eval-model.pt")
+    torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(model.config),
+                "model": name, "tokenizer": tokenizer.to_json()}, path)
+    text = run_command(check, "evaluation", [
+        sys.executable, "eval.py", "--checkpoint", path, "--dataset",
+        check.rates["val"]["where"], "--workers", check.workers, "--output",
+        os.path.join(check.out, "eval.json")] + (["--device", "cpu"] if check.small else []))
+    done = [line for line in text.splitlines() if line.startswith("images (unmasked):")][-1]
+    return {"images": done.split(": ", 1)[1]}
+
+
+def write_gpu_summary(check):
+    lines = [f"# GPU check, {check.started}", "",
+             f"`python bench.py gpu --out DIR{' --small' if check.small else ''}`: "
+             + ", ".join(f"{k} {v}" for k, v in check.facts.items()), "",
+             "| part | status | seconds | figures |", "|---|---|---|---|"]
+    for r in check.results:
+        figures = "; ".join(f"{k}: {v}" for k, v in r["figures"].items()
+                            if r["part"] != "preflight")
+        lines.append(f"| {r['part']} | {r['status']} | {r['seconds']:.0f} | {figures} |")
+    if check.step_result:
+        lines += ["", "Step benchmark (bench.py):", "", "```",
+                  format_table(check.step_result["rows"], check.step_result["memory"]), "```"]
+    if check.step_result and check.rates:  # does masking pay end to end?
+        lines += ["", "What a step consumes against what the loaders make "
+                  f"({check.workers} workers):", ""]
+        for r in check.step_result["rows"]:
+            made = {n: check.rates[n][f"{check.workers}_workers"] for n in ("cc12m", "s256")}
+            lines.append(f"- {r['ratio']:.0%} masking: {r['samples_per_s']:.0f} samples/s; "
+                         + ", ".join(f"{n} shards {v:.0f}/s"
+                                     + (" (data-bound)" if v < r["samples_per_s"] else "")
+                                     for n, v in made.items()))
+    with open(os.path.join(check.out, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    write_json(os.path.join(check.out, "summary.json"), {"facts": check.facts,
+                                                         "parts": check.results})
 
 
 class PartFailed(Exception):

@@ -278,14 +278,14 @@ def test_the_gpu_check_small_mode_runs_every_part_and_writes_the_summary(tmp_pat
 
 
 def test_a_failing_or_hanging_gpu_check_part_loses_nothing_else(tmp_path):
-    check = bench.GPUCheck(str(tmp_path), small=True, deadline=time.time() + 60)
-    check.part("preflight", lambda: 1 / 0)  # a bug in a part
+    check = bench.new_check(str(tmp_path), small=True, deadline=time.time() + 60)
+    bench.run_part(check, "preflight", lambda check: 1 / 0)  # a bug in a part
     check.limit = 1
     with pytest.raises(bench.PartFailed, match="timed out after 1 s"):  # killed, not waited for
-        check.command("data", [sys.executable, "-c", "import time; time.sleep(60)"])
-    check.part("data", lambda: {"it": "ran"})  # the next part still runs
+        bench.run_command(check, "data", [sys.executable, "-c", "import time; time.sleep(60)"])
+    bench.run_part(check, "data", lambda check: {"it": "ran"})  # the next part still runs
     check.deadline = time.time()
-    check.part("step", lambda: {"it": "ran"})  # the check's own time spent: skipped
+    bench.run_part(check, "step", lambda check: {"it": "ran"})  # the check's time spent: skipped
     assert [r["status"] for r in check.results] == [
         "failed: ZeroDivisionError: division by zero", "ok", "skipped: the check's time is spent"]
     assert "| data | ok |" in (tmp_path / "summary.md").read_text()
