@@ -716,8 +716,9 @@ def main(argv=None):
     if argv[:1] != ["export"]:
         sys.exit("usage: checkpoint.py export CKPT OUT --format {open_clip,hf} [--model M] "
                  "[--tokenizer T]\n(the same as python export.py; see python export.py --help)")
-    import export  # here, not at the top: export.py imports this file
-    export.main(argv[1:])
+    # export.py's own process in place of this one: it imports this file, never the other way round
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.execv(sys.executable, [sys.executable, os.path.join(here, "export.py")] + argv[1:])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ line. With open_clip or transformers installed, their features are compared with
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -17,6 +19,8 @@ import export as E
 import model as M
 import tokenizer as T
 from test_checkpoint import openclip_vit_b16_state_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
 needs_safetensors = pytest.mark.skipif(not HAS_SAFETENSORS, reason="safetensors is not installed "
@@ -76,12 +80,15 @@ def export(*args):
     E.main(list(map(str, args)))
 
 
-def test_checkpoint_py_export_is_export_py(monkeypatch):
+def test_checkpoint_py_export_is_export_py(tmp_path):
     # the older spelling, `python checkpoint.py export ARGS`, runs `python export.py ARGS`
-    calls = []
-    monkeypatch.setattr(E, "main", calls.append)
-    ckpt.main(["export", "epoch_30.pt", "out-hf", "--format", "hf"])
-    assert calls == [["epoch_30.pt", "out-hf", "--format", "hf"]]
+    def run(*args):
+        return subprocess.run([sys.executable, *args, str(tmp_path / "missing.pt"),
+                               str(tmp_path / "out"), "--format", "open_clip"],
+                              capture_output=True, text=True, cwd=ROOT)
+    old, new = run("checkpoint.py", "export"), run("export.py")
+    assert old.returncode == new.returncode != 0
+    assert old.stderr == new.stderr and "missing.pt" in old.stderr
 
 
 def one_line_exit(args, capsys):
