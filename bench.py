@@ -4,7 +4,7 @@ the FLOP ideal? Also the data pipelines, and the GPU check: every GPU figure in 
 
     python bench.py                                   # on a GPU: ViT-B-16, batch 256, bf16, TF32
     python bench.py --compile --check-sync            # compiled, and prove no host-device sync
-    python bench.py --device cpu --compile            # the tiny preset, batch 64, fp32 on the CPU
+    python bench.py --device cpu --compile            # the tiny preset, batch 64, on the CPU
     python bench.py --ratios 0 0.5 --json bench.json  # also write the table as JSON
     python bench.py --text-length 16 32               # also 16 and 32 of 77 text tokens (FLIP's)
     python bench.py --compile --openclip              # beside OpenCLIP's model of the same name
@@ -97,7 +97,7 @@ def parse_args(argv=None):
       "survive (FLIP's prioritized drops padding first; every mode costs the same)")
     a("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     a("--precision", default=None, choices=["bf16", "fp32"],
-      help="bf16 autocast (cuda default) or fp32 (cpu default)")
+      help="bf16 autocast or fp32 (default: bf16 on cuda or a CPU with AMX, else fp32)")
     a("--compile", action="store_true",
       help="torch.compile the model; each (K, L) is its own static-shape graph")
     a("--steps", type=int, default=20, help="timed steps per ratio")
@@ -118,7 +118,7 @@ def parse_args(argv=None):
     args.model = args.model or ("ViT-B-16" if on_gpu else "tiny")
     if args.batch_size is None:
         args.batch_size = 256 if on_gpu else 64 if args.model == "tiny" else 4
-    args.precision = args.precision or ("bf16" if on_gpu else "fp32")
+    args.precision = args.precision or D.default_precision("cuda" if on_gpu else "cpu")
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         p.error("--batch-size and --steps must be >= 1 and --warmup >= 0")
     try:

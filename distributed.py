@@ -178,10 +178,20 @@ def syncs_raise(enabled):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def default_precision(device_type):
+    """bf16 autocast where bf16 matmuls are fast: a GPU, or a CPU with AMX tiles (Intel Xeon since
+    Sapphire Rapids: ~6x the fp32 matmul rate on 2 cores, docs/speed.md); plain fp32 on other CPUs,
+    where bf16 matmuls are slower than fp32's."""
+    if device_type == "cuda":
+        return "bf16"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return "bf16" if device_type == "cpu" and amx() else "fp32"
+
+
 def autocast(device, precision=None):
-    """bf16 autocast on a GPU by default, plain fp32 on the CPU (where bf16 matmuls are slow)."""
+    """bf16 autocast, or a no-op for fp32; by default default_precision's choice for the device."""
     device_type = torch.device(device).type
-    precision = precision or ("bf16" if device_type == "cuda" else "fp32")
+    precision = precision or default_precision(device_type)
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
     if precision == "fp32":

@@ -114,8 +114,14 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.in_proj(x).view(B, T, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
-        # flash / memory-efficient kernels on GPU
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if x.is_cpu and q.dtype == torch.bfloat16:
+            # the CPU's bf16 attention backward is 4-15x slower than its fp32 one (PyTorch 2.13,
+            # docs/speed.md): attend in fp32 there, autocast off so that it stays fp32
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                   is_causal=causal).to(q.dtype)
+        else:  # flash / memory-efficient kernels on GPU
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 

@@ -103,7 +103,8 @@ def parse_args(argv=None):
     a("--eps", type=POSITIVE, default=1e-6, help="AdamW epsilon")
     a("--warmup", type=NATURAL, help=f"linear warmup steps (default: {OPENCLIP_WARMUP} as "
       "OpenCLIP, or 5%% of a run shorter than 20x that)")
-    a("--precision", choices=["bf16", "fp32"], help="bf16 autocast (GPU default) or fp32 (CPU)")
+    a("--precision", choices=["bf16", "fp32"], help="bf16 autocast or fp32 (default: bf16 on a GPU "
+      "or on a CPU with AMX, else fp32; distributed.default_precision)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each Transformer "
       "block (default: on GPU)")
     a("--grad-checkpointing", action="store_true", help="recompute each Transformer block's "
@@ -168,7 +169,7 @@ def settle_defaults(args):
         grid = (args.image_size or cfg.image_size) // cfg.patch_size
         args.sigma = masking.auto_sigma(grid, args.ratio) if args.ratio else 0.2
     on_gpu = torch.cuda.is_available()
-    args.precision = args.precision or ("bf16" if on_gpu else "fp32")
+    args.precision = args.precision or D.default_precision("cuda" if on_gpu else "cpu")
     args.compile = on_gpu if args.compile is None else args.compile
     args.workers = (data.default_workers(on_gpu, D.launch_env()[3]) if args.workers is None
                     else args.workers)

@@ -269,6 +269,23 @@ def test_the_image_towers_residual_stream_is_in_the_activation_dtype():
     assert seen == [torch.bfloat16]
 
 
+def test_attention_on_the_cpu_under_bf16_runs_in_fp32_and_returns_bf16(monkeypatch):
+    # the CPU's bf16 attention backward is several times slower than its fp32 one: fp32 there,
+    # the block's output still bf16; the gradient reaches the inputs
+    sdpa, seen = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
+    attention = M.Attention(16, 2)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(x, causal=True)
+    assert seen == [torch.float32] and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    attention(x)  # fp32 without autocast, as before
+    assert seen == [torch.float32, torch.float32]
+
+
 def test_layer_norm_returns_its_inputs_dtype(monkeypatch):
     # CUDA autocast runs layer_norm in fp32 (the CPU's keeps bf16): stand in for it here
     layer_norm = F.layer_norm

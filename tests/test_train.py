@@ -622,3 +622,21 @@ def test_missing_empty_or_unreadable_shards_are_one_line_before_any_folder(what,
             and str(tmp_path) in error), proc.stderr
     assert len(warnings) <= 5 and all("warning: skipped" in w for w in warnings), proc.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_the_default_precision_is_bf16_where_its_matmuls_are_fast(monkeypatch):
+    def settled(argv):
+        args = train.parse_args(argv)
+        train.settle_defaults(args)
+        return args.precision
+
+    assert D.default_precision("cuda") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert D.default_precision("cpu") == "bf16"
+    assert isinstance(D.autocast("cpu"), torch.autocast)
+    assert settled([]) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # no AMX: fp32
+    assert D.default_precision("cpu") == "fp32"
+    assert not isinstance(D.autocast("cpu"), torch.autocast)
+    assert settled([]) == "fp32"
+    assert settled(["--precision", "bf16"]) == "bf16"
