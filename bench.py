@@ -97,7 +97,7 @@ def parse_args(argv=None):
       "survive (FLIP's prioritized drops padding first; every mode costs the same)")
     a("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     a("--precision", default=None, choices=["bf16", "fp32"],
-      help="bf16 autocast or fp32 (default: bf16 on cuda or a CPU with AMX, else fp32)")
+      help="bf16 autocast or fp32 (default: bf16 on cuda or a CPU with AMX or AVX512-BF16, else fp32)")
     a("--compile", action="store_true",
       help="torch.compile the model; each (K, L) is its own static-shape graph")
     a("--steps", type=int, default=20, help="timed steps per ratio")

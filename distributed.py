@@ -179,13 +179,15 @@ def syncs_raise(enabled):
 
 
 def default_precision(device_type):
-    """bf16 autocast where bf16 matmuls are fast: a GPU, or a CPU with AMX tiles (Intel Xeon since
-    Sapphire Rapids: ~6x the fp32 matmul rate on 2 cores, docs/speed.md); plain fp32 on other CPUs,
-    where bf16 matmuls are slower than fp32's."""
+    """bf16 autocast where bf16 matmuls are fast: a GPU, or a CPU with bf16 instructions, AMX tiles
+    (Intel Xeon since Sapphire Rapids: ~6x the fp32 matmul rate on 2 cores) or AVX512-BF16 (AMD EPYC
+    since Zen 4, Intel since Cooper Lake: ~3x), docs/speed.md; plain fp32 on other CPUs, where bf16
+    is emulated and slower than fp32."""
     if device_type == "cuda":
         return "bf16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return "bf16" if device_type == "cpu" and amx() else "fp32"
+    fast = [getattr(torch.cpu, name, lambda: False)
+            for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return "bf16" if device_type == "cpu" and any(f() for f in fast) else "fp32"
 
 
 def autocast(device, precision=None):

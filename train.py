@@ -104,7 +104,7 @@ def parse_args(argv=None):
     a("--warmup", type=NATURAL, help=f"linear warmup steps (default: {OPENCLIP_WARMUP} as "
       "OpenCLIP, or 5%% of a run shorter than 20x that)")
     a("--precision", choices=["bf16", "fp32"], help="bf16 autocast or fp32 (default: bf16 on a GPU "
-      "or on a CPU with AMX, else fp32; distributed.default_precision)")
+      "or on a CPU with AMX or AVX512-BF16, else fp32; distributed.default_precision)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each Transformer "
       "block (default: on GPU)")
     a("--grad-checkpointing", action="store_true", help="recompute each Transformer block's "

@@ -631,11 +631,14 @@ def test_the_default_precision_is_bf16_where_its_matmuls_are_fast(monkeypatch):
         return args.precision
 
     assert D.default_precision("cuda") == "bf16"
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert D.default_precision("cpu") == "bf16"
-    assert isinstance(D.autocast("cpu"), torch.autocast)
-    assert settled([]) == "bf16"
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # no AMX: fp32
+    for amx, avx512_bf16 in [(True, False), (False, True)]:  # either makes bf16 matmuls fast
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert D.default_precision("cpu") == "bf16"
+        assert isinstance(D.autocast("cpu"), torch.autocast)
+        assert settled([]) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # neither: fp32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert D.default_precision("cpu") == "fp32"
     assert not isinstance(D.autocast("cpu"), torch.autocast)
     assert settled([]) == "fp32"
