@@ -26,7 +26,7 @@ patches, L tokens). With the whole text it stays well below 1 / (1 - ratio): the
 unmasked, is 62% of ViT-B-16's FLOPs at 90% masking. After the table, one line gives the unmasked
 image tower's inference images/s as eval.py runs it: compare it with `python bench.py data`'s
 evaluation pipeline to see whether an ImageNet pass is bound by the data or the model. MFU =
-achieved FLOP/s / the device's dense bf16 peak (model.peak_flops); it is not reported on the CPU.
+achieved FLOP/s / the device's dense bf16 peak (distributed.peak_flops); it is not reported on the CPU.
 Peak memory is torch.cuda.max_memory_allocated per row on a GPU, and the process's peak RSS (which
 never goes down, so it is the largest ratio-0 figure) on the CPU. mask/step is the masks (patches
 and text) timed alone over the time of a whole step.
@@ -244,7 +244,7 @@ def bench_ratio(ratio, text_length, step, cfg, args, device, generator, own_mask
     samples_per_s = B / step_s
     flops = M.train_flops_per_sample(cfg, ratio, text_length)  # as train.py counts them for MFU
     tflops = flops * samples_per_s / 1e12
-    peak = M.peak_flops(device)
+    peak = D.peak_flops(device)
     return dict(ratio=ratio, kept=kept, text_tokens=text_length, samples_per_s=samples_per_s,
                 step_ms=1e3 * step_s, ideal_speedup=M.train_flops_per_sample(cfg, 0.0) / flops,
                 tflops=tflops, mfu=None if peak is None else tflops * 1e12 / peak,
@@ -313,7 +313,7 @@ def bench_model(orig_model, cfg, args, device, openclip=False):
     autocast = D.autocast(device, args.precision)
     optimizer = M.configure_optimizer(orig_model, LR, weight_decay=0.2)  # train.py's, as it runs
     if args.compile:
-        # each block in place, as train.py (model.compile_blocks): a row's K patches and L text
+        # each block in place, as train.py (distributed.compile_blocks): a row's K patches and L text
         # tokens recompile the blocks, static-shape (dynamic=False: no slower symbolic-shape
         # graph from the second K on), not the whole model
         graphs = 2 * len(args.ratios) * len(args.text_length) + 4
@@ -322,7 +322,7 @@ def bench_model(orig_model, cfg, args, device, openclip=False):
             for block in openclip_blocks(orig_model):
                 block.compile(dynamic=False)
         else:
-            M.compile_blocks(orig_model)
+            D.compile_blocks(orig_model)
     model = orig_model
     # OpenCLIP's model masks inside
     forward = (lambda images, tokens, keep, positions: model(images, tokens)) if openclip else model
@@ -843,7 +843,7 @@ def main(argv=None):
     cfg = orig_model.config
 
     grid = cfg.grid_size
-    peak = M.peak_flops(device)
+    peak = D.peak_flops(device)
     name = (torch.cuda.get_device_name(device) if on_gpu
             else f"cpu, {torch.get_num_threads()} threads")
     params = sum(p.numel() for p in orig_model.parameters())

@@ -1,8 +1,9 @@
 """
 Ranks: the launcher's environment (torchrun or SLURM), the process group, values every rank agrees
 on (rank 0's, or all ranks'), the feature gathers with gradient that the contrastive loss over the
-global batch needs, and its per-rank share (local_clip_loss); plus the device contexts the scripts
-share (autocast, syncs_raise). A plain `python` run is rank 0 of 1, and every helper works there.
+global batch needs, and its per-rank share (local_clip_loss); plus what the scripts share about the
+device: the precision and autocast, syncs_raise, compile_blocks, and the GPU peaks that MFU is
+taken against. A plain `python` run is rank 0 of 1, and every helper works there.
 
     rank, local_rank, world, device = setup_distributed()
     all_images = gather_features(image_features)   # (B, E) -> (W*B, E), gradient to my rows
@@ -199,3 +200,35 @@ def autocast(device, precision=None):
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets; used for MFU. The first
+# key found in the device name wins, so the PCIe and NVL cards (lower clocks and power) come before
+# the SXM "H100" and "H200" they also match.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12,
+              "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
+
+
+def peak_flops_by_name(name):
+    """The dense bf16 peak of a GPU from its name (torch.cuda.get_device_name), or None when
+    unknown."""
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def peak_flops(device):
+    """The bf16 peak of a CUDA device, or None for the CPU or an unknown GPU (MFU is then not
+    reported)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return peak_flops_by_name(torch.cuda.get_device_name(device))
+
+
+def compile_blocks(model, dynamic=False):
+    """torch.compile every Transformer block in place (PyTorch's regional compilation): the blocks
+    of a tower are one module class, so they share one compiled graph, and compiling takes seconds
+    where the whole model took minutes. The parameter names stay as they are (no `_orig_mod.`). A
+    new number of tokens (another masking ratio) compiles the blocks again, not the model; run
+    evaluation under torch.compiler.set_stance("force_eager") to use the eager blocks."""
+    for block in [*model.visual.blocks, *model.text.blocks]:
+        block.compile(dynamic=dynamic)
+    return model

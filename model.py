@@ -2,7 +2,8 @@
 CLIP in plain PyTorch: a Vision Transformer that encodes only the patches it is told to keep, a
 causal text Transformer, the symmetric contrastive (InfoNCE) loss (its gathers over ranks are in
 distributed.py), and what training needs to know about the model (nanoGPT's
-`configure_optimizers` and `estimate_mfu`): its weight-decay groups and its FLOPs.
+`configure_optimizers` and `estimate_mfu`): its weight-decay groups and its FLOPs (the GPU peaks
+that MFU divides by are in distributed.py).
 
 Shapes and parameter names follow OpenAI CLIP / OpenCLIP (`class_embedding`, `positional_embedding`,
 `ln_pre`, `ln_post`, `proj`, `token_embedding`, `ln_final`, `logit_scale`), so an OpenCLIP
@@ -210,16 +211,6 @@ class TextTransformer(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.proj
 
 
-def trim_padding(tokens):
-    """(B, T) token ids -> (B, T'): the first T' positions, T' the longest caption's (up to its
-    end-of-text token, the largest id). The text tower is causal, so no token after a caption's
-    end-of-text token changes its features or their gradients: the trimmed batch encodes to the
-    same features with less work (the built-in captions fill at most 11 of the tiny preset's 32
-    positions). For token ids on the host, before the copy to the device: no host-device sync."""
-    longest = int(tokens.argmax(dim=-1).max()) + 1
-    return tokens if longest == tokens.shape[1] else tokens[:, :longest]
-
-
 class CLIP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -320,7 +311,7 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.98), eps=1e-6):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-# ----------------------------------------------------------------------------- FLOPs and MFU
+# ----------------------------------------------------------------------------- FLOPs
 
 
 def transformer_flops(tokens, width, layers, mlp_ratio):
@@ -363,38 +354,6 @@ def train_flops_per_sample(cfg, ratio, text_length=None):
     """Training FLOPs per image-text pair, for MFU and the compute curves: forward + backward (2x
     forward) of the tokens it encodes."""
     return 3 * flops_per_sample(cfg, *encoded_tokens(cfg, ratio, text_length))
-
-
-# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets; used for MFU. The first
-# key found in the device name wins, so the PCIe and NVL cards (lower clocks and power) come before
-# the SXM "H100" and "H200" they also match.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12,
-              "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
-
-
-def peak_flops_by_name(name):
-    """The dense bf16 peak of a GPU from its name (torch.cuda.get_device_name), or None when
-    unknown."""
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
-
-
-def peak_flops(device):
-    """The bf16 peak of a CUDA device, or None for the CPU or an unknown GPU (MFU is then not
-    reported)."""
-    if torch.device(device).type != "cuda":
-        return None
-    return peak_flops_by_name(torch.cuda.get_device_name(device))
-
-
-def compile_blocks(model, dynamic=False):
-    """torch.compile every Transformer block in place (PyTorch's regional compilation): the blocks
-    of a tower are one module class, so they share one compiled graph, and compiling takes seconds
-    where the whole model took minutes. The parameter names stay as they are (no `_orig_mod.`). A
-    new number of tokens (another masking ratio) compiles the blocks again, not the model; run
-    evaluation under torch.compiler.set_stance("force_eager") to use the eager blocks."""
-    for block in [*model.visual.blocks, *model.text.blocks]:
-        block.compile(dynamic=dynamic)
-    return model
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import distributed as D
 import model as M
 import photographer
 from eval import training_record
-from tokenizer import load_tokenizer, train_tokenizer
+from tokenizer import load_tokenizer, train_tokenizer, trim_padding
 
 # -----------------------------------------------------------------------------
 # configuration: flags with literal defaults; those that depend on the data are settled once, below
@@ -247,7 +247,7 @@ def next_step_batches(batches, args, grid_size, device, generator, log):
         log.waited += time.time() - t
         log.skipped += skipped
         if args.text_length is None:  # whole captions: the padding after the longest is inert
-            tokens = M.trim_padding(tokens)  # (B, T) -> (B, T'), still on the host
+            tokens = trim_padding(tokens)  # (B, T) -> (B, T'), still on the host
         images = data.normalize(images.to(device, non_blocking=True))  # uint8 -> (B, 3, S, S) float
         tokens = tokens.to(device, non_blocking=True)  # (B, T)
         keep = None if args.mask == "none" else masking.keep_indices(
@@ -480,7 +480,7 @@ def main(argv=None):
             + (" (in the middle of the epoch)" if position else ""))
     t0, start_step = time.time() - elapsed, step  # wall time counts on across resumes
     if args.compile:  # each block in place (regional): seconds, and no `_orig_mod.` in the keys
-        M.compile_blocks(orig_model)
+        D.compile_blocks(orig_model)
     model = orig_model  # DDP's wrapper around it on several ranks; orig_model is what is saved
     if world_size > 1:
         model = DDP(orig_model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -507,7 +507,7 @@ def main(argv=None):
         trained_here = not (args.tokenizer or checkpoint or args.pretrained)
         ckpt.write_run_config(run_dir, args, cfg, world_size, tokenizer if trained_here else None)
     flops_per_step = flops * args.batch_size * args.accum_freq  # this rank's, against its own GPU
-    log = LogWindow(global_batch, flops_per_step, M.peak_flops(device), total_steps, per_epoch)
+    log = LogWindow(global_batch, flops_per_step, D.peak_flops(device), total_steps, per_epoch)
     if position:  # the log window the interrupted run had open goes on
         log.losses, log.skipped = [torch.tensor(v) for v in position["window"]], position["skipped"]
 

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import distributed as D
 import masking
 import model as M
 from conftest import synthetic_batch
+from tokenizer import trim_padding
 
 
 def tiny(**overrides):
@@ -178,7 +180,7 @@ def test_clip_loss_is_symmetric_infonce():
 
 def test_blocks_compiled_in_place_give_the_eager_features_and_keep_their_names():
     model, reference = tiny(), tiny()
-    M.compile_blocks(model)  # regional: each Transformer block, in place
+    D.compile_blocks(model)  # regional: each Transformer block, in place
     assert list(model.state_dict()) == list(reference.state_dict())  # no `_orig_mod.` prefixes
     images, tokens = batch(model, 4)
     keep = masking.keep_indices(4, model.visual.grid_size, 0.5, "gaussian")
@@ -218,7 +220,7 @@ def test_trimmed_padding_gives_the_same_loss_and_gradients():
     lengths = torch.tensor([3, 8, 5, 2])  # end-of-text positions
     tokens = torch.where(torch.arange(T) < lengths[:, None], tokens.clamp(max=V - 2), 0)
     tokens = tokens.scatter(1, lengths[:, None], V - 1)
-    trimmed = M.trim_padding(tokens)
+    trimmed = trim_padding(tokens)
     assert trimmed.shape == (4, 9) and torch.equal(trimmed, tokens[:, :9])
     assert torch.equal(trimmed.argmax(-1), lengths)  # every end-of-text token kept
     keep = masking.keep_indices(4, 8, 0.5, "gaussian", generator=torch.Generator().manual_seed(0))
@@ -230,7 +232,7 @@ def test_trimmed_padding_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(grads_t, grads, rtol=0, atol=1e-5)
     full = torch.cat([tokens[:, :T - 1].clamp(max=V - 2), torch.full((4, 1), V - 1)], 1)
     # captions that fill every position: nothing to trim
-    assert M.trim_padding(full) is full
+    assert trim_padding(full) is full
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -242,7 +244,7 @@ def test_grad_checkpointing_keeps_loss_and_gradients_and_saves_less(compiled):
     plain, checkpointed = tiny().train(), tiny().train()
     checkpointed.set_grad_checkpointing(True)
     if compiled:  # the blocks compiled in place, as train.py --compile: checkpointed all the same
-        M.compile_blocks(checkpointed)
+        D.compile_blocks(checkpointed)
     loss, grads, saved = loss_grads_and_saved_bytes(plain, images, tokens, keep, positions)
     loss_c, grads_c, saved_c = loss_grads_and_saved_bytes(checkpointed, images, tokens, keep,
                                                           positions)
@@ -436,8 +438,8 @@ def test_flops_follow_the_text_tokens_encoded():
     ("NVIDIA GeForce RTX 3060", None),  # unknown: MFU is not reported rather than made up
 ])
 def test_peak_flops_by_device_name(name, peak):
-    assert M.peak_flops_by_name(name) == peak
+    assert D.peak_flops_by_name(name) == peak
 
 
 def test_no_peak_on_the_cpu():
-    assert M.peak_flops("cpu") is None
+    assert D.peak_flops("cpu") is None
