@@ -563,7 +563,8 @@ def main(argv=None):
                     record = training_record(orig_model, tokenizer, eval_root, args.mask,
                                              args.ratio, args.sigma, workers=args.workers,
                                              batch_size=max(args.batch_size, 256), device=device,
-                                             imagenet=bool(args.imagenet_val))
+                                             imagenet=bool(args.imagenet_val),
+                                             precision=args.precision)
                 except ValueError as e:  # e.g. most images of the folder unreadable
                     fail(f"zero-shot evaluation on {eval_root}: {e}")
             say("zero-shot " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if "top" in k))

@@ -376,6 +376,16 @@ def test_zeroshot_columns_are_eval_pys_unmasked_and_masked_passes(shards, class_
             assert record[f"{prefix}_{metric}"] == pytest.approx(result[key]), (prefix, metric)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_zero_shot_passes_run_in_the_precision_training_ran_in(shards, class_folder, tmp_path,
+                                                                    monkeypatch, precision):
+    asked, autocast = [], D.autocast
+    monkeypatch.setattr(D, "autocast", lambda device, p=None: asked.append(p) or autocast(device, p))
+    train.main(start_args(shards, tmp_path, "--zeroshot-data", class_folder, "--precision",
+                          precision, "--name", precision))
+    assert len(asked) > 1 and set(asked) == {precision}  # training's, then each pass's
+
+
 def test_report_to_tensorboard_gets_every_record_of_metrics_jsonl(shards, class_folder, tmp_path):
     train.main(start_args(shards, tmp_path, "--zeroshot-data", class_folder, "--log-every", "1",
                           "--report-to", "tensorboard", "--name", "tb"))
