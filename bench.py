@@ -26,10 +26,10 @@ patches, L tokens). With the whole text it stays well below 1 / (1 - ratio): the
 unmasked, is 62% of ViT-B-16's FLOPs at 90% masking. After the table, one line gives the unmasked
 image tower's inference images/s as eval.py runs it: compare it with `python bench.py data`'s
 evaluation pipeline to see whether an ImageNet pass is bound by the data or the model. MFU =
-achieved FLOP/s / the device's dense bf16 peak (distributed.peak_flops); it is not reported on the CPU.
-Peak memory is torch.cuda.max_memory_allocated per row on a GPU, and the process's peak RSS (which
-never goes down, so it is the largest ratio-0 figure) on the CPU. mask/step is the masks (patches
-and text) timed alone over the time of a whole step.
+achieved FLOP/s / the device's dense bf16 peak (distributed.peak_flops); it is not reported on the
+CPU. Peak memory is torch.cuda.max_memory_allocated per row on a GPU, and the process's peak RSS
+(which never goes down, so it is the largest ratio-0 figure) on the CPU. mask/step is the masks
+(patches and text) timed alone over the time of a whole step.
 
 --openclip times open_clip_torch's model of the same name (ViT-B-16, ViT-S-16) after ours, through
 the same step, optimizer, precision, compilation and synthetic batch, with OpenCLIP's own patch
@@ -97,7 +97,8 @@ def parse_args(argv=None):
       "survive (FLIP's prioritized drops padding first; every mode costs the same)")
     a("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     a("--precision", default=None, choices=["bf16", "fp32"],
-      help="bf16 autocast or fp32 (default: bf16 on cuda or a CPU with AMX or AVX512-BF16, else fp32)")
+      help="bf16 autocast or fp32 (default: bf16 on cuda or a CPU with AMX or AVX512-BF16, "
+      "else fp32)")
     a("--compile", action="store_true",
       help="torch.compile the model; each (K, L) is its own static-shape graph")
     a("--steps", type=int, default=20, help="timed steps per ratio")
@@ -313,8 +314,8 @@ def bench_model(orig_model, cfg, args, device, openclip=False):
     autocast = D.autocast(device, args.precision)
     optimizer = M.configure_optimizer(orig_model, LR, weight_decay=0.2)  # train.py's, as it runs
     if args.compile:
-        # each block in place, as train.py (distributed.compile_blocks): a row's K patches and L text
-        # tokens recompile the blocks, static-shape (dynamic=False: no slower symbolic-shape
+        # each block in place, as train.py (distributed.compile_blocks): a row's K patches and L
+        # text tokens recompile the blocks, static-shape (dynamic=False: no slower symbolic-shape
         # graph from the second K on), not the whole model
         graphs = 2 * len(args.ratios) * len(args.text_length) + 4
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)

@@ -15,7 +15,7 @@ import eval as zeroshot  # `eval` would shadow the builtin
 from checkpoint import load_checkpoint
 
 # fp32: the figures are then the same to the bit whatever the batches; bf16 (the default on a CPU
-# with AMX) rounds differently in batches of other sizes
+# with AMX or AVX512-BF16) rounds differently in batches of other sizes
 PASSES = {"unmasked": {}, "masked": {"mask": "gaussian", "ratio": 0.5},
           "views": {"mask": "random", "ratio": 0.5, "views": 2}}  # two complementary masked views
 PASSES = {name: settings | {"precision": "fp32"} for name, settings in PASSES.items()}

@@ -380,7 +380,8 @@ def test_zeroshot_columns_are_eval_pys_unmasked_and_masked_passes(shards, class_
 def test_the_zero_shot_passes_run_in_the_precision_training_ran_in(shards, class_folder, tmp_path,
                                                                     monkeypatch, precision):
     asked, autocast = [], D.autocast
-    monkeypatch.setattr(D, "autocast", lambda device, p=None: asked.append(p) or autocast(device, p))
+    monkeypatch.setattr(D, "autocast",
+                        lambda device, p=None: asked.append(p) or autocast(device, p))
     train.main(start_args(shards, tmp_path, "--zeroshot-data", class_folder, "--precision",
                           precision, "--name", precision))
     assert len(asked) > 1 and set(asked) == {precision}  # training's, then each pass's
