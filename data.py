@@ -241,7 +241,9 @@ def read_shard(url):
     with a None (counted as a bad sample)."""
     sample, stream = None, None
     try:
-        stream = StallGuard(url)
+        stream = wds.gopen(url, "rb")
+        if getattr(stream, "proc", None) is not None:  # a pipe (pipe:, curl for http): can hang
+            stream = StallGuard(url, stream)
         with tarfile.open(fileobj=stream, mode="r|*") as tar:  # streaming: never seeks
             for member in tar:
                 # streaming mode would otherwise keep every header of the shard in memory
@@ -458,17 +460,15 @@ def is_url(path):
 
 
 class StallGuard:
-    """A shard's byte stream, as webdataset's gopen opened it, whose reads give up with a
-    TimeoutError when no byte comes for SHARD_STALL_S seconds (a pipe or download that hangs):
-    the shard is then skipped and counted, not waited for. Local files read as they are."""
+    """A shard's byte stream from a subprocess (webdataset's gopen of a pipe: or http(s) URL, run
+    through curl), whose reads give up with a TimeoutError when no byte comes for SHARD_STALL_S
+    seconds (a pipe or download that hangs): the shard is then skipped and counted, not waited
+    for. read_shard reads local files as they are."""
 
-    def __init__(self, url):
-        self.url, self.stream = url, wds.gopen(url, "rb")
-        self.pipe = getattr(self.stream, "proc", None)  # a subprocess: pipe:, curl for http(s)
+    def __init__(self, url, stream):
+        self.url, self.stream, self.pipe = url, stream, stream.proc
 
     def read(self, size=-1):
-        if self.pipe is None:
-            return self.stream.read(size)
         fd = self.stream.stream.fileno()
         ready, _, _ = select.select([fd], [], [], SHARD_STALL_S)
         if not ready:
@@ -479,7 +479,7 @@ class StallGuard:
         return chunk
 
     def close(self):
-        if self.pipe is not None and self.pipe.poll() is None:
+        if self.pipe.poll() is None:
             self.pipe.kill()  # stalled, or we stopped reading early
         try:
             self.stream.close()
