@@ -96,9 +96,7 @@ def parse_args(argv=None):
     a("--text-mask", default="prioritized", choices=masking.TEXT_MODES, help="which L text tokens "
       "survive (FLIP's prioritized drops padding first; every mode costs the same)")
     a("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
-    a("--precision", default=None, choices=["bf16", "fp32"],
-      help="bf16 autocast or fp32 (default: bf16 on cuda or a CPU with AMX or AVX512-BF16, "
-      "else fp32)")
+    a("--precision", choices=D.PRECISIONS, help=D.PRECISION_HELP)
     a("--compile", action="store_true",
       help="torch.compile the model; each (K, L) is its own static-shape graph")
     a("--steps", type=int, default=20, help="timed steps per ratio")

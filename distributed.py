@@ -179,6 +179,12 @@ def syncs_raise(enabled):
         torch.cuda.set_sync_debug_mode("default")
 
 
+# the --precision flag of train.py, eval.py and bench.py
+PRECISIONS = ("bf16", "fp32")
+PRECISION_HELP = ("bf16 autocast or fp32 (default: bf16 on a GPU or on a CPU with AMX or "
+                  "AVX512-BF16, else fp32; distributed.default_precision)")
+
+
 def default_precision(device_type):
     """bf16 autocast where bf16 matmuls are fast: a GPU, or a CPU with bf16 instructions, AMX tiles
     (Intel Xeon since Sapphire Rapids: ~6x the fp32 matmul rate on 2 cores) or AVX512-BF16 (AMD EPYC
@@ -195,7 +201,7 @@ def autocast(device, precision=None):
     """bf16 autocast, or a no-op for fp32; by default default_precision's choice for the device."""
     device_type = torch.device(device).type
     precision = precision or default_precision(device_type)
-    if precision not in ("bf16", "fp32"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
     if precision == "fp32":
         return nullcontext()

@@ -588,9 +588,7 @@ def parse_args(argv=None):
     a("--workers", type=int, default=None,
       help="dataloader workers (default: the cores less one on GPU, 1 on CPU)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    a("--precision", choices=["bf16", "fp32"],
-      help="bf16 autocast or fp32 (default: bf16 on a GPU or a CPU with AMX or AVX512-BF16, "
-      "else fp32)")
+    a("--precision", choices=D.PRECISIONS, help=D.PRECISION_HELP)
     a("--output", help="write the result as JSON to this file too")
     args = p.parse_args(argv)
     if (args.classnames or args.templates) and not (args.dataset or args.imagenet_val):

@@ -103,8 +103,7 @@ def parse_args(argv=None):
     a("--eps", type=POSITIVE, default=1e-6, help="AdamW epsilon")
     a("--warmup", type=NATURAL, help=f"linear warmup steps (default: {OPENCLIP_WARMUP} as "
       "OpenCLIP, or 5%% of a run shorter than 20x that)")
-    a("--precision", choices=["bf16", "fp32"], help="bf16 autocast or fp32 (default: bf16 on a GPU "
-      "or on a CPU with AMX or AVX512-BF16, else fp32; distributed.default_precision)")
+    a("--precision", choices=D.PRECISIONS, help=D.PRECISION_HELP)
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each Transformer "
       "block (default: on GPU)")
     a("--grad-checkpointing", action="store_true", help="recompute each Transformer block's "
@@ -275,10 +274,10 @@ def forward_backward(model, micro_batches, keeps, autocast, world_size, text_kee
     that micro-batch; DDP all-reduces only on the last one (no_sync). Gradients through the other
     ranks' features arrive by DDP's average, hence the factor world_size. The logit scale is the
     exception: every rank and micro-batch sees all of it, so its gradient is divided.
-    local_loss: each rank computes its share of the loss instead (distributed.local_clip_loss, logits
-    world_size times smaller); the other ranks' gradients reach its features through the gather, and
-    DDP's average of the shares' gradients is the global loss's: no factor. The returned loss is
-    the global one either way (the shares' mean).
+    local_loss: each rank computes its share of the loss instead (distributed.local_clip_loss,
+    logits world_size times smaller); the other ranks' gradients reach its features through the
+    gather, and DDP's average of the shares' gradients is the global loss's: no factor. The
+    returned loss is the global one either way (the shares' mean).
     keeps: each micro-batch's (B, K) kept patches or None; text_keeps: its (B, L) positions or None.
     """
     n = len(micro_batches)
