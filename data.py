@@ -377,16 +377,19 @@ def to_uint8_tensor(img):
 
 
 MEAN_CHW, STD_CHW = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
-MEAN_STD_ON = {}  # device -> (MEAN_CHW, STD_CHW) there
+
+
+@functools.cache
+def mean_std_on(device):
+    """OPENAI_MEAN and OPENAI_STD as (3, 1, 1) tensors on `device`, copied there once: a blocking
+    copy per batch would make the host wait for the GPU at every step."""
+    return MEAN_CHW.to(device), STD_CHW.to(device)
 
 
 def normalize(images):
     """uint8 (..., 3, H, W) -> float32 on the same device, exactly as torchvision's ToTensor then
-    Normalize(OPENAI_MEAN, OPENAI_STD). The mean and std are copied to a device once: a blocking
-    copy per batch would make the host wait for the GPU at every step."""
-    if images.device not in MEAN_STD_ON:
-        MEAN_STD_ON[images.device] = MEAN_CHW.to(images.device), STD_CHW.to(images.device)
-    mean, std = MEAN_STD_ON[images.device]
+    Normalize(OPENAI_MEAN, OPENAI_STD)."""
+    mean, std = mean_std_on(images.device)
     return images.float().div_(255).sub_(mean).div_(std)
 
 
