@@ -16,11 +16,12 @@ The first section follows one training batch from the loader down to the pixels,
 after its caller; the second (seeds, object storage, stalls, warnings) can be skipped on a first
 reading.
 
-    # a folder of KEY.jpg + KEY.txt, or class folders, -> shards
-    python data.py convert SRC OUT [--template ...]
+    # a folder of KEY.jpg + KEY.txt, class folders, or images + a captions file -> shards
+    python data.py convert SRC OUT [--template ...] [--captions captions.tsv] [--files split.txt]
 """
 
 import argparse
+import csv
 import functools
 import hashlib
 import io
@@ -166,13 +167,13 @@ class TrainStream(IterableDataset):
         # the batches i >= start with i % W == role: its share of n, less those made before
         made = start // num_workers + (role < start % num_workers)
         for _ in range(n // num_workers + (role < n % num_workers) - made):
-            batch = self.next_batch(samples, transform, f"{stream_seed}/", read)
+            batch = self.next_batch(samples, transform, f"{stream_seed}/", read, epoch)
             read += len(batch[0]) + int(batch[2])
             yield batch
 
-    def next_batch(self, samples, transform, crop_seed, read):
+    def next_batch(self, samples, transform, crop_seed, read, epoch):
         """A batch from the stream; the crop of the stream's n-th sample is drawn from crop_seed + n
-        (`read` samples were read before this batch)."""
+        (`read` samples were read before this batch), its caption by one_caption."""
         images, captions, skipped = [], [], 0
         while len(images) < self.batch_size:
             sample, n = next(samples), read + len(images) + skipped
@@ -186,8 +187,17 @@ class TrainStream(IterableDataset):
                                        f"from {self.urls[0]} ...: is the training data readable?")
                 continue
             images.append(decoded[0])
-            captions.append(decoded[1])
+            captions.append(one_caption(decoded[1], self.seed, epoch, sample["__key__"]))
         return torch.stack(images), self.tokenizer(captions), torch.tensor(skipped)
+
+
+def one_caption(text, seed, epoch, key):
+    """A sample's caption for this epoch: one line of a caption file that has several (Flickr and
+    COCO have five per image), drawn from (seed, epoch, sample key), so that every epoch may see
+    another one and a resumed run draws what the uninterrupted one drew. Retrieval evaluation
+    keeps them all."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return text if len(lines) == 1 else lines[derived_seed(seed, "caption", epoch, key) % len(lines)]
 
 
 def shuffled_passes(urls, part, parts, rng):
@@ -534,14 +544,13 @@ def read_captions(pattern, max_captions=100_000):
     for url in urls:
         for sample in read_shard(url):
             try:
-                caption = sample["txt"].decode("utf-8").strip()
+                text = sample["txt"].decode("utf-8")
             # None (broken tar), no caption, not UTF-8
             except (TypeError, KeyError, UnicodeDecodeError):
                 continue
-            if caption:
-                captions.append(caption)
+            captions += [line.strip() for line in text.splitlines() if line.strip()]  # one a line
             if len(captions) >= max_captions:
-                return captions
+                return captions[:max_captions]
     if not captions:
         raise ValueError(f"training data {pattern}: no captions in its {len(urls)} shards {NAMING}")
     return captions
@@ -693,61 +702,142 @@ def checked(kind, ok, allowed):
     return parse
 
 
-def convert(src, out, template="a photo of a {}.", shard_size=1000, seed=0):
-    """A folder of KEY.jpg + KEY.txt (captioned), or of class folders (caption = template with the
-    class name), -> shuffled webdataset shards out/shard-NNNNN.tar (+ classnames.txt for class
-    folders). Returns the shard pattern."""
+def convert(src, out, template="a photo of a {}.", shard_size=1000, seed=0, captions=None,
+            files=None, img_key="filepath", caption_key="title", separator=None):
+    """Images and their captions -> shuffled webdataset shards out/shard-NNNNN.tar; returns the
+    shard pattern. The captions come from, in this order:
+    - `captions`, a .tsv or .csv file with a header (OpenCLIP's CSV): the image path (relative to
+      src) in column `img_key`, a caption in column `caption_key`; the rows of one image make one
+      sample with all its captions, one a line (training draws one per epoch, retrieval keeps all);
+    - KEY.txt beside KEY.jpg in src;
+    - class folders src/<class>/.../<image>: `template` with the class name (+ classnames.txt).
+    files: a list, one image path relative to src a line (a split such as Flickr8k's
+    split_train.txt or Caltech-101's train.txt): only those images. A missing image, an image that
+    does not decode, an empty caption or a row that does not parse is skipped, counted and named."""
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src}: no such directory")
-    images = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs
-                    if f.rsplit(".", 1)[-1].lower() in FOLDER_IMAGE_EXTS)
-    captioned = any(os.path.isfile(os.path.splitext(p)[0] + ".txt") for p in images)
-    if not captioned:  # class folders: src/<class>/.../<image>
-        images = [p for p in images if os.sep in os.path.relpath(p, src)]
-    if not images:
+    skipped = {}  # why -> how many
+
+    def skip(what, why, detail=""):
+        warn_bad(what, BadSample(why + detail))
+        skipped[why] = skipped.get(why, 0) + 1
+
+    if captions:
+        texts = caption_file(captions, img_key, caption_key, separator, skip)
+    else:
+        texts = folder_captions(src, template)
+    # class folders: every value None (the caption is the class name's)
+    classes = sorted({p.split("/")[0] for p in texts}) if texts and not any(texts.values()) \
+        else None
+    if files:  # a split: its paths, in its order
+        listed = [relative(line) for line in read_text(files).splitlines() if line.strip()]
+        texts = {path: texts.get(path) for path in listed}
+    if not texts:
         raise FileNotFoundError(f"{src}: no images with KEY.txt captions and no class folders "
-                                "of images")
-    classes = sorted({os.path.relpath(p, src).split(os.sep)[0] for p in images})
-    # class folders would otherwise give one-class shards (and batches)
-    random.Random(seed).shuffle(images)
+                                "of images" if not captions else f"{captions}: no rows")
+    paths = list(texts)
+    random.Random(seed).shuffle(paths)  # class folders would otherwise give one-class shards
     os.makedirs(out, exist_ok=True)
-    written, skipped, tar = 0, 0, None
-    for path in images:
-        if captioned:
-            txt = os.path.splitext(path)[0] + ".txt"
-            text = read_text(txt).strip() if os.path.isfile(txt) else ""
+    written, tar = 0, None
+    for path in paths:
+        if classes is not None:  # class folders: the caption is the class name's
+            text = template.format(path.split("/")[0].replace("_", " "))
         else:
-            text = template.format(os.path.relpath(path, src).split(os.sep)[0].replace("_", " "))
-        ext = path.rsplit(".", 1)[-1].lower()
-        try:
-            with open(path, "rb") as f:
-                blob = f.read()
-            open_image(blob).load()  # check that it decodes; the shard keeps the original bytes
-            if ext not in IMAGE_EXTS:  # bmp, gif, tiff: re-encode losslessly
-                buf = io.BytesIO()
-                open_image(blob).convert("RGB").save(buf, "PNG")
-                blob, ext = buf.getvalue(), "png"
-            if not text:
-                raise BadSample("no caption")
-        except Exception as e:
-            warn_bad(path, e)
-            skipped += 1
+            text = "\n".join(texts[path] or [])
+        blob = image_bytes(os.path.join(src, path), skip)
+        if blob is None:
+            continue
+        if not text:
+            skip(path, "no caption")
             continue
         if written % shard_size == 0:
             if tar:
                 tar.close()
             shard = os.path.join(out, f"shard-{written // shard_size:05d}.tar")
             tar = wds.TarWriter(shard, encoder=False)
-        tar.write({"__key__": f"{written:09d}", ext: blob, "txt": text.encode()})
+        tar.write({"__key__": f"{written:09d}", blob[1]: blob[0], "txt": text.encode()})
         written += 1
     if tar:
         tar.close()
-    if not captioned:
+    if classes is not None:
         with open(os.path.join(out, "classnames.txt"), "w") as f:
             f.write("\n".join(c.replace("_", " ") for c in classes) + "\n")
     pattern = os.path.join(out, "shard-{00000..%05d}.tar" % (max(written - 1, 0) // shard_size))
-    print(f"data.py: wrote {written} samples ({skipped} skipped) to {pattern}")
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+    print(f"data.py: wrote {written} samples ({sum(skipped.values())} skipped"
+          + (f": {why}" if why else "") + f") to {pattern}")
     return pattern
+
+
+def folder_captions(src, template):
+    """{image path relative to src ('/'-separated): [its KEY.txt caption] or [] where it has none}
+    for a captioned folder; {path: None} for class folders (the caption comes from the class)."""
+    images = sorted(os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
+                    for d, _, fs in os.walk(src) for f in fs
+                    if f.rsplit(".", 1)[-1].lower() in FOLDER_IMAGE_EXTS)
+    txt = {p: os.path.join(src, os.path.splitext(p)[0] + ".txt") for p in images}
+    if any(os.path.isfile(t) for t in txt.values()):
+        return {p: [read_text(t).strip()] if os.path.isfile(t) else [] for p, t in txt.items()}
+    return {p: None for p in images if "/" in p}  # class folders: src/<class>/.../<image>
+
+
+def caption_file(path, img_key, caption_key, separator, skip):
+    """{image path: [captions]} from a captions file with a header, the rows of one image gathered
+    in file order; separator: tab for .tsv (no quoting, as TSV has none), else a comma (CSV
+    quoting). A row that does not parse or has an empty caption goes to skip(what, why)."""
+    separator = separator or ("\t" if path.lower().endswith(".tsv") else ",")
+    quoting = csv.QUOTE_NONE if separator == "\t" else csv.QUOTE_MINIMAL
+    texts = {}
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = csv.reader(f, delimiter=separator, quoting=quoting)
+        header = next(rows, [])
+        if img_key not in header or caption_key not in header:
+            raise ValueError(f"{path}: its header {separator.join(header)!r} has no column "
+                             f"{img_key!r} (--csv-img-key) or {caption_key!r} (--csv-caption-key)")
+        i, j = header.index(img_key), header.index(caption_key)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                skip(f"row {rows.line_num} of {path}", "row that does not parse", f" ({e})")
+                continue
+            if not row:  # a blank line
+                continue
+            if len(row) != len(header):
+                skip(f"row {rows.line_num} of {path}", "row that does not parse",
+                     f" ({len(row)} fields, the header has {len(header)})")
+            elif not row[j].strip():
+                skip(f"row {rows.line_num} of {path} ({row[i]})", "empty caption")
+            else:
+                texts.setdefault(relative(row[i]), []).append(" ".join(row[j].split()))
+    return texts
+
+
+def relative(path):
+    """A path relative to convert's src as the dictionaries key it: normalised, '/'-separated."""
+    return os.path.normpath(path.strip()).replace(os.sep, "/")
+
+
+def image_bytes(path, skip):
+    """(the file's bytes, their extension) once they decode; bmp, gif and tiff re-encoded as PNG
+    (lossless); None, skipped, for a missing file or one that does not decode."""
+    ext = path.rsplit(".", 1)[-1].lower()
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+        open_image(blob).load()  # check that it decodes; the shard keeps the original bytes
+        if ext not in IMAGE_EXTS:
+            buf = io.BytesIO()
+            open_image(blob).convert("RGB").save(buf, "PNG")
+            blob, ext = buf.getvalue(), "png"
+        return blob, ext
+    except FileNotFoundError:
+        skip(path, "missing image")
+    except Exception as e:  # anything a broken file raises inside PIL
+        skip(path, "image that does not decode", f" ({type(e).__name__}: {e})")
+    return None
 
 
 def main(argv=None):
@@ -755,15 +845,27 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("convert", help="a folder of images + captions, or class folders, "
                             "-> webdataset shards")
-    p.add_argument("src",
-                   help="folder with KEY.jpg + KEY.txt, or with one folder of images per class")
+    p.add_argument("src", help="folder of the images: KEY.jpg + KEY.txt, one folder of images per "
+                   "class, or the images a --captions file names")
     p.add_argument("out", help="output folder for shard-NNNNN.tar")
+    p.add_argument("--captions", type=existing("file"), help="a .tsv or .csv file with a header: "
+                   "image path (relative to SRC) and caption per row, several rows an image")
+    p.add_argument("--csv-img-key", default="filepath", help="--captions' image column "
+                   "(OpenCLIP's flag and default)")
+    p.add_argument("--csv-caption-key", default="title", help="--captions' caption column "
+                   "(OpenCLIP's flag and default)")
+    p.add_argument("--csv-separator", help="--captions' separator (default: tab for .tsv, else a "
+                   "comma)")
+    p.add_argument("--files", type=existing("file"), help="only the images this list names, one "
+                   "path relative to SRC a line (a split: train.txt, split_test.txt)")
     p.add_argument("--template", default="a photo of a {}.",
                    help="caption for class folders; {} = the class name")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     args = parser.parse_args(argv)
     try:
-        convert(args.src, args.out, args.template, args.shard_size)
+        convert(args.src, args.out, args.template, args.shard_size, captions=args.captions,
+                files=args.files, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                separator=args.csv_separator)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"data.py: error: {e}")
 

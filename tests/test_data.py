@@ -2,6 +2,7 @@
 OpenCLIP's preprocessing; class folders and retrieval shards; convert."""
 
 import io
+import itertools
 import math
 import os
 import random
@@ -521,6 +522,114 @@ def test_convert_class_folders_and_captioned_folders(tmp_path):
         (tmp_path / "captioned" / f"k{i}.txt").write_text(f"caption {i}")
     pattern = data.convert(str(tmp_path / "captioned"), str(tmp_path / "out2"))
     assert sorted(data.read_captions(pattern)) == ["caption 0", "caption 1", "caption 2"]
+
+
+def shard_texts(pattern):
+    """{caption text: image bytes} of every sample in the shards (a caption text holds all the
+    sample's captions, one a line)."""
+    return {s["txt"].decode(): s["jpg"] for url in data.expand_urls(pattern)
+            for s in data.read_shard(url)}
+
+
+def test_convert_a_captions_file_one_sample_per_image_with_all_its_captions(tmp_path, capsys):
+    images = tmp_path / "images"
+    os.makedirs(images / "sub")
+    for i, name in enumerate(["a.jpg", "b.jpg", "sub/c.jpg"]):
+        (images / name).write_bytes(jpeg(seed=i))
+    (images / "broken.jpg").write_bytes(b"not an image")
+    # OpenCLIP's CSV: its default columns, commas and quotes inside captions, the rows of an image
+    # anywhere in the file, one bad row of each kind
+    (tmp_path / "train.csv").write_text(
+        'filepath,title\n'
+        'a.jpg,"A dog, running."\n'
+        'sub/c.jpg,a   cat\n'
+        'a.jpg,"The dog says ""hi""."\n'
+        'b.jpg,\n'  # empty caption: b has no other, so it is not written
+        'a.jpg,a third,extra field\n'  # a row that does not parse
+        'missing.jpg,a caption of no image\n'
+        'broken.jpg,a caption of a broken image\n'
+        '\n')  # a blank line is no row
+    pattern = data.convert(str(images), str(tmp_path / "out"), captions=str(tmp_path / "train.csv"))
+    texts = shard_texts(pattern)
+    assert sorted(texts) == ['A dog, running.\nThe dog says "hi".', "a cat"]
+    assert texts["a cat"] == (images / "sub" / "c.jpg").read_bytes()  # the original bytes
+    out = capsys.readouterr()
+    assert ("wrote 2 samples (4 skipped: 1 empty caption, 1 image that does not decode, "
+            "1 missing image, 1 row that does not parse)") in out.out
+    for named in ("row 5 of", "row 6 of", "missing.jpg", "broken.jpg"):  # each named, a line each
+        assert named in out.err
+    assert not (tmp_path / "out" / "classnames.txt").exists()  # captions, not classes
+
+
+def test_convert_a_tsv_with_its_own_columns_restricted_to_a_split(tmp_path, capsys):
+    # Flickr8k's layout: images/KEY.jpg, captions.tsv (image<TAB>caption, five rows an image),
+    # split_train.txt naming one image a line
+    os.makedirs(tmp_path / "images")
+    rows = ["image\tcaption"]
+    for i in range(4):
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(jpeg(seed=i))
+        rows += [f'{i}.jpg\t"quoted" caption {j} of {i}' for j in range(5)]  # TSV: no quoting
+    (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "split_train.txt").write_text("2.jpg\n0.jpg\n5.jpg\n")
+    assert data.main(["convert", str(tmp_path / "images"), str(tmp_path / "out"), "--captions",
+                      str(tmp_path / "captions.tsv"), "--csv-img-key", "image",
+                      "--csv-caption-key", "caption", "--files",
+                      str(tmp_path / "split_train.txt")]) is None
+    texts = shard_texts(str(tmp_path / "out"))
+    assert sorted(texts) == ["\n".join(f'"quoted" caption {j} of {i}' for j in range(5))
+                             for i in (0, 2)]
+    assert "wrote 2 samples (1 skipped: 1 missing image)" in capsys.readouterr().out  # 5.jpg
+    # the wrong column names: one line that names them, nothing written
+    with pytest.raises(SystemExit, match="no column 'filepath' \\(--csv-img-key\\)"):
+        data.main(["convert", str(tmp_path / "images"), str(tmp_path / "out2"), "--captions",
+                   str(tmp_path / "captions.tsv")])
+    assert not (tmp_path / "out2").exists()
+
+
+def test_convert_class_folders_restricted_to_a_split(tmp_path):
+    # Caltech-101's layout: CLASS/image.jpg, and train.txt naming CLASS/image.jpg a line
+    for cls in ["Faces_easy", "ant", "chair"]:
+        os.makedirs(tmp_path / "src" / cls)
+        for i in range(3):
+            (tmp_path / "src" / cls / f"image_{i}.jpg").write_bytes(jpeg(seed=i))
+    (tmp_path / "train.txt").write_text("ant/image_0.jpg\nFaces_easy/image_2.jpg\n"
+                                        "ant/image_2.jpg\n")
+    pattern = data.convert(str(tmp_path / "src"), str(tmp_path / "out"),
+                           files=str(tmp_path / "train.txt"))
+    assert sorted(data.read_captions(pattern)) == ["a photo of a Faces easy.",
+                                                   "a photo of a ant.", "a photo of a ant."]
+    # every class of the folders, also one the split leaves out: the test split's labels
+    assert (tmp_path / "out" / "classnames.txt").read_text() == "Faces easy\nant\nchair\n"
+
+
+def test_a_sample_with_several_captions_trains_on_one_drawn_per_epoch(tmp_path, tok):
+    """One caption of a sample per epoch, drawn from (seed, epoch, sample): another one in
+    another epoch, all of them over epochs, the same ones in a run resumed mid-epoch."""
+    captions = {i: [f"sample {10 * i + j}" for j in range(3)] for i in range(16)}
+    write_shard(tmp_path / "s-0.tar", [{"__key__": f"{i:04d}", "jpg": jpeg((12, 10), seed=i),
+                                        "txt": "\n".join(c).encode()} for i, c in captions.items()])
+    pattern = str(tmp_path / "s-0.tar")
+
+    def epoch_ids(epoch, seed=0, start=None):
+        loader = data.make_train_loader(pattern, 4, 16, 8, tok, workers=0, seed=seed)
+        loader.set_epoch(epoch, start)
+        return [i for _, tokens, _ in loader for i in sample_ids(tok, tokens)]
+
+    seen = {e: epoch_ids(e) for e in range(10)}
+    for ids in seen.values():  # one of its own captions for each of the 16 samples
+        assert sorted(i // 10 for i in ids) == list(range(16))
+    drawn = {i: {c for ids in seen.values() for c in ids if c // 10 == i} for i in range(16)}
+    # a uniform draw per epoch: each sample's 10 draws hit 2 or 3 of its captions (1 for a fixed
+    # line, or a draw that ignores the epoch)
+    assert all(len(c) >= 2 for c in drawn.values())
+    assert sum(map(len, drawn.values())) > 40  # most of the 48
+    assert sorted(epoch_ids(2, seed=1)) != sorted(seen[2])  # and with the seed
+    # resumed after two of the epoch's four batches, in a fresh loader
+    loader = data.make_train_loader(pattern, 4, 16, 8, tok, workers=0)
+    loader.set_epoch(2)
+    first = [sample_ids(tok, tokens) for _, tokens, _ in itertools.islice(iter(loader), 2)]
+    resumed = epoch_ids(2, start={"batches": 2, "read": loader.position()["read"]})
+    assert sum(first, []) + resumed == seen[2]
 
 
 def test_default_workers_share_the_cores_between_the_gpus_of_a_machine(monkeypatch):
