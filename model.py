@@ -48,7 +48,10 @@ class CLIPConfig:
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
+    # an MLP's hidden width is int(width * mlp_ratio), OpenCLIP's rule, in both towers unless the
+    # image tower has its own (vision_mlp_ratio: ViT-g-14's and ViT-bigG-14's)
     mlp_ratio: float = 4.0
+    vision_mlp_ratio: float | None = None
     # OpenAI's original weights use x * sigmoid(1.702 x); OpenCLIP's ViT-B-16 uses nn.GELU
     quick_gelu: bool = False
 
@@ -56,16 +59,28 @@ class CLIPConfig:
     def grid_size(self):  # patches per side: 14 for ViT-B-16 at 224 px
         return self.image_size // self.patch_size
 
+    @property
+    def image_mlp_ratio(self):  # the image tower's MLP ratio
+        return self.vision_mlp_ratio or self.mlp_ratio
 
-# ViT-B-16, ViT-L-16, ViT-H-14 and ViT-S-16 are OpenCLIP's model configs (its image heads: width /
-# head_width, 64 unless the config says 80 as ViT-H-14's); ViT-Ti-16 (DeiT-Ti's image tower) and
-# `tiny` (tests, CPU demo) are ours. OpenAI's original weights need quick_gelu=True.
+
+# ViT-B-16, ViT-L-16, ViT-H-14, ViT-g-14, ViT-bigG-14 and ViT-S-16 are OpenCLIP's model configs
+# (model_configs/*.json; its image heads: width / head_width, 64 unless the config says otherwise:
+# 80 for ViT-H-14, 88 for ViT-g-14, 104 for ViT-bigG-14, all 16 heads); ViT-Ti-16 (DeiT-Ti's image
+# tower) and `tiny` (tests, CPU demo) are ours. OpenAI's original weights need quick_gelu=True.
 PRESETS = {
     "ViT-B-16": CLIPConfig(),
     "ViT-L-16": CLIPConfig(embed_dim=768, vision_width=1024, vision_layers=24, vision_heads=16,
                            text_width=768, text_heads=12),
     "ViT-H-14": CLIPConfig(embed_dim=1024, patch_size=14, vision_width=1280, vision_layers=32,
                            vision_heads=16, text_width=1024, text_layers=24, text_heads=16),
+    # the image MLPs 6144 and 8192 wide: OpenCLIP's mlp_ratio 4.3637 and 4.9231, rounded down
+    "ViT-g-14": CLIPConfig(embed_dim=1024, patch_size=14, vision_width=1408, vision_layers=40,
+                           vision_heads=16, vision_mlp_ratio=4.3637, text_width=1024,
+                           text_layers=24, text_heads=16),
+    "ViT-bigG-14": CLIPConfig(embed_dim=1280, patch_size=14, vision_width=1664, vision_layers=48,
+                              vision_heads=16, vision_mlp_ratio=4.9231, text_width=1280,
+                              text_layers=32, text_heads=20),
     "ViT-S-16": CLIPConfig(embed_dim=384, vision_width=384, vision_heads=6, text_width=384,
                            text_heads=6),
     "ViT-Ti-16": CLIPConfig(embed_dim=256, vision_width=192, vision_heads=3, text_width=256,
@@ -159,8 +174,8 @@ class VisionTransformer(nn.Module):
         num_patches = self.grid_size ** 2
         self.positional_embedding = nn.Parameter(scale * torch.randn(1 + num_patches, width))
         self.ln_pre = LayerNorm(width)
-        self.blocks = nn.ModuleList(Block(width, cfg.vision_heads, cfg.mlp_ratio, cfg.quick_gelu)
-                                    for _ in range(cfg.vision_layers))
+        self.blocks = nn.ModuleList(Block(width, cfg.vision_heads, cfg.image_mlp_ratio,
+                                          cfg.quick_gelu) for _ in range(cfg.vision_layers))
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
         self.grad_checkpointing = False  # CLIP.set_grad_checkpointing
@@ -336,7 +351,7 @@ def flops_per_sample(cfg, kept_patches=None, text_tokens=None):
     n = cfg.grid_size ** 2
     k = n if kept_patches is None else kept_patches
     patch_embed = 2 * n * 3 * cfg.patch_size ** 2 * cfg.vision_width
-    image = transformer_flops(1 + k, cfg.vision_width, cfg.vision_layers, cfg.mlp_ratio)
+    image = transformer_flops(1 + k, cfg.vision_width, cfg.vision_layers, cfg.image_mlp_ratio)
     t = cfg.context_length if text_tokens is None else text_tokens
     text = transformer_flops(t, cfg.text_width, cfg.text_layers, cfg.mlp_ratio)
     projections = 2 * (cfg.vision_width + cfg.text_width) * cfg.embed_dim
@@ -358,7 +373,7 @@ def train_flops_per_sample(cfg, ratio, text_length=None):
 
 if __name__ == "__main__":
     for name in PRESETS:
-        with torch.device("meta"):  # shapes only: ViT-H-14's 986M parameters are never allocated
+        with torch.device("meta"):  # shapes only: ViT-bigG-14's 2.5B parameters never allocated
             model = create_model(name)
         n_vis = sum(p.numel() for p in model.visual.parameters())
         n_all = sum(p.numel() for p in model.parameters())

@@ -38,13 +38,19 @@ def test_vit_b16_has_openclip_shapes():
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
 
 
-@pytest.mark.parametrize("name, params, vision_params, positions, heads, text", [
+@pytest.mark.parametrize("name, params, vision_params, positions, heads, text, mlp", [
     # counted in open_clip_torch 3.3.0's create_model(name) (2026-12-01): the whole model, its
-    # image tower; ViT-H-14 has 14 px patches (a 16 x 16 grid at 224 px) and 80-wide image heads
-    ("ViT-L-16", 427_739_393, 304_089_088, (197, 1024), 16, (768, 12, 12)),
-    ("ViT-H-14", 986_109_441, 632_076_800, (257, 1280), 16, (1024, 16, 24)),
+    # image tower; ViT-H-14 has 14 px patches (a 16 x 16 grid at 224 px) and 80-wide image heads.
+    # ViT-g-14 and ViT-bigG-14: counted in open_clip_torch 3.3.0's CLIP(**get_model_config(name))
+    # on the meta device (2026-12-08), the published 1.37B and 2.54B; image heads 88 and 104 wide,
+    # image MLPs int(width * mlp_ratio) = int(1408 * 4.3637) and int(1664 * 4.9231)
+    ("ViT-L-16", 427_739_393, 304_089_088, (197, 1024), 16, (768, 12, 12), (4096, 3072)),
+    ("ViT-H-14", 986_109_441, 632_076_800, (257, 1280), 16, (1024, 16, 24), (5120, 4096)),
+    ("ViT-g-14", 1_366_678_273, 1_012_645_632, (257, 1408), 16, (1024, 16, 24), (6144, 4096)),
+    ("ViT-bigG-14", 2_539_567_105, 1_844_907_264, (257, 1664), 16, (1280, 20, 32), (8192, 5120)),
 ])
-def test_large_presets_have_openclip_shapes(name, params, vision_params, positions, heads, text):
+def test_large_presets_have_openclip_shapes(name, params, vision_params, positions, heads, text,
+                                            mlp):
     with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
         model = M.create_model(name)
     assert sum(p.numel() for p in model.parameters()) == params
@@ -54,6 +60,8 @@ def test_large_presets_have_openclip_shapes(name, params, vision_params, positio
     width, text_heads, layers = text
     assert (model.text.blocks[0].attn.heads, len(model.text.blocks)) == (text_heads, layers)
     assert model.text.proj.shape == (width, model.config.embed_dim)
+    hidden = [tower.blocks[0].mlp.c_fc.out_features for tower in (model.visual, model.text)]
+    assert tuple(hidden) == mlp
 
 
 def test_vit_b16_masked_forward_and_backward_on_cpu():
