@@ -52,7 +52,7 @@ def openclip_model_config(config, tokenizer_folder=None):
     c = config
     vision = {"image_size": c.image_size, "patch_size": c.patch_size, "width": c.vision_width,
               "layers": c.vision_layers, "head_width": c.vision_width // c.vision_heads,
-              "mlp_ratio": c.mlp_ratio}
+              "mlp_ratio": c.image_mlp_ratio}
     text = {"context_length": c.context_length, "vocab_size": c.vocab_size, "width": c.text_width,
             "heads": c.text_heads, "layers": c.text_layers, "mlp_ratio": c.mlp_ratio}
     if tokenizer_folder is not None:
@@ -119,7 +119,7 @@ def hf_config(config, tokenizer):
         "bos_token_id": tokenizer.sot, "eos_token_id": tokenizer.eot, "pad_token_id": pad}
     vision = tower | {
         "model_type": "clip_vision_model", "hidden_size": c.vision_width,
-        "intermediate_size": int(c.vision_width * c.mlp_ratio),
+        "intermediate_size": int(c.vision_width * c.image_mlp_ratio),
         "num_hidden_layers": c.vision_layers, "num_attention_heads": c.vision_heads,
         "image_size": c.image_size, "patch_size": c.patch_size, "num_channels": 3}
     return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": c.embed_dim,

@@ -147,6 +147,19 @@ def test_openclip_model_config_of_tiny():
     assert "hf_tokenizer_name" not in E.openclip_model_config(c)["text_cfg"]  # CLIP's BPE
 
 
+def test_openclip_model_config_of_vit_bigg_14_is_openclips_own():
+    # open_clip_torch 3.3.0's model_configs/ViT-bigG-14.json: the image MLP has its own ratio
+    config = E.openclip_model_config(M.PRESETS["ViT-bigG-14"])
+    assert config["embed_dim"] == 1280
+    assert config["vision_cfg"] == {"image_size": 224, "patch_size": 14, "width": 1664,
+                                    "layers": 48, "head_width": 104, "mlp_ratio": 4.9231}
+    assert {k: config["text_cfg"][k] for k in ("width", "heads", "layers", "mlp_ratio")} == {
+        "width": 1280, "heads": 20, "layers": 32, "mlp_ratio": 4.0}
+    hf = E.hf_config(M.PRESETS["ViT-bigG-14"], T.Tokenizer(T.bpe_tokenizer([("a", "b")])))
+    assert (hf["vision_config"]["intermediate_size"], hf["text_config"]["intermediate_size"]) == (
+        8192, 5120)
+
+
 @pytest.mark.parametrize("name", ["tiny", "ViT-B-16"])
 def test_hf_keys_and_shapes_are_transformers_clipmodels(name):
     model = M.create_model(name)
