@@ -195,6 +195,10 @@ def inference_breakdown(run_dir, test_dir, floor=0.01):
 # ----------------------------------------------------------------------------- runs
 FULL_SIZE, PATCH = 64, 8  # the tiny preset: an 8 x 8 grid of patches
 RECLIP_SIZES = (48, 32, 24)  # 36, 16 and 9 patches
+# what each evaluation reports, as eval.py names it (CLIP_benchmark's names)
+CLASSIFICATION = ("acc1", "mean_per_class_recall")
+RETRIEVAL = tuple(f"{way}_retrieval_recall@{k}" for way in ("image", "text")
+                  for k in zeroshot.RECALL_KS)
 
 
 def budget_ratio(size):
@@ -212,13 +216,13 @@ def evals(run_dir):
 
 
 def finished(run_dir):
-    """True when the run evaluated after its last epoch."""
+    """True once the run wrote its last epoch's checkpoint (after its last evaluation, if any)."""
     try:
         with open(os.path.join(run_dir, "args.json")) as f:
             epochs = json.load(f)["epochs"]
     except FileNotFoundError:
         return False
-    return any(r["epoch"] == epochs for r in evals(run_dir))
+    return os.path.isfile(os.path.join(run_dir, "checkpoints", f"epoch_{epochs}.pt"))
 
 
 def train(run_dir, flags, env):
@@ -235,77 +239,96 @@ def train(run_dir, flags, env):
         with open(os.path.join(run_dir, "train.log"), "a") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
                 raise RuntimeError(f"{name} failed: see {run_dir}/train.log")
-    return evals(run_dir)[-1]
 
 
-def common_flags(args, data_flags, seed):
+def scores(args, run_dir, env, masked=False, size=None):
+    """{metric: value} of a finished run: zero-shot classification as train.py evaluated it after
+    its last epoch, with inference unmasking or (masked) its training mask; retrieval, or another
+    image size, by eval.py on its last checkpoint."""
+    if args.retrieval_data or size:
+        return evaluate(args, run_dir, env, masked, size)
+    record, prefix = evals(run_dir)[-1], "zeroshot_masked" if masked else "zeroshot"
+    return {"acc1": record[f"{prefix}_top1"],
+            "mean_per_class_recall": record[f"{prefix}_mean_per_class_recall"]}
+
+
+def evaluate(args, run_dir, env, masked=False, size=None):
+    """eval.py's metrics for a run's last checkpoint (in a subprocess; kept in run_dir/eval-*.json):
+    retrieval on args.retrieval_data, else zero-shot on args.test_dir; every patch, or the run's
+    own mask (masked); at `size` px (positional embeddings resized) or the run's size."""
+    with open(os.path.join(run_dir, "args.json")) as f:
+        a = json.load(f)
+    mask = ["--mask", a["mask"], "--ratio", a["ratio"], "--sigma", a["sigma"]] if masked else []
+    task = ["--retrieval", args.retrieval_data] if args.retrieval_data else [
+        "--dataset", args.test_dir]
+    out = os.path.join(run_dir, f"eval-{task[0][2:]}-{'masked' if masked else 'unmasked'}"
+                                + (f"-{size}px" if size else "") + ".json")
+    if not os.path.isfile(out):
+        cmd = [str(c) for c in [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint",
+                                os.path.join(run_dir, "checkpoints", "epoch_latest.pt"), *task,
+                                *mask, *(["--image-size", size] if size else []), "--device",
+                                "cpu", "--workers", 1, "--output", out]]
+        with open(os.path.join(run_dir, "eval.log"), "a") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                raise RuntimeError(f"evaluating {run_dir} failed: see {run_dir}/eval.log")
+    with open(out) as f:
+        return json.load(f)["metrics"]
+
+
+def common_flags(args, seed):
     """The train.py flags a run and its tuning share: model, batch size, seed and data."""
-    return ["--model", "tiny", "--batch-size", args.batch_size, "--seed", seed, *data_flags]
+    return ["--model", "tiny", "--batch-size", args.batch_size, "--seed", seed, *args.data_flags]
 
 
 def pretrain(args, run_dir, common, flags, env):
-    """A pre-training run with `flags` (its masking or image size): args.epochs of SAMPLES samples
-    at args.lr, warmed up over 5% of its steps."""
-    steps = SAMPLES // args.batch_size * args.epochs
-    return train(run_dir, common + flags + ["--epochs", args.epochs, "--lr", args.lr,
-                                            "--warmup", max(1, steps // 20),
-                                            "--train-num-samples", SAMPLES], env)
+    """A pre-training run with `flags` (its masking or image size): args.epochs of args.samples
+    samples at args.lr, warmed up over 5% of its steps."""
+    steps = args.samples // args.batch_size * args.epochs
+    train(run_dir, common + flags + ["--epochs", args.epochs, "--lr", args.lr,
+                                     "--warmup", max(1, steps // 20),
+                                     "--train-num-samples", args.samples], env)
 
 
-def run_one(args, data_flags, env, method, mask, ratio, seed, sigma=0.2):
-    """(masked, unmasked, tuned) zero-shot top-1 of one pre-training run and its unmasked tuning;
-    sigma: Gaussian masking's (the paper's 0.2 keeps the run folder's name of before)."""
+def run_one(args, env, method, mask, ratio, seed, sigma=0.2):
+    """{metric: (masked, unmasked, tuned)} of one pre-training run and its unmasked tuning; sigma:
+    Gaussian masking's (the paper's 0.2 keeps the run folder's name of before)."""
     name = f"{args.dataset}-{method}-{ratio:g}" + (f"-sigma{sigma:g}" if sigma != 0.2 else "")
     run_dir = os.path.join(args.log_dir, f"{name}-s{seed}")
-    common = common_flags(args, data_flags, seed)
-    pre = pretrain(args, run_dir, common, ["--mask", mask, "--ratio", ratio, "--sigma", sigma],
-                   env)
+    common = common_flags(args, seed)
+    pretrain(args, run_dir, common, ["--mask", mask, "--ratio", ratio, "--sigma", sigma], env)
+    unmasked = scores(args, run_dir, env)
     if mask == "none":
-        result = None, pre["zeroshot_top1"], None
+        result = {m: (None, v, None) for m, v in unmasked.items()}
     else:
-        pretrained = os.path.join(run_dir, "checkpoints", "epoch_latest.pt")
-        tuned = tune(args, run_dir, common, pretrained, env)
-        result = pre["zeroshot_masked_top1"], pre["zeroshot_top1"], tuned["zeroshot_top1"]
+        masked = scores(args, run_dir, env, masked=True)
+        tuned = tune(args, run_dir, common, env)
+        result = {m: (masked[m], unmasked[m], tuned[m]) for m in unmasked}
     print(f"{os.path.basename(run_dir)}: masked / unmasked / tuned = {result}", flush=True)
     return result
 
 
-def tune(args, run_dir, common, pretrained, env):
-    """The unmasked tuning of a pre-trained run, in run_dir-tuned: its weights, a fifth of an epoch,
-    no masking."""
-    return train(run_dir + "-tuned", common + ["--pretrained", pretrained, "--mask", "none",
-                                               "--epochs", 1, "--lr", args.tune_lr, "--warmup", 3,
-                                               "--train-num-samples", TUNE_SAMPLES], env)
-
-
-def run_reclip(args, data_flags, test_dir, env, size, seed):
-    """(None, unmasked, tuned) zero-shot top-1 of RECLIP: pre-trained at `size` px, evaluated and
-    tuned at 64 px."""
-    run_dir = os.path.join(args.log_dir, f"{args.dataset}-reclip-{size}px-s{seed}")
-    common = common_flags(args, data_flags, seed)
-    pretrain(args, run_dir, common, ["--mask", "none", "--image-size", size], env)
+def tune(args, run_dir, common, env):
+    """The unmasked tuning of a pre-trained run, in run_dir-tuned: its weights, args.tune_samples
+    samples, no masking; its scores."""
     pretrained = os.path.join(run_dir, "checkpoints", "epoch_latest.pt")
-    full = evaluate_at(run_dir, pretrained, test_dir, FULL_SIZE, env)
-    tuned = tune(args, run_dir, common + ["--image-size", FULL_SIZE], pretrained, env)
-    print(f"{os.path.basename(run_dir)}: unmasked at {FULL_SIZE} px / tuned = "
-          f"{full}, {tuned['zeroshot_top1']}", flush=True)
-    return None, full, tuned["zeroshot_top1"]
+    train(run_dir + "-tuned", common + ["--pretrained", pretrained, "--mask", "none",
+                                        "--epochs", 1, "--lr", args.tune_lr, "--warmup", 3,
+                                        "--train-num-samples", args.tune_samples], env)
+    return scores(args, run_dir + "-tuned", env)
 
 
-def evaluate_at(run_dir, checkpoint, test_dir, size, env):
-    """Zero-shot top-1 of a checkpoint at `size` px (eval.py in a subprocess; kept in
-    run_dir/eval-<size>px.json)."""
-    out = os.path.join(run_dir, f"eval-{size}px.json")
-    if not os.path.isfile(out):
-        cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", checkpoint,
-               "--dataset", test_dir, "--image-size", str(size), "--device", "cpu",
-               "--workers", "1", "--output", out]
-        with open(os.path.join(run_dir, "eval.log"), "a") as log:
-            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
-                raise RuntimeError(f"evaluating {checkpoint} at {size} px failed: "
-                                   f"see {run_dir}/eval.log")
-    with open(out) as f:
-        return json.load(f)["metrics"]["acc1"]
+def run_reclip(args, env, size, seed):
+    """{metric: (None, unmasked, tuned)} of RECLIP: pre-trained at `size` px, evaluated and tuned
+    at 64 px."""
+    run_dir = os.path.join(args.log_dir, f"{args.dataset}-reclip-{size}px-s{seed}")
+    common = common_flags(args, seed)
+    pretrain(args, run_dir, common, ["--mask", "none", "--image-size", size], env)
+    full = scores(args, run_dir, env, size=FULL_SIZE)
+    tuned = tune(args, run_dir, common + ["--image-size", FULL_SIZE], env)
+    result = {m: (None, full[m], tuned[m]) for m in full}
+    print(f"{os.path.basename(run_dir)}: unmasked at {FULL_SIZE} px / tuned = {result}",
+          flush=True)
+    return result
 
 
 def mean_std(values):
@@ -350,25 +373,37 @@ def breakdown_table(runs, test_dirs):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = data.OneLineParser(prog="repro.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="centered",
-                   choices=[*photographer.LAYOUTS, "fashion-mnist"],
-                   help="built-in dataset with centred subjects, its uniform or edge layout "
-                   "(controls), or Fashion-MNIST")
+    p.add_argument("--dataset", default="centered", help="built-in dataset with centred subjects "
+                   "(centered), its uniform or edge layout (controls), fashion-mnist; with "
+                   "--train-data, the name its runs and tables go by (e.g. caltech101)")
+    p.add_argument("--train-data", help="any training shards (data.py convert's), brace patterns "
+                   "joined with '::', instead of a --dataset of ours")
+    p.add_argument("--train-num-samples", type=int, help="with --train-data: samples per epoch")
+    task = p.add_mutually_exclusive_group()
+    task.add_argument("--zeroshot-data", type=data.existing("directory"), help="with "
+                      "--train-data: the class-folder test split for zero-shot classification")
+    task.add_argument("--retrieval-data", help="with --train-data: image-caption test shards for "
+                      "zero-shot retrieval (several captions per image, one a line)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9],
                    help="masking ratios")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds (initialisation, data order, masks)")
     p.add_argument("--epochs", type=int, default=2,
-                   help=f"pre-training epochs of {SAMPLES} samples")
+                   help=f"pre-training epochs (of {SAMPLES} samples, or --train-num-samples)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of pre-training")
     p.add_argument("--tune-lr", type=float, default=1e-4,
                    help="peak learning rate of the unmasked tuning")
+    p.add_argument("--tune-samples", type=int, help=f"samples of the unmasked tuning (default: "
+                   f"{TUNE_SAMPLES} on our datasets, one epoch of --train-data, as the paper)")
     p.add_argument("--reclip", action="store_true", help="RECLIP at 48, 32, 24 px beside FLIP and "
                    "GDM-FLIP at the same patch budgets (43.75%%, 75%%, 85.9%% masking) instead of "
                    "--ratios")
+    p.add_argument("--reclip-sizes", type=int, nargs="+", default=[], help="RECLIP at these image "
+                   "sizes (multiples of 8) beside --ratios' rows, e.g. 48 32 (36 and 16 patches "
+                   "against 32 and 16 at 50%% and 75%%)")
     p.add_argument("--sigmas", type=float, nargs="+", help="GDM-FLIP at each of these sigmas (the "
                    "sweep of docs/results.md#sigma) beside FLIP at --ratios, no CLIP row")
     p.add_argument("--breakdown", nargs="+", metavar="RUN", help="no training: zero-shot top-1 of "
@@ -381,7 +416,68 @@ def main(argv=None):
                    help="runs at a time, each with cores/jobs threads")
     p.add_argument("--log-dir", default="logs/repro", help="where the runs go")
     args = p.parse_args(argv)
+    ours = [*photographer.LAYOUTS, "fashion-mnist"]
+    if args.train_data:
+        if args.dataset in ours:
+            p.error(f"--dataset names the runs of --train-data: give it a name of its own, not "
+                    f"{args.dataset!r} (e.g. caltech101)")
+        if not args.train_num_samples or not (args.zeroshot_data or args.retrieval_data):
+            p.error("--train-data needs --train-num-samples and --zeroshot-data or "
+                    "--retrieval-data")
+    elif args.dataset not in ours or args.zeroshot_data or args.retrieval_data:
+        p.error(f"--dataset must be one of {', '.join(ours)}, or pass --train-data with "
+                "--train-num-samples and --zeroshot-data or --retrieval-data")
+    if any(size % PATCH or not 0 < size < FULL_SIZE for size in args.reclip_sizes):
+        p.error(f"--reclip-sizes must be multiples of {PATCH} under {FULL_SIZE}, got "
+                f"{args.reclip_sizes}")
+    return args
 
+
+def prepare_task(args):
+    """Settle on args what every run shares: data_flags (train.py's data flags), test_dir (zero-shot
+    classification) or retrieval_data, samples (per epoch) and tune_samples."""
+    args.samples, args.test_dir = SAMPLES, args.zeroshot_data
+    if args.train_data:
+        args.samples = args.train_num_samples
+        args.data_flags = ["--train-data", args.train_data]
+        if args.zeroshot_data:  # train.py evaluates it every fifth of the run and at the end
+            args.data_flags += ["--zeroshot-data", args.zeroshot_data,
+                                "--zeroshot-frequency", max(1, args.epochs // 5)]
+    elif args.dataset == "fashion-mnist":
+        fmnist = prepare_fashion_mnist()
+        args.data_flags = ["--train-data", fmnist["train"], "--zeroshot-data", fmnist["test"]]
+        args.test_dir = fmnist["test"]
+    else:
+        args.data_flags = ["--builtin-layout", args.dataset]
+        args.test_dir = photographer.builtin_dataset(args.dataset)["test"]
+    args.tune_samples = args.tune_samples or (args.samples if args.train_data else TUNE_SAMPLES)
+
+
+def planned_runs(args):
+    """[(label, method, mask, ratio or RECLIP's size, sigma)] of the table's rows, in order."""
+    masked = [("FLIP", "flip", "random"), ("GDM-FLIP", "gdmflip", "gaussian")]
+    if args.reclip:  # per budget: RECLIP at that size, then masking that keeps as many patches
+        runs = [("CLIP", "clip", "none", 0.0)] + [
+            row for size in RECLIP_SIZES
+            for row in [(f"RECLIP {size} px", "reclip", "none", size)] + [
+                (f"{label} {budget_ratio(size):.2%}", method, mask, budget_ratio(size))
+                for label, method, mask in masked]]
+    elif args.sigmas:  # per ratio: FLIP, then GDM-FLIP at each sigma
+        runs = [row for ratio in args.ratios for row in [(f"FLIP {ratio:.1%}", "flip", "random",
+                                                          ratio, 0.2)] + [
+            (f"GDM-FLIP {ratio:.1%} sigma {s:g}", "gdmflip", "gaussian", ratio, s)
+            for s in args.sigmas]]
+    else:
+        runs = [("CLIP", "clip", "none", 0.0)] + [(f"{label} {ratio:.0%}", method, mask, ratio)
+                                                  for ratio in args.ratios
+                                                  for label, method, mask in masked] + [
+            (f"RECLIP {size} px ({(size // PATCH) ** 2} patches)", "reclip", "none", size)
+            for size in args.reclip_sizes]
+    return [run if len(run) == 5 else (*run, 0.2) for run in runs]  # (label, ..., value, sigma)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.breakdown:
         test_dirs = []
         for run in args.breakdown:
@@ -398,51 +494,28 @@ def main(argv=None):
                 run_args["builtin_layout"], distractors=not args.no_distractors)["test"])
         print(breakdown_table(args.breakdown, test_dirs))
         return
-
-    if args.dataset == "fashion-mnist":
-        try:
-            fmnist = prepare_fashion_mnist()
-        except FileNotFoundError as e:
-            sys.exit(f"repro.py: error: {e}")
-        data_flags = ["--train-data", fmnist["train"], "--zeroshot-data", fmnist["test"]]
-        test_dir = fmnist["test"]
-    else:
-        data_flags = ["--builtin-layout", args.dataset]
-        test_dir = photographer.builtin_dataset(args.dataset)["test"]
+    try:
+        prepare_task(args)
+    except FileNotFoundError as e:
+        sys.exit(f"repro.py: error: {e}")
     env = dict(os.environ)
     # share the cores; a small model gains more from parallel runs than from threads
     if args.jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
     t0 = time.time()
-    masked = [("FLIP", "flip", "random"), ("GDM-FLIP", "gdmflip", "gaussian")]
-    if args.reclip:  # per budget: RECLIP at that size, then masking that keeps as many patches
-        runs = [("CLIP", "clip", "none", 0.0)] + [
-            row for size in RECLIP_SIZES
-            for row in [(f"RECLIP {size} px", "reclip", "none", size)] + [
-                (f"{label} {budget_ratio(size):.2%}", method, mask, budget_ratio(size))
-                for label, method, mask in masked]]
-    elif args.sigmas:  # per ratio: FLIP, then GDM-FLIP at each sigma
-        runs = [row for ratio in args.ratios for row in [(f"FLIP {ratio:.1%}", "flip", "random",
-                                                          ratio, 0.2)] + [
-            (f"GDM-FLIP {ratio:.1%} sigma {s:g}", "gdmflip", "gaussian", ratio, s)
-            for s in args.sigmas]]
-    else:
-        runs = [("CLIP", "clip", "none", 0.0)] + [(f"{label} {ratio:.0%}", method, mask, ratio)
-                                                  for ratio in args.ratios
-                                                  for label, method, mask in masked]
-    runs = [run if len(run) == 5 else (*run, 0.2) for run in runs]  # (label, ..., value, sigma)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {label: [pool.submit(run_reclip, args, data_flags, test_dir, env, value, s)
-                           if method == "reclip"
-                           else pool.submit(run_one, args, data_flags, env, method, mask, value, s,
-                                            sigma)
+        futures = {label: [pool.submit(run_reclip, args, env, value, s) if method == "reclip"
+                           else pool.submit(run_one, args, env, method, mask, value, s, sigma)
                            for s in args.seeds]
-                   for label, method, mask, value, sigma in runs}
+                   for label, method, mask, value, sigma in planned_runs(args)}
         rows = {label: [f.result() for f in fs] for label, fs in futures.items()}
-    result = (f"zero-shot top-1 (%) on the {args.dataset} test split, seeds {args.seeds}, "
-              f"{args.epochs} epochs of {SAMPLES} samples, {(time.time() - t0) / 60:.0f} min:\n\n"
-              f"{table(rows)}\n")
+    what = "zero-shot retrieval" if args.retrieval_data else "zero-shot classification"
+    result = (f"{what} (%) on the {args.dataset} test split, seeds {args.seeds}, {args.epochs} "
+              f"epochs of {args.samples} samples, {(time.time() - t0) / 60:.0f} min\n")
+    for metric in RETRIEVAL if args.retrieval_data else CLASSIFICATION:
+        metric_rows = {label: [r[metric] for r in results] for label, results in rows.items()}
+        result += f"\n{metric}:\n\n{table(metric_rows)}\n"
     ratios = [budget_ratio(size) for size in RECLIP_SIZES] if args.reclip else args.ratios
     if args.dataset in photographer.LAYOUTS:
         kept = [f"{r:.0%} masking {subject_kept(args.dataset, r):.2f} vs {1 - r:.2f}"

@@ -4,6 +4,7 @@ share of the subject that centred masking keeps per layout."""
 import gzip
 import json
 import os
+import subprocess
 import tarfile
 
 import numpy as np
@@ -66,14 +67,119 @@ def test_fashion_mnist_becomes_captioned_shards_and_a_test_folder(tmp_path):
     assert sorted(os.listdir(os.path.join(probe, "bag"))) == ["00008.png", "00018.png"]
 
 
-def test_a_run_is_finished_only_after_its_last_epoch_is_evaluated(tmp_path):
+def test_a_run_is_finished_only_once_its_last_epochs_checkpoint_is_written(tmp_path):
     (tmp_path / "args.json").write_text(json.dumps({"epochs": 2}))
-    records = [{"step": 10, "loss": 1.0}, {"epoch": 1, "zeroshot_top1": 0.3}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "epoch_1.pt").write_bytes(b"")
+    (tmp_path / "checkpoints" / "epoch_latest.pt").write_bytes(b"")
     assert not repro.finished(tmp_path)
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"epoch": 2, "zeroshot_top1": 0.4}) + "\n")
-    assert repro.finished(tmp_path) and repro.evals(tmp_path)[-1]["zeroshot_top1"] == 0.4
+    # train.py evaluates after an epoch, then saves: the last checkpoint comes after the last record
+    (tmp_path / "checkpoints" / "epoch_2.pt").write_bytes(b"")
+    assert repro.finished(tmp_path)
+
+
+def fake_subprocesses(monkeypatch, tmp_path):
+    """repro's train.py and eval.py subprocesses replaced by stand-ins that write what the real
+    ones would (args.json, the last checkpoint, an evaluation record, eval.py's JSON) with scores
+    that say which run and which pass made them; returns the commands, in order."""
+    commands = []
+
+    def run(cmd, stdout=None, stderr=None, env=None):
+        commands.append(cmd)
+        flags = dict(zip(cmd[2::2], cmd[3::2])) if cmd[1].endswith("train.py") else {}
+        if cmd[1].endswith("train.py"):
+            run_dir = os.path.join(flags["--log-dir"], flags["--name"])
+            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+            epochs = int(flags["--epochs"])
+            with open(os.path.join(run_dir, "args.json"), "w") as f:
+                json.dump({"epochs": epochs, "mask": flags["--mask"],
+                           "ratio": float(flags.get("--ratio", 0)), "sigma": 0.2}, f)
+            open(os.path.join(run_dir, "checkpoints", f"epoch_{epochs}.pt"), "w").close()
+            score = 0.5 if flags["--mask"] == "none" else float(flags["--ratio"])
+            if "--zeroshot-data" in flags:
+                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"epoch": epochs, "zeroshot_top1": score,
+                                        "zeroshot_mean_per_class_recall": score / 2,
+                                        "zeroshot_masked_top1": score / 4,
+                                        "zeroshot_masked_mean_per_class_recall": score / 8}) + "\n")
+        else:  # eval.py: recall@k = k / 100, divided by 10 with a mask
+            out = cmd[cmd.index("--output") + 1]
+            scale = 0.1 if "--mask" in cmd else 1.0
+            with open(out, "w") as f:
+                json.dump({"metrics": {m: scale * int(m.split("@")[1]) / 100
+                                       for m in repro.RETRIEVAL}}, f)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(repro.subprocess, "run", run)
+    return commands
+
+
+def test_repro_on_any_shards_with_retrieval_evaluates_each_run_masked_unmasked_and_tuned(
+        tmp_path, monkeypatch, capsys):
+    commands = fake_subprocesses(monkeypatch, tmp_path)
+    repro.main(["--dataset", "photos", "--train-data", "train-{0..1}.tar", "--train-num-samples",
+                "600", "--retrieval-data", "test.tar", "--ratios", "0.5", "--reclip-sizes", "32",
+                "--seeds", "0", "1", "--epochs", "3", "--log-dir", str(tmp_path)])
+    trains = [c for c in commands if c[1].endswith("train.py")]
+    evals = [c for c in commands if c[1].endswith("eval.py")]
+    names = [c[c.index("--name") + 1] for c in trains]
+    assert sorted(names) == sorted([f"photos-{run}-s{s}{tuned}" for s in (0, 1)
+                                    for run in ["flip-0.5", "gdmflip-0.5", "reclip-32px"]
+                                    for tuned in ("", "-tuned")]
+                                   + ["photos-clip-0-s0", "photos-clip-0-s1"])
+    for c in trains:
+        assert c[c.index("--train-data") + 1] == "train-{0..1}.tar"
+        tuning = "--pretrained" in c  # one epoch of the data, as the paper tuned
+        assert c[c.index("--train-num-samples") + 1] == "600"
+        assert c[c.index("--epochs") + 1] == ("1" if tuning else "3")
+    # retrieval: eval.py on each pre-trained run, unmasked, and masked with the run's own mask;
+    # RECLIP at 64 px; each tuned run unmasked
+    assert all(c[c.index("--retrieval") + 1] == "test.tar" for c in evals)
+    masked = [c for c in evals if "--mask" in c]
+    assert sorted(c[c.index("--mask") + 1] for c in masked) == ["gaussian"] * 2 + ["random"] * 2
+    assert all(c[c.index("--ratio") + 1] == "0.5" for c in masked)
+    assert len(evals) == 2 * (1 + 2 * 3 + 2)
+    assert sum("--image-size" in c for c in evals) == 2  # RECLIP at 64 px, once per seed
+    table = (tmp_path / "photos-table.md").read_text()
+    assert table.startswith("zero-shot retrieval (%) on the photos test split, seeds [0, 1], 3 "
+                            "epochs of 600 samples")
+    assert "image_retrieval_recall@5:" in table and "text_retrieval_recall@10:" in table
+    rows = table.split("image_retrieval_recall@10:")[1].split("\n\n")[1].splitlines()
+    assert rows[2:] == ["| CLIP | - | 10.0 +- 0.0 | - |",  # the stand-ins score seeds alike
+                        "| FLIP 50% | 1.0 +- 0.0 | 10.0 +- 0.0 | 10.0 +- 0.0 |",
+                        "| GDM-FLIP 50% | 1.0 +- 0.0 | 10.0 +- 0.0 | 10.0 +- 0.0 |",
+                        "| RECLIP 32 px (16 patches) | - | 10.0 +- 0.0 | 10.0 +- 0.0 |"]
+
+
+def test_repro_on_any_shards_with_a_zeroshot_folder_reads_trainings_own_evaluation(
+        tmp_path, monkeypatch):
+    commands = fake_subprocesses(monkeypatch, tmp_path)
+    repro.main(["--dataset", "objects", "--train-data", "train.tar", "--train-num-samples", "600",
+                "--zeroshot-data", str(tmp_path), "--ratios", "0.75", "--seeds", "0",
+                "--epochs", "10", "--log-dir", str(tmp_path)])
+    assert not [c for c in commands if c[1].endswith("eval.py")]  # no RECLIP: none needed
+    trains = [c for c in commands if c[1].endswith("train.py")]
+    # evaluated every fifth of the run and at the end
+    assert all(c[c.index("--zeroshot-frequency") + 1] == "2" for c in trains)
+    table = (tmp_path / "objects-table.md").read_text()
+    acc1 = table.split("acc1:")[1].split("mean_per_class_recall:")[0]
+    assert "| CLIP | - | 50.0 | - |" in acc1
+    assert "| FLIP 75% | 18.8 | 75.0 | 50.0 |" in acc1  # masked, unmasked, tuned (mask none)
+    assert "| FLIP 75% | 9.4 | 37.5 | 25.0 |" in table.split("mean_per_class_recall:")[1]
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--train-data", "x.tar", "--train-num-samples", "9", "--retrieval-data", "y.tar"],
+     "give it a name of its own"),
+    (["--dataset", "photos", "--train-data", "x.tar", "--retrieval-data", "y.tar"],
+     "needs --train-num-samples"),
+    (["--dataset", "photos"], "--dataset must be one of"),
+    (["--reclip-sizes", "30"], "--reclip-sizes must be multiples of 8 under 64"),
+])
+def test_repro_flags_that_do_not_fit_together_are_one_line(argv, error, capsys):
+    with pytest.raises(SystemExit):
+        repro.main(argv)
+    assert error in capsys.readouterr().err
 
 
 def test_centring_keeps_more_of_the_subject_the_more_central_the_layout():
