@@ -7,6 +7,7 @@ metrics.jsonl logs.
     python visualize.py coverage --table  # -> docs/sigma_coverage.png: patches kept < 1%, by sigma
     python visualize.py curves logs/flip/metrics.jsonl logs/gdm-flip/metrics.jsonl --out curves.png
     python visualize.py compute logs/repro/centered-{reclip-32px,gdmflip-0.75}-s0-tuned
+    python visualize.py centred caltech101=DIR scene15=DIR --builtin --table  # docs/centredness.png
 
 The comparison figure has one column per masking: (a) FLIP's random masking, then GDM-FLIP's
 Gaussian masking for each sigma. Top row: one sample of masking.keep_indices drawn over a
@@ -37,6 +38,7 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import masking  # noqa: E402
 import model as M  # noqa: E402
+import photographer  # noqa: E402
 
 PATCH_PX = 16  # pixels per patch, as in ViT-B/16: grid 14 -> a 224 px image
 MASKED_GREY = 0.5  # what a dropped patch looks like (RGB in [0, 1])
@@ -310,6 +312,141 @@ def coverage_figure(grids=(14, 8), ratios=COVERAGE_RATIOS):
     return fig
 
 
+# ----------------------------------------------------------------------------- how centred a set
+# of photographs is, from its pixels: where two plain stand-ins for saliency put an image's content,
+# and how much of it Gaussian masking keeps against random masking's 1 - ratio
+CENTRED_SIZE, CENTRED_GRID = 64, 8  # what the tiny preset sees: 64 px, 8 x 8 patches of 8 px
+BINOMIAL_5 = np.array([1, 4, 6, 4, 1]) / 16  # a 5-tap Gaussian, as Achanta et al. blur
+
+
+def edge_energy(image):
+    """(S, S) gradient magnitude of an (S, S, 3) image in [0, 1]: its edges and texture. Finds an
+    object against a plain or blurred ground; on a textured ground it finds the ground."""
+    gy, gx = np.gradient(image.mean(-1))
+    return np.hypot(gx, gy)
+
+
+def colour_contrast(image):
+    """(S, S) distance of each (slightly blurred) pixel's colour from the image's mean colour:
+    frequency-tuned saliency (Achanta et al., CVPR 2009, in RGB). Finds a flat-coloured subject on
+    a textured ground; a white or sky ground, far from the mean colour, counts as content too."""
+    blurred = image
+    for axis in (0, 1):  # separable blur, edges repeated
+        pad = [(2, 2) if a == axis else (0, 0) for a in range(3)]
+        padded, n = np.pad(blurred, pad, mode="edge"), image.shape[axis]
+        blurred = sum(w * np.take(padded, range(i, i + n), axis=axis)
+                      for i, w in enumerate(BINOMIAL_5))
+    return np.linalg.norm(blurred - image.reshape(-1, 3).mean(0), axis=-1)
+
+
+SALIENCY = {"edge energy": edge_energy, "colour contrast": colour_contrast}
+
+
+def centredness(content, keep):
+    """(offset, kept) of an (S, S) content map, None for an empty one. offset: its centroid's
+    distance from the image centre in half-widths (0 the centre, 1 the middle of a side; content
+    spread evenly has its centroid at the centre too); kept: the share of it in the patches that
+    a (G, G) keep probability map keeps, in expectation (random masking keeps 1 - ratio of any
+    image, Gaussian masking more of a centred one)."""
+    total, size, grid = content.sum(), content.shape[0], keep.shape[0]
+    if total <= 0:
+        return None
+    coords = (np.arange(size) + 0.5) / size * 2 - 1  # pixel centres on [-1, 1]
+    cx, cy = (content.sum(0) * coords).sum() / total, (content.sum(1) * coords).sum() / total
+    per_patch = content.reshape(grid, size // grid, grid, size // grid).sum((1, 3))  # (G, G)
+    return float(np.hypot(cx, cy)), float((per_patch * keep).sum() / total)
+
+
+def set_images(source, size=CENTRED_SIZE):
+    """(name, (S, S, 3) image in [0, 1]) of every image of a folder (any depth: class folders or
+    not) or of shards, as evaluation sees them (data.eval_crop: shortest side to S, centre crop);
+    unreadable ones are left out."""
+    crop = data.eval_crop(size)
+    if os.path.isdir(source):
+        items = ((os.path.relpath(os.path.join(d, f), source), os.path.join(d, f))
+                 for d, _, fs in sorted(os.walk(source)) for f in sorted(fs)
+                 if f.rsplit(".", 1)[-1].lower() in data.FOLDER_IMAGE_EXTS)
+        read = lambda path: open(path, "rb").read()  # noqa: E731
+    else:
+        items = ((s["__key__"], s) for url in data.expand_urls(source) for s in data.read_shard(url)
+                 if s is not None)
+        read = lambda s: next(s[e] for e in data.IMAGE_EXTS if e in s)  # noqa: E731
+    for name, item in items:
+        try:
+            image = crop(data.open_image(read(item)))  # (3, S, S) uint8
+        except Exception:  # a broken file: not part of the measure
+            continue
+        yield name, image.permute(1, 2, 0).numpy().astype(np.float32) / 255
+
+
+def measure_set(source, ratio=0.5, sigma=0.2):
+    """Per saliency measure: ({image name: (offset, kept)}, the set's mean (G, G) content map, each
+    image's normalised to mean 1 a patch: 1 everywhere is content spread evenly). kept: at `ratio`
+    and `sigma`, the training run's."""
+    keep = masking.keep_probability(CENTRED_GRID, ratio, "gaussian", sigma).numpy()  # (G, G)
+    per_image, maps = {m: {} for m in SALIENCY}, {m: [] for m in SALIENCY}
+    for name, image in set_images(source):
+        for measure, saliency in SALIENCY.items():
+            content = saliency(image)
+            if (found := centredness(content, keep)) is not None:
+                per_image[measure][name] = found
+                g, size = CENTRED_GRID, content.shape[0]
+                patches = content.reshape(g, size // g, g, size // g).sum((1, 3))
+                maps[measure].append(patches * g * g / patches.sum())
+    if not maps["edge energy"]:
+        raise ValueError(f"{source}: no readable image to measure")
+    return {m: (per_image[m], np.mean(maps[m], axis=0)) for m in SALIENCY}
+
+
+def centred_table(measured, ratio=0.5):
+    """A Markdown table: per set and saliency measure, the images, the mean centroid offset, the
+    mean share of content Gaussian masking keeps at `ratio` (random masking: 1 - ratio) and the
+    share of images where it keeps more than random masking."""
+    lines = [f"| set | images | measure | centroid offset | content kept at {ratio:.0%} (random "
+             f"{1 - ratio:.2f}) | images above random |", "|---|---|---|---|---|---|"]
+    for label, by_measure in measured.items():
+        for measure, (per_image, _) in by_measure.items():
+            offset, kept = np.array(list(per_image.values())).T
+            lines.append(f"| {label} | {len(per_image)} | {measure} | {offset.mean():.3f} | "
+                         f"{kept.mean():.3f} | {(kept > 1 - ratio).mean():.0%} |")
+    return "\n".join(lines)
+
+
+def centred_figure(measured, ratio=0.5):
+    """One row per saliency measure: each set's mean content map over the 8 x 8 patches (1 = an
+    even share), then the distribution over its images of the content Gaussian masking keeps at
+    `ratio` against random masking's 1 - ratio."""
+    n, measures = len(measured), list(SALIENCY)
+    fig, axes = plt.subplots(len(measures), n + 1, figsize=(1.9 * n + 4.5, 2.3 * len(measures)),
+                             layout="constrained", squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * n + [2.6]})
+    for row, measure in enumerate(measures):
+        for col, (label, by_measure) in enumerate(measured.items()):
+            ax = axes[row, col]
+            im = ax.imshow(by_measure[measure][1], cmap="magma", vmin=0, vmax=2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(label, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(measure, fontsize=9)
+        ax = axes[row, -1]
+        for label, by_measure in measured.items():
+            kept = np.sort([k for _, k in by_measure[measure][0].values()])
+            ax.plot(kept, np.arange(1, len(kept) + 1) / len(kept), label=label)
+        ax.axvline(1 - ratio, color="grey", linestyle="--", label="random masking")
+        ax.set_xlabel(f"share of its {measure} that Gaussian masking keeps "
+                      f"({ratio:.0%}, sigma 0.2)", fontsize=8)
+        ax.set_ylabel("fraction of images", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=7)
+    fig.colorbar(im, ax=axes[:, :n].ravel().tolist(), shrink=0.8, location="left",
+                 label="content / even share")
+    fig.suptitle(f"How centred each set is, from its pixels ({CENTRED_SIZE} px centre crops, "
+                 f"{CENTRED_GRID} x {CENTRED_GRID} patches)", fontsize=10)
+    return fig
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -328,6 +465,22 @@ def parse_args(argv):
         p.add_argument("--out", default="compute.png",
                        help="output file; .png, .pdf or .svg, from the name")
         return p.parse_args(argv[1:])
+    if argv and argv[0] == "centred":
+        p = data.OneLineParser(prog="visualize.py centred", description=centred_figure.__doc__)
+        p.add_argument("sets", nargs="*", metavar="LABEL=SOURCE", help="a set of photographs: an "
+                       "image folder (class folders or not) or shards, e.g. caltech101=DIR")
+        p.add_argument("--builtin", action="store_true", help="also the built-in dataset's test "
+                       "splits, one per layout (centered, uniform, edge)")
+        p.add_argument("--out", default="docs/centredness.png",
+                       help="output file; .png, .pdf or .svg, from the name")
+        p.add_argument("--table", action="store_true", help="also print the table of figures")
+        args = p.parse_args(argv[1:])
+        if not args.sets and not args.builtin:
+            p.error("give sets as LABEL=SOURCE, or --builtin")
+        if bad := [s for s in args.sets if "=" not in s]:
+            p.error(f"a set is LABEL=SOURCE (e.g. caltech101=data/caltech101-test), got {bad[0]}")
+        args.sets = dict(s.split("=", 1) for s in args.sets)
+        return args
     if argv and argv[0] == "curves":
         p = data.OneLineParser(prog="visualize.py curves",
                                description="Training curves from metrics.jsonl logs.")
@@ -363,6 +516,13 @@ def main(argv=None):
             fig = coverage_figure()
             if args.table:
                 print(coverage_table())
+        elif hasattr(args, "sets"):
+            sources = args.sets | ({layout: photographer.builtin_dataset(layout)["test"]
+                                    for layout in photographer.LAYOUTS} if args.builtin else {})
+            measured = {label: measure_set(source) for label, source in sources.items()}
+            fig = centred_figure(measured)
+            if args.table:
+                print(centred_table(measured))
         elif hasattr(args, "runs"):
             fig = compute_curves(args.runs)
         elif hasattr(args, "logs"):
@@ -376,7 +536,7 @@ def main(argv=None):
         fig.savefig(args.out, dpi=100, bbox_inches="tight")  # format from the file name
         plt.close(fig)
     # bad --ratio / --sigma / --grid (from masking.py) or an unknown --out format
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"visualize.py: error: {e}")
     print(f"wrote {args.out}")
 

@@ -4,6 +4,7 @@ train.py's logs."""
 import json
 from dataclasses import asdict
 import math
+import os
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -226,3 +227,80 @@ def test_coverage_figure_and_table(tmp_path, capsys):
     shifts = table.split("position shift")[1]
     row = next(line for line in shifts.splitlines() if line.startswith("| 8 x 8, 75.0%"))
     assert row.split(" | ")[2] == f"{masking.position_shift(8, 0.75, 0.1):.2f}"  # sigma 0.1
+
+
+# --------------------------------------------------------------------------------------------------
+# how centred a set of photographs is
+def disc_image(size=64, cx=32, cy=32, r=10, ground="plain", seed=0):
+    """(S, S, 3) in [0, 1]: a flat red disc on a plain grey or a noisy (textured) ground."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size, 3), 0.5) if ground == "plain" else rng.uniform(0, 1, (size, size, 3))
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    image[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = [1.0, 0.1, 0.1]
+    return image
+
+
+def test_centredness_of_content_at_the_centre_in_a_corner_and_spread_evenly():
+    keep = masking.keep_probability(8, 0.5, "gaussian", 0.2).numpy()
+    centre, corner = np.zeros((64, 64)), np.zeros((64, 64))
+    centre[24:40, 24:40], corner[:16, :16] = 1, 1
+    offset, kept = visualize.centredness(centre, keep)
+    assert offset == pytest.approx(0) and kept > 0.9  # the centre patches are kept near always
+    offset, kept = visualize.centredness(corner, keep)
+    assert offset == pytest.approx(0.75 * math.sqrt(2)) and kept < 0.4
+    # content everywhere: Gaussian masking keeps what random masking keeps, 1 - ratio, whatever the
+    # keep map; its centroid is the centre all the same (why offset alone misleads)
+    offset, kept = visualize.centredness(np.ones((64, 64)), keep)
+    assert offset == pytest.approx(0) and kept == pytest.approx(0.5)
+    assert visualize.centredness(np.zeros((64, 64)), keep) is None  # a blank image: no measure
+
+
+def test_each_saliency_finds_the_subject_where_the_docstring_says():
+    keep = masking.keep_probability(8, 0.5, "gaussian", 0.2).numpy()
+
+    def kept(measure, image):
+        return visualize.centredness(visualize.SALIENCY[measure](image), keep)[1]
+
+    plain, textured = disc_image(ground="plain"), disc_image(ground="textured")
+    # on a plain ground both find the centred disc: its rim (edges), its colour (contrast)
+    assert kept("edge energy", plain) > 0.6 and kept("colour contrast", plain) > 0.6
+    # on a textured ground the edges are the ground's, everywhere; the flat disc stands out in colour
+    assert kept("edge energy", textured) < 0.55 < kept("colour contrast", textured)
+    # moved into a corner, the disc's content is kept less than random masking's half
+    corner = disc_image(cx=12, cy=12, ground="plain")
+    assert kept("edge energy", corner) < 0.5 and kept("colour contrast", corner) < 0.5
+
+
+def test_centred_cli_measures_folders_and_shards_and_prints_the_table(tmp_path, capsys):
+    import data
+
+    for cls, cx in [("middle", 32), ("side", 12)]:  # a class folder per placement
+        os.makedirs(tmp_path / "folder" / cls)
+        for i in range(3):
+            pixels = (255 * disc_image(cx=cx, seed=i)).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "folder" / cls / f"{i}.png")
+    (tmp_path / "folder" / "middle" / "broken.png").write_bytes(b"not an image")  # left out
+    shards = data.convert(str(tmp_path / "folder"), str(tmp_path / "shards"))
+    capsys.readouterr()  # convert's own line
+    out = tmp_path / "centred.png"
+    visualize.main(["centred", f"folder={tmp_path / 'folder'}", f"shards={shards}", "--table",
+                    "--out", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| set | images | measure | centroid offset | content kept at 50%")
+    rows = [line.split(" | ") for line in lines[2:6]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("| folder", "6", "edge energy"), ("| folder", "6", "colour contrast"),
+        ("| shards", "6", "edge energy"), ("| shards", "6", "colour contrast")]
+    assert rows[0][3:] == rows[2][3:]  # the same images, from folders or shards
+    assert Image.open(out).size[0] > 600
+
+
+@pytest.mark.parametrize("args, error", [
+    (["centred"], "give sets as LABEL=SOURCE, or --builtin"),
+    (["centred", "caltech101"], "a set is LABEL=SOURCE"),
+    (["centred", "x=/no/such/folder"], "no such directory"),
+])
+def test_centred_bad_arguments_are_one_line(args, error, capsys):
+    with pytest.raises(SystemExit) as e:
+        visualize.main(args)
+    assert error in capsys.readouterr().err + str(e.value)  # argparse's line, or sys.exit's
