@@ -24,6 +24,7 @@ logs/repro/centered-*-0.5-s0/metrics.jsonl
 import gzip
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,6 +41,7 @@ import data
 import eval as zeroshot  # `eval` would shadow the builtin
 import masking
 import photographer
+import visualize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # samples per epoch: the built-in dataset's size, also drawn from Fashion-MNIST's 60k
@@ -190,6 +192,64 @@ def inference_breakdown(run_dir, test_dir, floor=0.01):
             pos[1 + i] = trained[1 + j]
         result["every patch, nearest covered position"] = top1()
     return result
+
+
+# ----------------------------------------------------------------------------- which images the
+# centre prior helps: the test split cut by how centred each image is
+
+
+def centred_parts(test_dir, out_dir, parts=3, measure="edge energy"):
+    """The class-folder test split cut into `parts` folders of about as many images each, from
+    the least to the most centred by `measure` (visualize.measure_set's share of content Gaussian
+    masking keeps at 50%); each part has every class folder (some maybe empty, the labels stay
+    the same), the split's classnames.txt and templates.txt, and links to its images. Made once
+    in out_dir; returns [(folder, (lowest, highest) share in it)]."""
+    per_image, _ = visualize.measure_set(test_dir)[measure]
+    order = sorted(per_image, key=lambda name: per_image[name][1])  # least centred first
+    classes = [e.name for e in os.scandir(test_dir) if e.is_dir()]
+    result = []
+    for k in range(parts):
+        names = order[k * len(order) // parts:(k + 1) * len(order) // parts]
+        folder = os.path.join(out_dir, f"part-{k + 1}-of-{parts}")
+        if not os.path.isdir(folder):
+            tmp = folder + f".tmp{os.getpid()}"
+            for c in classes:
+                os.makedirs(os.path.join(tmp, c))
+            for extra in ("classnames.txt", "templates.txt"):
+                if os.path.isfile(os.path.join(test_dir, extra)):
+                    shutil.copy(os.path.join(test_dir, extra), tmp)
+            for name in names:
+                os.symlink(os.path.abspath(os.path.join(test_dir, name)), os.path.join(tmp, name))
+            os.replace(tmp, folder)
+        result.append((folder, (per_image[names[0]][1], per_image[names[-1]][1])))
+    return result
+
+
+@torch.no_grad()
+def by_centredness(runs, test_dir, out_dir, parts=3):
+    """Zero-shot top-1 of each run's last checkpoint on each part of centred_parts, every patch and
+    (for a masked run) with its training mask, as a Markdown table: mean +- std over the seeds of
+    each configuration (folders that differ only in -s<seed>)."""
+    cut = centred_parts(test_dir, out_dir, parts)
+    groups = {}
+    for run in runs:
+        with open(os.path.join(run, "args.json")) as f:
+            a = json.load(f)
+        model, tokenizer = checkpoint.load_checkpoint(
+            os.path.join(run, "checkpoints", "epoch_latest.pt"))
+        label = re.sub(r"-s\d+", "", os.path.basename(os.path.normpath(run)))
+        for mask in ["none"] + [a["mask"]] * (a["mask"] != "none"):
+            row = [zeroshot.evaluate_folder(model, tokenizer, folder, workers=1, quiet=True,
+                                            mask=mask, ratio=a["ratio"], sigma=a["sigma"])["acc1"]
+                   for folder, _ in cut]
+            groups.setdefault(f"{label}, {'masked' if mask != 'none' else 'unmasked'}",
+                              []).append(row)
+    head = " | ".join(f"part {k + 1}: {lo:.3f}-{hi:.3f}" for k, (_, (lo, hi)) in enumerate(cut))
+    lines = [f"| run, inference | {head} | seeds |", "|---|" + "---|" * (parts + 1)]
+    for label, rows in groups.items():
+        cells = " | ".join(mean_std(column) for column in zip(*rows))
+        lines.append(f"| {label} | {cells} | {len(rows)} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -412,11 +472,18 @@ def parse_args(argv=None):
                    "(inference_breakdown)")
     p.add_argument("--no-distractors", action="store_true", help="with --breakdown: on the test "
                    "split of the same images without the small shapes along the edges")
+    p.add_argument("--by-centredness", nargs="+", metavar="RUN", help="no training: zero-shot "
+                   "top-1 of these runs on --zeroshot-data cut in three, from its least to its "
+                   "most centred images by edge energy (centred_parts)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each with cores/jobs threads")
     p.add_argument("--log-dir", default="logs/repro", help="where the runs go")
     args = p.parse_args(argv)
     ours = [*photographer.LAYOUTS, "fashion-mnist"]
+    if args.by_centredness:
+        if not args.zeroshot_data:
+            p.error("--by-centredness needs the --zeroshot-data its runs were evaluated on")
+        return args
     if args.train_data:
         if args.dataset in ours:
             p.error(f"--dataset names the runs of --train-data: give it a name of its own, not "
@@ -493,6 +560,11 @@ def main(argv=None):
             test_dirs.append(photographer.builtin_dataset(
                 run_args["builtin_layout"], distractors=not args.no_distractors)["test"])
         print(breakdown_table(args.breakdown, test_dirs))
+        return
+    if args.by_centredness:
+        out_dir = os.path.join(args.log_dir, "by-centredness",
+                               os.path.basename(os.path.normpath(args.zeroshot_data)))
+        print(by_centredness(args.by_centredness, args.zeroshot_data, out_dir))
         return
     try:
         prepare_task(args)

@@ -168,6 +168,66 @@ def test_repro_on_any_shards_with_a_zeroshot_folder_reads_trainings_own_evaluati
     assert "| FLIP 75% | 9.4 | 37.5 | 25.0 |" in table.split("mean_per_class_recall:")[1]
 
 
+def centred_test_split(root, per_class=6):
+    """Two class folders of discs, each with half its discs at the centre and half in a corner of
+    a plain ground, + templates.txt: a zero-shot split whose images range from centred to not."""
+    from PIL import Image
+
+    for c, colour in [("red", (220, 30, 30)), ("blue", (30, 30, 220))]:
+        os.makedirs(root / c)
+        for i in range(per_class):
+            image = np.full((64, 64, 3), 128, np.uint8)
+            cx = 32 if i % 2 else 10 + i
+            yy, xx = np.mgrid[:64, :64]
+            image[(xx - cx) ** 2 + (yy - cx) ** 2 < 64] = colour
+            Image.fromarray(image).save(root / c / f"{i}.png")
+    (root / "templates.txt").write_text("a photo of a {}.\n")
+    return str(root)
+
+
+def test_by_centredness_cuts_the_split_from_least_to_most_centred_and_scores_each_part(
+        tiny, tmp_path, monkeypatch):
+    import visualize
+
+    test_dir = centred_test_split(tmp_path / "test")
+    parts = repro.centred_parts(test_dir, str(tmp_path / "parts"))
+    kept = {name: k for name, (_, k) in visualize.measure_set(test_dir)["edge energy"][0].items()}
+    images = [sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder)
+                     for f in fs if f.endswith(".png")) for folder, _ in parts]
+    assert [len(i) for i in images] == [4, 4, 4] and sorted(sum(images, [])) == sorted(kept)
+    for (folder, (low, high)), names in zip(parts, images):
+        assert sorted(os.listdir(folder)) == ["blue", "red", "templates.txt"]  # every class
+        assert low == min(kept[n] for n in names) and high == max(kept[n] for n in names)
+    assert parts[0][1][1] <= parts[1][1][0] and parts[1][1][1] <= parts[2][1][0]
+    assert all(kept[n] > 0.5 for n in images[2]) and all(kept[n] < 0.5 for n in images[0])
+
+    _, _, path = tiny
+    runs = []
+    for seed in (0, 1):  # two seeds of one masked configuration (the same weights)
+        run = tmp_path / f"objects-gdmflip-0.5-s{seed}"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "epoch_latest.pt").write_bytes(path.read_bytes())
+        (run / "args.json").write_text(json.dumps({"mask": "gaussian", "ratio": 0.5,
+                                                   "sigma": 0.2}))
+        runs.append(str(run))
+    calls = []
+
+    def evaluate_folder(model, tokenizer, folder, mask="none", ratio=0.0, sigma=0.2, **settings):
+        """A stand-in whose top-1 says which part (0.1, 0.2, 0.3) and pass (+0.05 masked)."""
+        calls.append((folder, mask, ratio, sigma))
+        part = [f for f, _ in parts].index(folder) + 1
+        return {"acc1": part / 10 + 0.05 * (mask != "none")}
+
+    monkeypatch.setattr(repro.zeroshot, "evaluate_folder", evaluate_folder)
+    lines = repro.by_centredness(runs, test_dir, str(tmp_path / "parts")).splitlines()
+    assert lines[0].startswith("| run, inference | part 1: ") and len(lines) == 4
+    assert lines[2:] == ["| objects-gdmflip-0.5, unmasked | 10.0 +- 0.0 | 20.0 +- 0.0 | 30.0 +- "
+                         "0.0 | 2 |",
+                         "| objects-gdmflip-0.5, masked | 15.0 +- 0.0 | 25.0 +- 0.0 | 35.0 +- 0.0 "
+                         "| 2 |"]
+    assert {c[1:] for c in calls if c[1] != "none"} == {("gaussian", 0.5, 0.2)}  # the run's mask
+
+
 @pytest.mark.parametrize("argv, error", [
     (["--train-data", "x.tar", "--train-num-samples", "9", "--retrieval-data", "y.tar"],
      "give it a name of its own"),
@@ -175,6 +235,7 @@ def test_repro_on_any_shards_with_a_zeroshot_folder_reads_trainings_own_evaluati
      "needs --train-num-samples"),
     (["--dataset", "photos"], "--dataset must be one of"),
     (["--reclip-sizes", "30"], "--reclip-sizes must be multiples of 8 under 64"),
+    (["--by-centredness", "run"], "--by-centredness needs the --zeroshot-data"),
 ])
 def test_repro_flags_that_do_not_fit_together_are_one_line(argv, error, capsys):
     with pytest.raises(SystemExit):
