@@ -37,6 +37,10 @@ from dataclasses import asdict, replace
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 import distributed as D
 import model as M
@@ -225,9 +229,13 @@ def training_state(model, optimizer, tokenizer, args, epoch, step, elapsed, posi
     """What a checkpoint holds: the weights and what evaluation needs to use them (config, preset
     name, tokenizer), and what --resume needs to continue exactly (optimizer, epochs done, step,
     time, RNG). position: for a checkpoint in the middle of an epoch, each rank's loader position
-    and mask generator, and the log window so far (train.py's `position`)."""
-    return {"state_dict": model.state_dict(), "config": asdict(model.config), "model": args.model,
-            "tokenizer": tokenizer.to_json(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+    and mask generator, and the log window so far (train.py's `position`). Every rank calls it (a
+    sharded model is gathered from all, full_state); rank 0 gets the dict, the others None."""
+    weights, optimizer_state = full_state(model, optimizer)
+    if D.rank_and_world()[0] != 0:
+        return None
+    return {"state_dict": weights, "config": asdict(model.config), "model": args.model,
+            "tokenizer": tokenizer.to_json(), "optimizer": optimizer_state, "epoch": epoch,
             "step": step, "time": elapsed, "args": vars(args), "rng_state": torch.get_rng_state(),
             "position": position}
 
@@ -270,11 +278,79 @@ def resume_state(resume, run_dir):
 
 
 def restore_training_state(checkpoint, model, optimizer):
-    """Load a resume_state checkpoint into model and optimizer; returns (epoch, step, time)."""
-    model.load_state_dict(checkpoint["state_dict"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    """Load a resume_state checkpoint into model and optimizer, whichever of DDP or FSDP wrote it
+    and whichever runs now (load_full_state); returns (epoch, step, time)."""
+    load_full_state(model, optimizer, checkpoint["state_dict"], checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng_state"])
     return checkpoint["epoch"], checkpoint["step"], checkpoint.get("time", 0.0)
+
+
+# ------------------------------------------------------------------------- one format, DDP or FSDP
+# A checkpoint holds what one process's model and torch.optim.AdamW hold: the whole state dict, and
+# the optimizer's state keyed by parameter number (0, 1, ... through the param groups in order). An
+# FSDP2 model's state is gathered into that (full_state) and scattered back from it
+# (load_full_state), so DDP and FSDP runs read each other's checkpoints, and eval.py, export.py and
+# --pretrained read them all. Gathered, not sharded with torch.distributed.checkpoint: rank 0's CPU
+# holds the whole state for a moment (16 bytes a parameter: 41 GB for ViT-bigG-14), as DDP's
+# checkpoints already need, and no conversion step stands between a run and its checkpoint.
+
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)  # to rank 0's CPU only
+
+
+def full_state(model, optimizer):
+    """(model state dict, optimizer state dict) as one process holds them. A sharded (FSDP2) model's
+    are gathered to rank 0's CPU from every rank, a collective: every rank calls it, and the others
+    get two empty dicts."""
+    if not D.is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    weights = get_model_state_dict(model, options=GATHERED)
+    by_name = get_optimizer_state_dict(model, optimizer, options=GATHERED)
+    if not weights:  # not rank 0
+        return {}, {}
+    return weights, numbered(by_name)
+
+
+def numbered(by_name):
+    """An optimizer state dict keyed by parameter name (torch.distributed.checkpoint's) -> keyed by
+    parameter number, as torch.optim.Optimizer.state_dict writes it: the params of group 0 first,
+    in order, then group 1's."""
+    names = [name for group in by_name["param_groups"] for name in group["params"]]
+    number = {name: i for i, name in enumerate(names)}
+    return {"state": {number[name]: by_name["state"][name] for name in names
+                      if name in by_name["state"]},
+            "param_groups": [group | {"params": [number[name] for name in group["params"]]}
+                             for group in by_name["param_groups"]]}
+
+
+def load_full_state(model, optimizer, weights, optimizer_state):
+    """Load a checkpoint's whole state dict and numbered optimizer state, on every rank, into a
+    model and its optimizer: as they are, or, for a sharded (FSDP2) model, each rank keeping its
+    shard of them."""
+    if not D.is_sharded(model):
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    whole = StateDictOptions(full_state_dict=True)  # every rank has all of it: no broadcast
+    set_model_state_dict(model, weights, options=whole)
+    name_of = {param: name for name, param in model.named_parameters()}
+    names = [name_of[param] for group in optimizer.param_groups for param in group["params"]]
+    by_name = {"state": {names[i]: state for i, state in optimizer_state["state"].items()},
+               "param_groups": [group | {"params": [names[i] for i in group["params"]]}
+                                for group in optimizer_state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=whole)
+
+
+def evaluation_model(model):
+    """The model zero-shot evaluation runs: `model` itself, or for a sharded (FSDP2) one a whole
+    copy on every rank (gathered, on its device), since eval.py gives each rank its own share of
+    the images and prompts, a different number of forwards than FSDP's gathers could follow."""
+    if not D.is_sharded(model):
+        return model
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    with torch.device("meta"):  # shapes only; the gathered tensors become its parameters
+        copy = M.CLIP(model.config)
+    copy.load_state_dict(weights, assign=True)
+    return copy.eval()
 
 
 # ----------------------------------------------------------------------------- writing

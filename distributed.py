@@ -1,12 +1,14 @@
 """
 Ranks: the launcher's environment (torchrun or SLURM), the process group, values every rank agrees
 on (rank 0's, or all ranks'), the feature gathers with gradient that the contrastive loss over the
-global batch needs, and its per-rank share (local_clip_loss); plus what the scripts share about the
-device: the precision and autocast, syncs_raise, compile_blocks, and the GPU peaks that MFU is
-taken against. A plain `python` run is rank 0 of 1, and every helper works there.
+global batch needs, and its per-rank share (local_clip_loss); the wrappers a model trains under
+(DDP, or FSDP2's fully_shard with --fsdp); plus what the scripts share about the device: the
+precision and autocast, syncs_raise, compile_blocks, and the GPU peaks that MFU is taken against. A
+plain `python` run is rank 0 of 1, and every helper works there.
 
     rank, local_rank, world, device = setup_distributed()
     all_images = gather_features(image_features)   # (B, E) -> (W*B, E), gradient to my rows
+    model = wrap_model(model, device, world, fsdp=False)  # DDP's wrapper; fsdp: sharded in place
 """
 
 import atexit
@@ -19,6 +21,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # rank 0 alone writes checkpoints (~1.8 GB for ViT-B-16)
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
@@ -161,6 +165,80 @@ def local_clip_loss(image_features, text_features, logit_scale):
     labels = torch.arange(rank * B, (rank + 1) * B, device=image_features.device)  # where mine are
     return (F.cross_entropy(logit_scale * image_features @ all_texts.T, labels)
             + F.cross_entropy(logit_scale * text_features @ all_images.T, labels)) / 2
+
+
+# ----------------------------------------------------------------------------- DDP and FSDP2
+
+
+def wrap_model(model, device, world_size, fsdp=False, precision="fp32"):
+    """The module a training step calls. One rank: the model itself. Several: DDP's wrapper, which
+    keeps the whole model, its gradients and AdamW's moments on every rank (16 bytes a parameter in
+    fp32). fsdp: the same model sharded in place over the ranks (shard_model), each rank holding
+    1/W of those bytes; the object stays `model` and its parameters become DTensors, so build the
+    optimizer after this."""
+    if fsdp:
+        return shard_model(model, device, precision)
+    if world_size == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy
+
+
+def shard_model(model, device, precision="fp32"):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over every rank of the process group: each
+    Transformer block is its own unit (its weights gathered just before it runs, freed after, its
+    gradients reduce-scattered as soon as its backward is done), and the root holds the rest (patch
+    and token embeddings, positions, final norms, projections). bf16: blocks and root compute in
+    bf16 from fp32 master shards and reduce their gradients in fp32 (MixedPrecisionPolicy); fp32:
+    no casts. One rank is a group of one (legal, and what a test on one process uses).
+
+    The logit scale stays whole on every rank: fully_shard refuses 0-d parameters, and CLIP's (and
+    OpenCLIP's checkpoints') logit_scale is one. Its gradient is averaged over the ranks here as
+    DDP would (average_over_ranks)."""
+    if not dist.is_initialized():  # plain `python train.py --fsdp`: a process group of one
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
+        atexit.register(teardown)
+    bf16 = precision == "bf16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                  reduce_dtype=torch.float32 if bf16 else None)
+    for block in [*model.visual.blocks, *model.text.blocks]:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy, ignored_params={model.logit_scale})
+    model.logit_scale.register_post_accumulate_grad_hook(average_over_ranks)
+    return model
+
+
+def average_over_ranks(param):
+    """After a backward has added to param.grad: the mean of every rank's. With accumulation it
+    runs on every micro-batch, and that is still right: the sum so far is already the same on every
+    rank, and averaging (same + mine) gives same + the mean of the new parts."""
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
+
+
+def is_sharded(model):
+    """Whether `model` is sharded by FSDP2 (wrap_model with fsdp): its state must be gathered."""
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def no_grad_sync(model):
+    """Within it, backward adds this micro-batch's gradients to the local ones without reducing them
+    over the ranks (all but the last micro-batch of an accumulated step): DDP's no_sync, FSDP2's
+    set_requires_gradient_sync(False) (whose unsharded gradients then wait for the last
+    micro-batch); nothing to skip on one rank."""
+    if isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 # ----------------------------------------------------------------------------- device contexts

@@ -1,6 +1,7 @@
 """
 Pre-train CLIP with FLIP (random) or GDM-FLIP (centred, Gaussian) patch masking, tune it unmasked,
-and evaluate it zero-shot. One DDP script; bf16 autocast and torch.compile on GPUs.
+and evaluate it zero-shot. One DDP script (FSDP2 with --fsdp, for the models whose weights,
+gradients and AdamW state do not fit each GPU); bf16 autocast and torch.compile on GPUs.
 
 With no --train-data it trains the `tiny` preset on the built-in "photographer" dataset (generated
 once and cached by photographer.py) and evaluates on its test split, on a laptop CPU in minutes:
@@ -27,7 +28,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint as ckpt
 import data
@@ -108,6 +108,9 @@ def parse_args(argv=None):
       "block (default: on GPU)")
     a("--grad-checkpointing", action="store_true", help="recompute each Transformer block's "
       "activations in backward instead of keeping them: less memory, one more forward")
+    a("--fsdp", action="store_true", help="shard the weights, gradients and AdamW state over the "
+      "ranks (FSDP2, each Transformer block a unit) instead of DDP's copy on each: for models that "
+      "do not fit (docs/reference.md#clusters); the same checkpoints")
     a("--sync-debug", action="store_true", help="CUDA: raise at any host-device sync inside a "
       "training step (torch.cuda.set_sync_debug_mode); the log window's one sync is outside")
     a("--seed", type=int, default=0, help="seed of the weights, data order, crops and masks")
@@ -271,12 +274,13 @@ def forward_backward(model, micro_batches, keeps, autocast, world_size, text_kee
     contrasted with every text), so with accumulation we do what OpenCLIP does: embed all
     micro-batches without gradients first, then re-embed one at a time with gradients, splicing its
     features into the cached ones. Each backward then gives the gradient of the full loss through
-    that micro-batch; DDP all-reduces only on the last one (no_sync). Gradients through the other
-    ranks' features arrive by DDP's average, hence the factor world_size. The logit scale is the
-    exception: every rank and micro-batch sees all of it, so its gradient is divided.
+    that micro-batch; DDP (or FSDP) reduces only on the last one (distributed.no_grad_sync).
+    Gradients through the other ranks' features arrive by that average, hence the factor
+    world_size. The logit scale is the exception: every rank and micro-batch sees all of it, so its
+    gradient is divided.
     local_loss: each rank computes its share of the loss instead (distributed.local_clip_loss,
     logits world_size times smaller); the other ranks' gradients reach its features through the
-    gather, and DDP's average of the shares' gradients is the global loss's: no factor. The
+    gather, and the average of the shares' gradients is the global loss's: no factor. The
     returned loss is the global one either way (the shares' mean).
     keeps: each micro-batch's (B, K) kept patches or None; text_keeps: its (B, L) positions or None.
     """
@@ -288,8 +292,7 @@ def forward_backward(model, micro_batches, keeps, autocast, world_size, text_kee
         with torch.no_grad(), autocast:
             cached = [model(images, tokens, keep, pos)[:2] for (images, tokens), keep, pos in steps]
     for j, ((images, tokens), keep, positions) in enumerate(steps):
-        sync = nullcontext() if j == n - 1 or not isinstance(model, DDP) else model.no_sync()
-        with sync:
+        with nullcontext() if j == n - 1 else D.no_grad_sync(model):
             with autocast:
                 image_features, text_features, scale = model(images, tokens, keep, positions)
             if n > 1:  # the other micro-batches' cached features around this one's
@@ -466,9 +469,15 @@ def main(argv=None):
         fail(e)
     cfg = orig_model.config
 
-    # the optimizer, or the whole state of a --resume checkpoint
+    # the model wrapped (DDP) or sharded (FSDP), then the optimizer of what it trains, or the
+    # whole state of a --resume checkpoint, whichever of the two wrote it
     orig_model.to(device)
     orig_model.set_grad_checkpointing(args.grad_checkpointing)
+    if args.compile:  # each block in place (regional): seconds, and no `_orig_mod.` in the keys
+        D.compile_blocks(orig_model)
+    # DDP's wrapper around it on several ranks, or with --fsdp orig_model itself, sharded;
+    # orig_model is what is saved and evaluated
+    model = D.wrap_model(orig_model, device, world_size, args.fsdp, args.precision)
     betas = (args.beta1, args.beta2)
     optimizer = M.configure_optimizer(orig_model, args.lr, args.wd, betas, args.eps)
     start_epoch, step, elapsed, position = 0, 0, 0.0, None
@@ -478,12 +487,6 @@ def main(argv=None):
         say(f"resumed from {checkpoint['path']} at epoch {start_epoch}, step {step}"
             + (" (in the middle of the epoch)" if position else ""))
     t0, start_step = time.time() - elapsed, step  # wall time counts on across resumes
-    if args.compile:  # each block in place (regional): seconds, and no `_orig_mod.` in the keys
-        D.compile_blocks(orig_model)
-    model = orig_model  # DDP's wrapper around it on several ranks; orig_model is what is saved
-    if world_size > 1:
-        model = DDP(orig_model, device_ids=[device.index] if device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy
 
     # the arithmetic of the run, printed (as nanoGPT does) and written to args.json
     per_epoch = steps_per_epoch(args, world_size)
@@ -501,7 +504,9 @@ def main(argv=None):
         f"{global_batch}; {per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps; "
         f"warmup {args.warmup} steps; {flops / 1e9:.2f} GFLOPs per sample per step; {device}, "
         f"{args.precision}, compile {args.compile}, {args.workers} workers"
-        + (", blocks checkpointed" if args.grad_checkpointing else ""))
+        + (", blocks checkpointed" if args.grad_checkpointing else "")
+        + (f"; FSDP: 1/{world_size} of the weights, gradients and AdamW state on each rank"
+           if args.fsdp else ""))
     if master:
         trained_here = not (args.tokenizer or checkpoint or args.pretrained)
         ckpt.write_run_config(run_dir, args, cfg, world_size, tokenizer if trained_here else None)
@@ -548,7 +553,7 @@ def main(argv=None):
                           and step % per_epoch):  # mid-epoch: epoch_latest.pt, of this step
                 where = ckpt.mid_epoch_position(loader, mask_gen, log.losses, log.skipped)
                 state = ckpt.training_state(orig_model, optimizer, tokenizer, args, epoch, step,
-                                            time.time() - t0, where) if master else None
+                                            time.time() - t0, where)  # every rank: FSDP gathers
                 save(state, ckpt_dir, epoch, master, numbered=False)
             if signum:
                 break
@@ -559,8 +564,10 @@ def main(argv=None):
         if eval_root and (done % args.zeroshot_frequency == 0 or done == args.epochs):
             with torch.compiler.set_stance("force_eager"):  # other shapes: no recompiles
                 try:
-                    record = training_record(orig_model, tokenizer, eval_root, args.mask,
-                                             args.ratio, args.sigma, workers=args.workers,
+                    # FSDP: a whole copy on each rank, as eval.py shares the images out
+                    record = training_record(ckpt.evaluation_model(orig_model), tokenizer,
+                                             eval_root, args.mask, args.ratio, args.sigma,
+                                             workers=args.workers,
                                              batch_size=max(args.batch_size, 256), device=device,
                                              imagenet=bool(args.imagenet_val),
                                              precision=args.precision)
@@ -571,7 +578,7 @@ def main(argv=None):
                 metrics.append({"step": step, "epoch": done, **record, "time": time.time() - t0},
                                "val")
         state = ckpt.training_state(orig_model, optimizer, tokenizer, args, done, step,
-                                    time.time() - t0) if master else None
+                                    time.time() - t0)  # None but on rank 0
         numbered = args.save_frequency > 0 and (done % args.save_frequency == 0
                                                 or done == args.epochs)
         save(state, ckpt_dir, done, master, numbered, args.delete_previous_checkpoint)
