@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -38,6 +39,8 @@ from PIL import Image
 
 import checkpoint
 import data
+import export
+import model as M
 import eval as zeroshot  # `eval` would shadow the builtin
 import masking
 import photographer
@@ -391,6 +394,183 @@ def run_reclip(args, env, size, seed):
     return result
 
 
+# ----------------------------------------------------------------------------- beside OpenCLIP's
+# own trainer (--peer openclip): the tiny preset as an OpenCLIP model config, CLIP's BPE, the same
+# recipe and shards in both trainers, both evaluated by eval.py
+PEER_MODEL = "gdmflip-tiny"  # the name the tiny preset is registered under in OpenCLIP
+PEER_BPE = "import open_clip, os; print(os.path.join(os.path.dirname(open_clip.__file__), " \
+           "'bpe_simple_vocab_16e6.txt.gz'))"
+
+
+def openclip_main(argv):
+    """In the peer's Python: OpenCLIP's trainer, open_clip_train.main, with the model config file
+    argv[0] registered (open_clip.add_model_config) and argv[1:] as its flags."""
+    import open_clip
+    from open_clip_train.main import main as openclip_train
+
+    open_clip.add_model_config(argv[0])
+    openclip_train(argv[1:])
+
+
+def train_main(argv):
+    """In the peer's Python: our trainer, train.py with argv[1:] as its flags (argv[0] its path)."""
+    import train
+
+    train.main(argv[1:])
+
+
+def openclip_top1(config, checkpoint, folder, classnames, templates):
+    """In the peer's Python: zero-shot top-1 of an OpenCLIP checkpoint on a class folder by
+    OpenCLIP's own code (its preprocessing, tokenizer and build_zero_shot_classifier), to hold
+    eval.py's figure for the same checkpoint against."""
+    import open_clip
+    from torchvision.datasets import ImageFolder as TorchvisionFolder
+
+    open_clip.add_model_config(config)
+    name = os.path.splitext(os.path.basename(config))[0]
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint,
+                                                                 precision="fp32")
+    classifier = open_clip.build_zero_shot_classifier(
+        model.eval(), tokenizer=open_clip.get_tokenizer(name), classnames=classnames,
+        templates=[t.format for t in templates], device="cpu")
+    loader = torch.utils.data.DataLoader(TorchvisionFolder(folder, preprocess), batch_size=256)
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            features = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+            correct += int(((features @ classifier).argmax(1) == labels).sum())
+            total += len(labels)
+    return correct / total
+
+
+def in_peer(args, function, *arguments, log=None):
+    """repro.`function`(*arguments) run by the peer's Python (--peer-python, the one OpenCLIP is
+    installed in), output to `log` (else returned)."""
+    code = (f"import sys; sys.path.insert(0, {HERE!r}); import repro; "
+            f"print(repro.{function}(*{list(arguments)!r}))")
+    if log is None:  # the value: the last line printed
+        done = subprocess.run([args.peer_python, "-c", code], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{function} failed: "
+                               + (done.stderr.strip().splitlines() or ["no output"])[-1])
+        return done.stdout.strip().splitlines()[-1]
+    with open(log, "a") as f:
+        if subprocess.run([args.peer_python, "-c", code], stdout=f, stderr=subprocess.STDOUT,
+                          env=args.env).returncode:
+            raise RuntimeError(f"{function} failed: see {log}")
+
+
+def timed(run_dir, start):
+    """Seconds a run's trainer took, from start() the first time (kept in run_dir/wall.json)."""
+    path = os.path.join(run_dir, "wall.json")
+    if not os.path.isfile(path):
+        t0 = time.time()
+        start()
+        os.makedirs(run_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"seconds": time.time() - t0}, f)
+    with open(path) as f:
+        return json.load(f)["seconds"]
+
+
+def peer_recipe(args, seed):
+    """The recipe both trainers get, in the flags both spell the same way (OpenCLIP's)."""
+    steps = args.samples // args.batch_size * args.epochs
+    return ["--train-data", args.train_data, "--train-num-samples", args.samples, "--batch-size",
+            args.batch_size, "--epochs", args.epochs, "--lr", args.lr, "--wd", 0.2, "--warmup",
+            max(1, steps // 20), "--beta1", 0.9, "--beta2", 0.98, "--eps", 1e-6, "--precision",
+            "fp32", "--workers", 1, "--seed", seed]
+
+
+def peer_run(args, trainer, mask, ratio, seed):
+    """One run of either trainer: (run folder, final checkpoint, wall seconds, samples/s: the
+    median of its log lines)."""
+    name = f"{args.dataset}-{trainer}-{mask}-{ratio:g}-s{seed}"
+    run_dir = os.path.join(args.log_dir, "peer", name)
+    recipe = [str(c) for c in peer_recipe(args, seed)]
+    log = os.path.join(args.log_dir, "peer", name + ".log")
+    checkpoint = os.path.join(run_dir, "checkpoints", f"epoch_{args.epochs}.pt")
+    if not os.path.isfile(os.path.join(run_dir, "wall.json")):  # not finished: start it afresh
+        shutil.rmtree(run_dir, ignore_errors=True)  # (OpenCLIP will not write into a used name)
+    if trainer == "openclip":
+        flags = [args.peer_config, *recipe, "--dataset-type", "webdataset", "--model", PEER_MODEL,
+                 "--force-patch-dropout", str(ratio), "--logs", os.path.dirname(run_dir),
+                 "--name", name, "--save-frequency", str(args.epochs), "--zeroshot-frequency", "0",
+                 "--log-every-n-steps", "10"]
+        seconds = timed(run_dir, lambda: in_peer(args, "openclip_main", flags, log=log))
+        with open(os.path.join(run_dir, "out.log")) as f:
+            speeds = [float(v) for v in re.findall(r"([\d.]+)/s/gpu", f.read())]
+    else:
+        flags = [os.path.join(HERE, "train.py"), *recipe, "--model", "tiny", "--tokenizer",
+                 args.peer_bpe, "--mask", mask, "--ratio", str(ratio), "--log-dir",
+                 os.path.dirname(run_dir), "--name", name, "--log-every", "10"]
+        seconds = timed(run_dir, lambda: in_peer(args, "train_main", flags, log=log))
+        speeds = [r["samples_per_s"] for r in visualize.read_metrics(
+            os.path.join(run_dir, "metrics.jsonl")) if r.get("samples_per_s")]
+    return run_dir, checkpoint, seconds, statistics.median(speeds)
+
+
+def peer_table(args):
+    """Zero-shot top-1 and mean per-class recall (eval.py, fp32) of OpenCLIP's trainer and ours at
+    one recipe, mean +- std over seeds, with each trainer's samples/s and wall time; and OpenCLIP's
+    own zero-shot top-1 of its first checkpoint beside eval.py's."""
+    found = subprocess.run([args.peer_python, "-c", PEER_BPE], capture_output=True, text=True)
+    if found.returncode:
+        raise FileNotFoundError(f"--peer openclip needs OpenCLIP in {args.peer_python} (pip install "
+                                "'open_clip_torch[training]' there): "
+                                + (found.stderr.strip().splitlines() or ["no output"])[-1])
+    args.peer_bpe = found.stdout.strip()  # CLIP's BPE, as OpenCLIP ships it
+    os.makedirs(os.path.join(args.log_dir, "peer"), exist_ok=True)
+    args.peer_config = os.path.join(args.log_dir, "peer", PEER_MODEL + ".json")
+    tiny = replace(M.PRESETS["tiny"], vocab_size=49408)  # CLIP's BPE
+    with open(args.peer_config, "w") as f:
+        json.dump(export.openclip_model_config(tiny), f, indent=1)
+    ratio = args.ratios[0]
+    runs = [("OpenCLIP, CLIP", "openclip", "none", 0.0),
+            (f"OpenCLIP, FLIP {ratio:.0%} (--force-patch-dropout)", "openclip", "random", ratio),
+            ("ours, CLIP", "ours", "none", 0.0), (f"ours, FLIP {ratio:.0%}", "ours", "random", ratio),
+            (f"ours, GDM-FLIP {ratio:.0%}", "ours", "gaussian", ratio)]
+    rows, first = {}, None
+    for seed in args.seeds:  # the trainers alternate: their speeds are measured in one sitting
+        for label, trainer, mask, r in runs:
+            run_dir, checkpoint, seconds, speed = peer_run(args, trainer, mask, r, seed)
+            flags = ["--model", "tiny", "--tokenizer", args.peer_bpe, "--precision", "fp32"]
+            metrics = evaluate_checkpoint(args, run_dir, checkpoint, flags)
+            rows.setdefault(label, []).append((metrics, speed, seconds))
+            first = first or (trainer == "openclip" and (checkpoint, metrics["acc1"]))
+    lines = ["| trainer, method | top-1 | mean per-class recall | samples/s | wall time (min) |",
+             "|---|---|---|---|---|"]
+    for label, results in rows.items():
+        metrics, speeds, seconds = zip(*results)
+        cells = [mean_std([m["acc1"] for m in metrics]),
+                 mean_std([m["mean_per_class_recall"] for m in metrics]),
+                 f"{statistics.median(speeds):.0f}",
+                 f"{statistics.mean(seconds) / 60:.1f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    folder = data.ImageFolder(args.test_dir, lambda img: img)
+    classnames = zeroshot.folder_classnames(args.test_dir, folder.classes)
+    listed = os.path.join(args.test_dir, "templates.txt")
+    templates = zeroshot.read_lines(listed if os.path.isfile(listed) else zeroshot.OPENAI_TEMPLATES)
+    theirs = float(in_peer(args, "openclip_top1", args.peer_config, first[0], args.test_dir,
+                           classnames, templates))
+    return "\n".join(lines) + (f"\n\nOpenCLIP's own zero-shot top-1 of {first[0]}: {theirs:.4f}; "
+                               f"eval.py's: {first[1]:.4f}\n")
+
+
+def evaluate_checkpoint(args, run_dir, checkpoint, flags):
+    """eval.py's zero-shot metrics of a checkpoint on args.test_dir (kept in run_dir/eval.json)."""
+    out = os.path.join(run_dir, "eval.json")
+    if not os.path.isfile(out):
+        cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", checkpoint,
+               "--dataset", args.test_dir, "--device", "cpu", "--workers", "1", "--output", out,
+               *flags]
+        with open(os.path.join(run_dir, "eval.log"), "a") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"evaluating {checkpoint} failed: see {run_dir}/eval.log")
+    with open(out) as f:
+        return json.load(f)["metrics"]
+
+
 def mean_std(values):
     """'mean +- std' in percent over seeds, '-' where a column does not apply."""
     values = [100 * v for v in values if v is not None]
@@ -475,6 +655,12 @@ def parse_args(argv=None):
     p.add_argument("--by-centredness", nargs="+", metavar="RUN", help="no training: zero-shot "
                    "top-1 of these runs on --zeroshot-data cut in three, from its least to its "
                    "most centred images by edge energy (centred_parts)")
+    p.add_argument("--peer", choices=["openclip"], help="OpenCLIP's own trainer beside ours at one "
+                   "recipe (fp32, CLIP's BPE, the first of --ratios) on --train-data, evaluated on "
+                   "--zeroshot-data by eval.py: CLIP and FLIP in both, GDM-FLIP in ours")
+    p.add_argument("--peer-python", default=sys.executable, help="with --peer: the Python that "
+                   "has OpenCLIP (pip install 'open_clip_torch[training]'); both trainers run in "
+                   "it, so that they time the same torch")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each with cores/jobs threads")
     p.add_argument("--log-dir", default="logs/repro", help="where the runs go")
@@ -484,6 +670,8 @@ def parse_args(argv=None):
         if not args.zeroshot_data:
             p.error("--by-centredness needs the --zeroshot-data its runs were evaluated on")
         return args
+    if args.peer and not (args.train_data and args.train_num_samples and args.zeroshot_data):
+        p.error("--peer needs --train-data, --train-num-samples and --zeroshot-data")
     if args.train_data:
         if args.dataset in ours:
             p.error(f"--dataset names the runs of --train-data: give it a name of its own, not "
@@ -566,14 +754,21 @@ def main(argv=None):
                                os.path.basename(os.path.normpath(args.zeroshot_data)))
         print(by_centredness(args.by_centredness, args.zeroshot_data, out_dir))
         return
-    try:
-        prepare_task(args)
-    except FileNotFoundError as e:
-        sys.exit(f"repro.py: error: {e}")
     env = dict(os.environ)
     # share the cores; a small model gains more from parallel runs than from threads
     if args.jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    args.env = env
+    try:
+        prepare_task(args)
+        if args.peer:  # one run at a time: the trainers' speeds are compared
+            result = peer_table(args)
+            print(result)
+            with open(os.path.join(args.log_dir, f"{args.dataset}-peer-table.md"), "w") as f:
+                f.write(result)
+            return
+    except (FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"repro.py: error: {e}")
 
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:

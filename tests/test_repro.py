@@ -2,8 +2,10 @@
 share of the subject that centred masking keeps per layout."""
 
 import gzip
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import tarfile
 
@@ -226,6 +228,57 @@ def test_by_centredness_cuts_the_split_from_least_to_most_centred_and_scores_eac
                          "| objects-gdmflip-0.5, masked | 15.0 +- 0.0 | 25.0 +- 0.0 | 35.0 +- 0.0 "
                          "| 2 |"]
     assert {c[1:] for c in calls if c[1] != "none"} == {("gaussian", 0.5, 0.2)}  # the run's mask
+
+
+def test_peer_without_openclip_is_one_line(tmp_path, capsys):
+    # this interpreter has no OpenCLIP, as CI's has not: the line says where to install it
+    if importlib.util.find_spec("open_clip") is not None:
+        pytest.skip("OpenCLIP is installed here")
+    with pytest.raises(SystemExit) as e:
+        repro.main(["--peer", "openclip", "--dataset", "toy", "--train-data", "x.tar",
+                    "--train-num-samples", "8", "--zeroshot-data", str(tmp_path),
+                    "--log-dir", str(tmp_path)])
+    assert "--peer openclip needs OpenCLIP in" in str(e.value)
+    assert "pip install 'open_clip_torch[training]'" in str(e.value)
+
+
+def test_peer_openclip_trains_both_and_openclips_own_classifier_agrees(tmp_path):
+    """OpenCLIP's trainer beside ours on a few steps (run where OpenCLIP imports: python -m pytest
+    with the Python that has open_clip_torch[training])."""
+    pytest.importorskip("open_clip_train.main")
+    import data
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 220, 30),
+               "grey": (128, 128, 128)}
+    for c, colour in colours.items():  # so noisy that two steps leave the top-1 far from 100%
+        for split, n in [("train", 4), ("test", 6)]:
+            os.makedirs(tmp_path / split / c)
+            for i in range(n):
+                pixels = np.clip(rng.normal(colour, 150, (72, 80, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.jpg")
+    (tmp_path / "test" / "templates.txt").write_text("a photo of a {}.\n")
+    shards = data.convert(str(tmp_path / "train"), str(tmp_path / "shards"), shard_size=8)
+    repro.main(["--peer", "openclip", "--dataset", "toy", "--train-data", shards,
+                "--train-num-samples", "16", "--zeroshot-data", str(tmp_path / "test"),
+                "--batch-size", "8", "--epochs", "1", "--seeds", "0", "--ratios", "0.5",
+                "--log-dir", str(tmp_path / "runs")])
+    table = (tmp_path / "runs" / "toy-peer-table.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in table[2:7]] == [
+        "| OpenCLIP, CLIP", "| OpenCLIP, FLIP 50% (--force-patch-dropout)", "| ours, CLIP",
+        "| ours, FLIP 50%", "| ours, GDM-FLIP 50%"]
+    theirs, ours = re.findall(r": (\d\.\d{4})", table[-1])
+    # OpenCLIP's preprocessing and classifier, and eval.py's: one figure
+    assert theirs == ours and float(ours) < 1
+    # both trainers ran the recipe: 2 steps of 8, the same seed, warmup and precision
+    peer = tmp_path / "runs" / "peer"
+    params = (peer / "toy-openclip-none-0-s0" / "params.txt").read_text()
+    assert "precision: fp32" in params and "warmup: 1" in params and "seed: 0" in params
+    ours_args = json.loads((peer / "toy-ours-gaussian-0.5-s0" / "args.json").read_text())
+    assert (ours_args["precision"], ours_args["warmup"], ours_args["seed"]) == ("fp32", 1, 0)
+    assert ours_args["tokenizer"].endswith("bpe_simple_vocab_16e6.txt.gz")
 
 
 @pytest.mark.parametrize("argv, error", [
