@@ -9,7 +9,7 @@ the FLOP ideal? Also the data pipelines, and the GPU check: every GPU figure in 
     python bench.py --text-length 16 32               # also 16 and 32 of 77 text tokens (FLIP's)
     python bench.py --compile --openclip              # beside OpenCLIP's model of the same name
     python bench.py data --workers 15                 # images/s of the training and eval pipelines
-    python bench.py memory                            # activations per sample, largest batch
+    python bench.py memory                            # per rank (DDP, FSDP), per sample, fit
     python bench.py gpu --out DIR                     # the GPU check (docs/speed.md#the-gpu-check)
     python bench.py quickstart                        # the README's first command, in parts
 
@@ -40,12 +40,14 @@ a shared CPU that order alone moves the comparison by a few percent (docs/speed.
 and read smaller differences as noise; on a GPU step times repeat closely.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -66,6 +68,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
+import checkpoint as ckpt
 import data
 import masking
 import distributed as D
@@ -479,14 +482,41 @@ def data_main(argv):
     return rates
 
 
-# ----------------------------------------------------------------------------- activation memory
-# `python bench.py memory`: the bytes a training step holds per sample, measured on the CPU, and the
-# largest batch per GPU they leave room for (docs/speed.md#activation-memory-and-the-largest-batch)
+# ----------------------------------------------------------------------------- memory
+# `python bench.py memory`: what a GPU must hold to train each model, three ways: the weights,
+# gradients and AdamW state per rank under DDP and FSDP (computed from the shapes), the activations
+# of a training step per sample (measured on the CPU), and from both the largest batch per GPU that
+# fits (docs/speed.md#memory-per-rank-and-the-largest-batch)
 
 GPU_BYTES = {"80 GB": 80e9, "141 GB": 141e9}  # as sold: H100 / A100 80 GB, H200
 MARGIN = 0.1  # of the card: CUDA context, cuBLAS and NCCL workspaces, allocator fragmentation
-FIXED = 18  # bytes a parameter: fp32 weight, gradient, AdamW's two moments, a bf16 copy (autocast)
 BATCHES = (2, 4)  # per sample: the difference over 2 samples; what does not grow with them cancels
+MEMORY_MODELS = ("ViT-B-16", "ViT-L-16", "ViT-H-14", "ViT-g-14", "ViT-bigG-14")
+RANKS = (1, 8, 64)
+# bytes a parameter, bf16 training: under DDP on every rank the fp32 weight (4), its gradient (4),
+# AdamW's two moments (8) and the bf16 copy autocast makes (2); under FSDP the first 16 split over
+# the ranks, and of each unit whole at the moment its bf16 weight (2) and, in backward, its
+# gradient in bf16 and in fp32 for the reduce-scatter (6): the root for the whole step, and two
+# blocks (the one running, the next prefetched)
+DDP_BYTES, SHARDED_BYTES, WHOLE_BYTES = 18, 16, 8
+# the local loss's logits, (B, W*B) per rank in fp32: clip_loss peaks at about 4 such matrices
+# (measured at N = 512 and 1,024, docs/speed.md), 16 bytes a logit
+LOGIT_BYTES = 16
+
+
+def state_bytes(cfg, strategy, ranks):
+    """Bytes per rank of the weights, gradients and AdamW state of `cfg` trained under "DDP" or
+    "FSDP" on `ranks` GPUs in bf16: computed from the parameter counts (DDP_BYTES...), not
+    measured."""
+    with torch.device("meta"):  # shapes only: ViT-bigG-14's 2.5B parameters never allocated
+        model = M.CLIP(cfg)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    params = count(model)
+    if strategy == "DDP":
+        return DDP_BYTES * params
+    blocks = [count(b) for b in [*model.visual.blocks, *model.text.blocks]]
+    root = params - sum(blocks)
+    return SHARDED_BYTES * params / ranks + WHOLE_BYTES * (root + 2 * max(blocks))
 
 
 def allocations(fn):
@@ -499,61 +529,152 @@ def allocations(fn):
     return out, [(e.name, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage]
 
 
+def as_cuda_runs_bf16():
+    """A context in which the CPU runs bf16 autocast as CUDA does: layer_norm in fp32 (the CPU's
+    keeps bf16), and attention in bf16 (model.Attention attends in fp32 on the CPU, for speed)."""
+    norm, attend = F.layer_norm, F.scaled_dot_product_attention
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(F, "layer_norm",
+                                          lambda x, *a, **k: norm(x.float(), *a, **k)))
+    stack.enter_context(mock.patch.object(F, "scaled_dot_product_attention",
+                                          lambda *qkv, **k: attend(*(t.bfloat16() for t in qkv),
+                                                                   **k)))
+    return stack
+
+
 def step_memory(model, batch_size, ratio, precision):
     """(the ops of a training forward and backward, the bytes allocated after each, the forward's
-    ops). bf16: layer_norm in fp32, as CUDA's autocast runs it (the CPU's keeps bf16), and the
-    forward only: this CPU's bf16 matmuls of the backward take minutes."""
+    ops). bf16: as CUDA runs it (as_cuda_runs_bf16), and the forward only: this CPU's bf16 matmuls
+    of the backward take minutes."""
     cfg, g = model.config, torch.Generator().manual_seed(0)
     images, tokens = synthetic_batch(cfg, batch_size, torch.device("cpu"), g)
     keep = masking.keep_indices(batch_size, cfg.grid_size, ratio, "random", generator=g) \
         if ratio else None
-    norm = F.layer_norm
-    fp32_norms = mock.patch.object(F, "layer_norm", lambda x, *a, **k: norm(x.float(), *a, **k))
-    with fp32_norms if precision == "bf16" else nullcontext(), D.autocast("cpu", precision):
+    with as_cuda_runs_bf16() if precision == "bf16" else nullcontext(), \
+            D.autocast("cpu", precision):
         loss, forward = allocations(lambda: M.clip_loss(*model(images, tokens, keep)))
     backward = [] if precision == "bf16" else allocations(loss.backward)[1]  # into p.grad
     ops, sizes = zip(*forward + backward)
     return ops, list(itertools.accumulate(sizes)), len(forward)
 
 
+def measured_activations(cfg, ratio, checkpointed):
+    """{"fp32_saved", "fp32_peak", "bf16_saved"}: bytes per sample of a training step of `cfg`,
+    measured on the CPU at batch 4 against batch 2."""
+    torch.manual_seed(0)
+    model = M.CLIP(cfg).train()
+    model.set_grad_checkpointing(checkpointed)
+    for p in model.parameters():  # allocated once: a step's bytes do not count them
+        p.grad = torch.zeros_like(p)
+    (b1, b2), row = BATCHES, {}
+    for precision in ("fp32", "bf16"):
+        (ops1, small, n1), (ops2, large, n2) = [step_memory(model, b, ratio, precision)
+                                                for b in BATCHES]
+        row[f"{precision}_saved"] = (large[n2 - 1] - small[n1 - 1]) / (b2 - b1)
+        if precision == "fp32":
+            # the peak of what grows with the batch, op by op (a constant, such as the token
+            # embedding's gradient, cancels); a few tiny ops come and go with the batch size, so
+            # the two runs' ops are matched by name
+            matched = difflib.SequenceMatcher(None, ops1, ops2, autojunk=False)
+            row["fp32_peak"] = max((large[j + k] - small[i + k]) / (b2 - b1)
+                                   for i, j, size in matched.get_matching_blocks()
+                                   for k in range(size))
+    return row
+
+
+def activations(cfg, ratio, checkpointed, full_depth=False):
+    """measured_activations of `cfg` with its bf16 peak, {"fp32_saved", "fp32_peak",
+    "bf16_saved", "bf16_peak"}. Unless full_depth, measured on copies with one block in each
+    tower, then one more in either, and extrapolated to the towers' depths: every block of a tower
+    is the same module on the same tokens, so each adds the same saved bytes; the peak is the saved
+    bytes plus what backward holds on top of them (one block's, recomputed when checkpointed),
+    which does not grow with depth. ViT-bigG-14 is measured in minutes, not hours."""
+    if full_depth:
+        row = measured_activations(cfg, ratio, checkpointed)
+    else:
+        base, image, text = (measured_activations(
+            dataclasses.replace(cfg, vision_layers=v, text_layers=t), ratio, checkpointed)
+            for v, t in [(1, 1), (2, 1), (1, 2)])
+        row = {key: base[key] + (cfg.vision_layers - 1) * (image[key] - base[key])
+               + (cfg.text_layers - 1) * (text[key] - base[key])
+               for key in ("fp32_saved", "bf16_saved")}
+        row["fp32_peak"] = row["fp32_saved"] + max(m["fp32_peak"] - m["fp32_saved"]
+                                                   for m in (base, image, text))
+    # bf16's peak: over its saved bytes as much as fp32's peak is over fp32's
+    return row | {"bf16_peak": row["bf16_saved"] * row["fp32_peak"] / row["fp32_saved"]}
+
+
+def largest_batch(budget, per_sample, ranks):
+    """The largest batch per GPU B with per_sample * B + the local loss's logits
+    (LOGIT_BYTES * ranks * B^2) within `budget` bytes; 0 when none fits."""
+    if budget <= 0:
+        return 0
+    a = LOGIT_BYTES * ranks
+    return int((-per_sample + math.sqrt(per_sample ** 2 + 4 * a * budget)) / (2 * a))
+
+
 def memory_main(argv):
-    p = data.OneLineParser(prog="bench.py memory", description="Activation memory per sample.")
-    p.add_argument("--models", nargs="+", default=["ViT-B-16", "ViT-L-16"], choices=list(M.PRESETS))
+    p = data.OneLineParser(prog="bench.py memory", description="Memory per rank, per sample, and "
+                           "the largest batch per GPU.")
+    p.add_argument("--models", nargs="+", default=list(MEMORY_MODELS), choices=list(M.PRESETS))
     p.add_argument("--ratios", type=train.FRACTION, nargs="+", default=[0, 0.5, 0.75, 0.9])
-    args, rows, (b1, b2) = p.parse_args(argv), [], BATCHES
-    print(f"MB per sample: fp32 saved, fp32 peak, bf16 saved, bf16 peak; the largest bf16 batch at "
-          f"{', '.join(GPU_BYTES)} after {FIXED} B a parameter and {MARGIN:.0%} of the card")
-    for name in args.models:
-        torch.manual_seed(0)
-        model = M.create_model(name).train()
-        for p in model.parameters():  # allocated once: a step's bytes do not count them
-            p.grad = torch.zeros_like(p)
-        params = sum(p.numel() for p in model.parameters())
-        for ratio, checkpointed in itertools.product(args.ratios, (False, True)):
-            model.set_grad_checkpointing(checkpointed)
-            row = {"model": name, "params": params, "ratio": ratio, "checkpointed": checkpointed}
-            for precision in ("fp32", "bf16"):
-                (ops1, small, n1), (ops2, large, n2) = [step_memory(model, b, ratio, precision)
-                                                        for b in BATCHES]
-                row[f"{precision}_saved"] = (large[n2 - 1] - small[n1 - 1]) / (b2 - b1)
-                # the peak of what grows with the batch, op by op (a constant, such as the token
-                # embedding's gradient, cancels); a few tiny ops come and go with the batch size,
-                # so the two runs' ops are matched by name
-                matched = difflib.SequenceMatcher(None, ops1, ops2, autojunk=False)
-                row[f"{precision}_peak"] = None if precision == "bf16" else max(
-                    (large[j + k] - small[i + k]) / (b2 - b1)
-                    for i, j, size in matched.get_matching_blocks() for k in range(size))
-            # bf16's peak: over its saved bytes as much as fp32's peak is over fp32's
-            row["bf16_peak"] = row["bf16_saved"] * row["fp32_peak"] / row["fp32_saved"]
-            row["largest_bf16_batch"] = {gpu: int(((1 - MARGIN) * size - FIXED * params)
-                                                  // row["bf16_peak"])
-                                         for gpu, size in GPU_BYTES.items()}
-            rows.append(row)
-            print(f"{name} ratio {ratio:.2f}{', checkpointed' if checkpointed else '':14}: "
-                  + ", ".join(f"{row[k] / 1e6:.1f}" for k in ("fp32_saved", "fp32_peak",
-                                                              "bf16_saved", "bf16_peak"))
-                  + "; " + ", ".join(map(str, row["largest_bf16_batch"].values())), flush=True)
+    p.add_argument("--fit-ratio", type=train.FRACTION, default=0.5, help="masking ratio of the "
+                   "largest-batch tables (default: the paper's 0.5)")
+    p.add_argument("--full-depth", action="store_true", help="measure each model whole instead of "
+                   "extrapolating from one block per tower (hours for the largest)")
+    args = p.parse_args(argv)
+    print(format_states(args.models))
+    print(f"\nActivations, MB per sample, measured on the CPU (torch.profiler, batch 4 against 2"
+          + ("" if args.full_depth else "; 1 or 2 blocks per tower, extrapolated to the depth")
+          + "): fp32 saved, fp32 peak, bf16 saved, bf16 peak (est.)")
+    rows = []
+    for name, ratio, checkpointed in itertools.product(args.models, args.ratios, (False, True)):
+        cfg = M.PRESETS[name]
+        row = {"model": name, "ratio": ratio, "checkpointed": checkpointed,
+               **activations(cfg, ratio, checkpointed, args.full_depth)}
+        row["largest_bf16_batch"] = {
+            f"{strategy} {ranks}": {gpu: largest_batch((1 - MARGIN) * size
+                                                       - state_bytes(cfg, strategy, ranks),
+                                                       row["bf16_peak"], ranks)
+                                    for gpu, size in GPU_BYTES.items()}
+            for strategy, ranks in itertools.product(("DDP", "FSDP"), RANKS)}
+        rows.append(row)
+        print(f"{name} ratio {ratio:.2f}{', checkpointed' if checkpointed else '':14}: "
+              + ", ".join(f"{row[k] / 1e6:.1f}" for k in ("fp32_saved", "fp32_peak",
+                                                          "bf16_saved", "bf16_peak")), flush=True)
+    for gpu in GPU_BYTES:
+        print("\n" + format_fit(rows, gpu, args.fit_ratio))
     return rows
+
+
+def format_states(names):
+    lines = ["Weights, gradients and AdamW state per rank, GB, bf16 training: computed from the "
+             f"parameter counts, not measured (DDP {DDP_BYTES} B a parameter on every rank; FSDP "
+             f"{SHARDED_BYTES} B / ranks, and {WHOLE_BYTES} B of each parameter whole at once: the "
+             "root's and two blocks')",
+             f"{'model':12} {'params':>8} {'DDP, any':>9}" + "".join(f"{f'FSDP {w}':>9}"
+                                                                   for w in RANKS)]
+    for name in names:
+        cfg = M.PRESETS[name]
+        params = state_bytes(cfg, "DDP", 1) / DDP_BYTES
+        lines.append(f"{name:12} {params / 1e6:7.0f}M {state_bytes(cfg, 'DDP', 1) / 1e9:9.1f}"
+                     + "".join(f"{state_bytes(cfg, 'FSDP', w) / 1e9:9.1f}" for w in RANKS))
+    return "\n".join(lines)
+
+
+def format_fit(rows, gpu, ratio):
+    """The largest bf16 batch per GPU of one card at one masking ratio: a row per model, without
+    and with --grad-checkpointing; '-' where the states alone do not fit."""
+    columns = [f"{s} {w}" for s in ("DDP", "FSDP") for w in RANKS]
+    lines = [f"Largest bf16 batch per {gpu} GPU at {ratio:.0%} masking, --local-loss: computed "
+             f"from the two tables above, {MARGIN:.0%} of the card kept back; '-': does not fit",
+             f"{'model':24}" + "".join(f"{c:>9}" for c in columns)]
+    for r in rows:
+        if r["ratio"] == ratio:
+            name = r["model"] + (", checkpointed" if r["checkpointed"] else "")
+            lines.append(f"{name:24}" + "".join(f"{r['largest_bf16_batch'][c][gpu] or '-':>9}"
+                                                for c in columns))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the GPU check
@@ -562,9 +683,9 @@ def memory_main(argv):
 # failure or hang loses nothing else; DIR gets each part's log and JSON and summary.md as it goes.
 # --small runs the same parts with the tiny preset on the CPU in a minute: the test suite's.
 
-GPU_CHECK_S = 450  # all parts together: 7.5 minutes, inside the 8 the lent machine's call allows
+GPU_CHECK_S = 480  # all parts together: 8 minutes, inside the 10 a lent machine's call allows
 PART_LIMITS_S = {"preflight": 20, "quick start": 90, "step": 150, "data": 50, "train 0%": 40,
-                 "train 90%": 40, "evaluation": 40}
+                 "train 90%": 40, "train FSDP 0%": 40, "evaluation": 40}
 TRAIN_STEPS = 60  # train.py on the generated shards: enough windows past the first for data wait
 
 
@@ -581,6 +702,7 @@ def gpu_main(argv):
                       ("step", gpu_step), ("data", gpu_data),
                       ("train 0%", lambda check: gpu_train(check, 0.0)),
                       ("train 90%", lambda check: gpu_train(check, 0.9)),
+                      ("train FSDP 0%", lambda check: gpu_train(check, 0.0, fsdp=True)),
                       ("evaluation", gpu_evaluation)]:
         run_part(check, name, run)
     print(f"bench.py gpu: summary in {os.path.join(args.out, 'summary.md')}")
@@ -730,20 +852,23 @@ def gpu_data(check):
             for name, r in check.rates.items()}
 
 
-def gpu_train(check, ratio):
+def gpu_train(check, ratio, fsdp=False):
     """train.py itself on the CC12M-size shards for TRAIN_STEPS steps: samples/s and data wait
-    (the share of the time blocked on the loader) past the first, compiling, step."""
+    (the share of the time blocked on the loader) past the first, compiling, step. fsdp: the same
+    run under --fsdp (FSDP2 on one rank: bf16 weights from fp32 shards, NCCL), and whether the
+    checkpoint it gathers loads as DDP's does."""
     if check.rates is None:
         raise PartFailed("needs the data part's shards")
     batch, steps = (16, 4) if check.small else (256, TRAIN_STEPS)
-    name = f"shards-{ratio:g}"
+    name = f"shards-{'fsdp-' * fsdp}{ratio:g}"
     cmd = [sys.executable, "train.py", "--train-data", check.rates["cc12m"]["where"],
            "--train-num-samples", batch * steps, "--dataset-resampled", "--epochs", "1",
            "--batch-size", batch, "--mask", "random" if ratio else "none", "--ratio", ratio,
            "--log-every", 1 if check.small else 10, "--log-dir", os.path.join(check.out, "runs"),
            "--name", name, "--save-frequency", "0", "--workers", check.workers,
-           "--model", "tiny" if check.small else "ViT-B-16"]
-    run_command(check, f"train {ratio:.0%}", cmd + ([] if check.compile else ["--no-compile"]))
+           "--model", "tiny" if check.small else "ViT-B-16"] + ["--fsdp"] * fsdp
+    run_command(check, f"train {'FSDP ' * fsdp}{ratio:.0%}",
+                cmd + ([] if check.compile else ["--no-compile"]))
     windows = [r for r in read_records(os.path.join(check.out, "runs", name))
                if r.get("samples_per_s")]
     if not windows:
@@ -751,8 +876,13 @@ def gpu_train(check, ratio):
     rate = sum(r["samples_per_s"] for r in windows) / len(windows)
     wait = sum(r["data_wait"] for r in windows) / len(windows)
     mfu = [r["mfu"] for r in windows if r["mfu"]]
-    return {"samples/s": f"{rate:.0f}", "data wait": f"{wait:.0%}",
-            "MFU": f"{sum(mfu) / len(mfu):.0%}" if mfu else "-"}
+    found = {"samples/s": f"{rate:.0f}", "data wait": f"{wait:.0%}",
+             "MFU": f"{sum(mfu) / len(mfu):.0%}" if mfu else "-"}
+    if fsdp:
+        path = os.path.join(check.out, "runs", name, "checkpoints", "epoch_latest.pt")
+        ckpt.load_checkpoint(path)  # a ValueError (the part fails) if not DDP's format
+        found["checkpoint"] = "loads as DDP's"
+    return found
 
 
 def gpu_evaluation(check):
