@@ -5,6 +5,7 @@ tuning starts from a DDP checkpoint."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -76,10 +77,10 @@ COMPOSED = ["--precision", "fp32", "--batch-size", "8", "--accum-freq", "2", "--
             "--workers", "0"]
 
 
-def two_ranks(shards, class_folder, tmp_path, name, *extra):
-    """torchrun's command for a run of train.py on 2 gloo ranks: test_cluster's with COMPOSED, a
-    zero-shot pass at the end (epoch 2), and `extra`."""
-    return torchrun(os.path.join(ROOT, "train.py"), "--train-data",
+def two_ranks(shards, class_folder, tmp_path, name, *extra, script="train.py"):
+    """torchrun's command for a run of train.py (or a script that runs it) on 2 gloo ranks:
+    test_cluster's with COMPOSED, a zero-shot pass at the end (epoch 2), and `extra`."""
+    return torchrun(os.path.join(ROOT, script), "--train-data",
                     str(shards / "train-{0..1}.tar"), "--train-num-samples", "128", "--epochs",
                     "2", "--mask", "gaussian", "--save-every-n-steps", "3", "--zeroshot-data",
                     class_folder, "--log-dir", tmp_path, "--name", name, *COMPOSED, *extra)
@@ -108,7 +109,8 @@ def zero_shot(run_dir):
 @pytest.fixture(scope="module")
 def fsdp_run(shards, class_folder, tmp_path_factory):
     """An FSDP run killed (-9, torchrun and its ranks) after step 4, its last checkpoint of step
-    3, then the same command again: (run folder, the second command's stdout)."""
+    3 (or 4, the epoch's end, if written first), then the same command again: (run folder, the
+    second command's stdout)."""
     tmp_path = tmp_path_factory.mktemp("fsdp")
     cmd = two_ranks(shards, class_folder, tmp_path, "cut", "--fsdp", "--resume", "latest")
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -126,7 +128,9 @@ def fsdp_run(shards, class_folder, tmp_path_factory):
 def test_fsdp_killed_and_resumed_takes_ddps_steps_to_the_end(ddp_run, fsdp_run):
     run_dir, resumed = fsdp_run
     assert "FSDP: 1/2 of the weights, gradients and AdamW state" in resumed
-    assert "at epoch 0, step 3 (in the middle of the epoch)" in resumed
+    # from step 3's mid-epoch checkpoint, or epoch 1's of step 4 when the kill came after it
+    assert re.search(r"at epoch 0, step 3 \(in the middle of the epoch\)|at epoch 1, step 4",
+                     resumed)
     same_records(records(run_dir), records(ddp_run))  # steps 1-8, each once, DDP's losses
     assert zero_shot(run_dir) == zero_shot(ddp_run)  # evaluated on a whole copy on each rank
     for key, value in weights(ddp_run).items():
@@ -165,22 +169,20 @@ def test_a_checkpoint_fsdp_wrote_is_ddps_and_evaluates_and_exports_as_ddps(ddp_r
 
 def test_a_run_goes_from_ddp_to_fsdp_and_back_as_if_uninterrupted(ddp_run, shards, class_folder,
                                                                 tmp_path):
-    # DDP's epoch_1.pt (step 4) resumed under FSDP, preempted by SIGTERM in epoch 2, its
+    # DDP's epoch_1.pt (step 4) resumed under FSDP, preempted by SIGTERM in its first step (5), its
     # mid-epoch checkpoint resumed under DDP to the end
     os.makedirs(tmp_path / "mixed" / "checkpoints")
     shutil.copy(ddp_run / "checkpoints" / "epoch_1.pt",
                 tmp_path / "mixed" / "checkpoints" / "epoch_latest.pt")
     ddp = two_ranks(shards, class_folder, tmp_path, "mixed", "--resume", "latest")
-    first = subprocess.Popen(ddp + ["--fsdp"], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
-    wait_for_step(tmp_path / "mixed", 5, [first])
-    rank_1 = max(p for p, parent in descendants(first.pid).items() if parent == first.pid)
-    os.kill(rank_1, signal.SIGTERM)
-    out, err = first.communicate(timeout=300)
-    assert "preempted by SIGTERM" in err, err[-3000:]
+    fsdp = two_ranks(shards, class_folder, tmp_path, "mixed", "--resume", "latest", "--fsdp",
+                     script=os.path.join("tests", "preempt_at.py"))
+    cut = subprocess.run(fsdp, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=ONE_THREAD | {"PREEMPT_AT": "1"})
+    assert "preempted by SIGTERM at step 5" in cut.stderr, cut.stderr[-3000:]
     at = torch.load(tmp_path / "mixed" / "checkpoints" / "epoch_latest.pt", weights_only=True)
-    assert at["position"] is not None and 5 <= at["step"] < 8, at["step"]
-    assert "resumed from" in finished(ddp).stdout
+    assert at["step"] == 5 and at["position"] is not None
+    assert "at epoch 1, step 5 (in the middle of the epoch)" in finished(ddp).stdout
     same_records(records(tmp_path / "mixed"), [r for r in records(ddp_run) if r[0] > 4])
     assert zero_shot(tmp_path / "mixed") == zero_shot(ddp_run)
     for key, value in weights(ddp_run).items():
