@@ -335,7 +335,8 @@ def evaluate(args, run_dir, env, masked=False, size=None):
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
                 raise RuntimeError(f"evaluating {run_dir} failed: see {run_dir}/eval.log")
     with open(out) as f:
-        return json.load(f)["metrics"]
+        metrics = json.load(f)["metrics"]
+    return {m: metrics[m] for m in (RETRIEVAL if args.retrieval_data else CLASSIFICATION)}
 
 
 def common_flags(args, seed):

@@ -104,12 +104,16 @@ def fake_subprocesses(monkeypatch, tmp_path):
                                         "zeroshot_mean_per_class_recall": score / 2,
                                         "zeroshot_masked_top1": score / 4,
                                         "zeroshot_masked_mean_per_class_recall": score / 8}) + "\n")
-        else:  # eval.py: recall@k = k / 100, divided by 10 with a mask
+        elif "--retrieval" in cmd:  # eval.py: recall@k = k / 100, divided by 10 with a mask
             out = cmd[cmd.index("--output") + 1]
             scale = 0.1 if "--mask" in cmd else 1.0
             with open(out, "w") as f:
                 json.dump({"metrics": {m: scale * int(m.split("@")[1]) / 100
                                        for m in repro.RETRIEVAL}}, f)
+        else:  # eval.py's zero-shot classification, all its metrics: top-1 0.6 at 64 px
+            with open(cmd[cmd.index("--output") + 1], "w") as f:
+                json.dump({"metrics": {"acc1": 0.6, "acc5": 0.9, "mean_per_class_recall": 0.3}},
+                          f)
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(repro.subprocess, "run", run)
@@ -157,9 +161,10 @@ def test_repro_on_any_shards_with_a_zeroshot_folder_reads_trainings_own_evaluati
         tmp_path, monkeypatch):
     commands = fake_subprocesses(monkeypatch, tmp_path)
     repro.main(["--dataset", "objects", "--train-data", "train.tar", "--train-num-samples", "600",
-                "--zeroshot-data", str(tmp_path), "--ratios", "0.75", "--seeds", "0",
-                "--epochs", "10", "--log-dir", str(tmp_path)])
-    assert not [c for c in commands if c[1].endswith("eval.py")]  # no RECLIP: none needed
+                "--zeroshot-data", str(tmp_path), "--ratios", "0.75", "--reclip-sizes", "32",
+                "--seeds", "0", "--epochs", "10", "--log-dir", str(tmp_path)])
+    evals = [c for c in commands if c[1].endswith("eval.py")]  # RECLIP's at 64 px alone
+    assert len(evals) == 1 and evals[0][evals[0].index("--image-size") + 1] == "64"
     trains = [c for c in commands if c[1].endswith("train.py")]
     # evaluated every fifth of the run and at the end
     assert all(c[c.index("--zeroshot-frequency") + 1] == "2" for c in trains)
@@ -167,6 +172,7 @@ def test_repro_on_any_shards_with_a_zeroshot_folder_reads_trainings_own_evaluati
     acc1 = table.split("acc1:")[1].split("mean_per_class_recall:")[0]
     assert "| CLIP | - | 50.0 | - |" in acc1
     assert "| FLIP 75% | 18.8 | 75.0 | 50.0 |" in acc1  # masked, unmasked, tuned (mask none)
+    assert "| RECLIP 32 px (16 patches) | - | 60.0 | 50.0 |" in acc1  # eval.py at 64 px; tuned
     assert "| FLIP 75% | 9.4 | 37.5 | 25.0 |" in table.split("mean_per_class_recall:")[1]
 
 
